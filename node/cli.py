@@ -1,0 +1,303 @@
+"""``srnode``: run the node, a worker, offline processing and the admin commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("srnode")
+DEFAULT_CONFIG = os.environ.get("SRNODE_CONFIG", "config/node.yaml")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # pynetdicom logs several INFO lines per instance: noise, and time on the hot path
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _load(path: str, check_pipelines: bool = True):
+    from node.config import ConfigError, load_config
+
+    try:
+        return load_config(path, check_pipelines=check_pipelines)
+    except ConfigError as exc:
+        sys.exit(f"srnode: {exc}")
+
+
+def _options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            sys.exit(f"srnode: --set takes key=value, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def read_inputs(inputs: list[str]) -> tuple[dict[str, list], list[str]]:
+    """Files and folders -> datasets grouped by series; and the files that are not DICOM."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            sys.exit(f"srnode: {item} does not exist")
+    series: dict[str, list] = defaultdict(list)
+    skipped = []
+    for path in files:
+        try:
+            ds = dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            skipped.append(str(path))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "")).strip() or f"(no Series Instance UID) {path.parent}"
+        series[uid].append(ds)
+    return series, skipped
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    config = _load(args.config)
+    _setup_logging(config.node.log_level)
+    from node.server import Node
+
+    Node(config).serve_forever()
+    return 0
+
+
+def cmd_worker(args) -> int:
+    config = _load(args.config)
+    _setup_logging(config.node.log_level)
+    from node.celery_app import PIPELINE_QUEUE, configure
+
+    app = configure(config)
+    import node.tasks  # noqa: F401  (registers the task)
+
+    argv = ["worker", f"--loglevel={config.node.log_level}", "-Q", PIPELINE_QUEUE,
+            "--without-gossip", "--without-mingle", "-n", f"srnode-{os.getpid()}@%h"]
+    if args.embedded or args.concurrency == 1:
+        argv += ["--pool", "solo"]
+    else:
+        argv += ["--pool", "prefork", "--concurrency", str(args.concurrency)]
+    if args.embedded:
+        argv += ["--without-heartbeat"]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_process(args) -> int:
+    _setup_logging("WARNING")
+    import pipelines
+    from tqdm import tqdm
+
+    from node.jobs import run_pipeline
+
+    options = _options(args.set)
+    try:
+        pipelines.get(args.pipeline).validate_options(options)
+    except ValueError as exc:
+        sys.exit(f"srnode: {exc}")
+    series, skipped = read_inputs(args.inputs)
+    out = Path(args.out)
+    summary = {"pipeline": args.pipeline, "options": options, "skipped_not_dicom": skipped, "series": []}
+    for uid, datasets in series.items():
+        entry = {"input_series": uid, "instances": len(datasets)}
+        bar = tqdm(total=0, desc=f"series {uid[-12:]}", unit="img", file=sys.stderr, disable=args.quiet)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            outputs = run_pipeline(datasets, args.pipeline, options, out / "tmp-in-progress", progress=progress)
+        except pipelines.Refusal as exc:
+            entry.update(status="refused", reason=str(exc))
+        except Exception as exc:  # report it and carry on with the next series
+            entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        else:
+            by_series = defaultdict(list)
+            for o in outputs:
+                target = out / o.series_uid / f"{o.sop_uid}.dcm"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(o.path, target)
+                by_series[o.series_uid].append(str(target))
+            entry.update(status="done", outputs=[
+                {"series_uid": s, "instances": len(f), "folder": str(out / s)} for s, f in by_series.items()])
+        finally:
+            bar.close()
+        summary["series"].append(entry)
+    tmp = out / "tmp-in-progress"
+    if tmp.is_dir():
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+    json.dump(summary, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0 if summary["series"] and all(s["status"] == "done" for s in summary["series"]) else 1
+
+
+def cmd_echo(args) -> int:
+    config = _load(args.config, check_pipelines=False)
+    from node.dispatch import check
+
+    if args.destination not in config.destinations:
+        sys.exit(f"srnode: no destination {args.destination!r} in {args.config} (known: {sorted(config.destinations)})")
+    ok, text = check(config, config.destinations[args.destination])
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_config_check(args) -> int:
+    config = _load(args.file)
+    print(f"{args.file}: OK")
+    print(f"  listens as {config.node.ae_title} on {config.node.bind}:{config.node.port}, spool {config.spool}")
+    print(f"  peers: {', '.join(p.ae_title + (f'@{p.host}' if p.host else '') for p in config.peers) or 'none (every association will be rejected)'}")
+    for name, dest in config.destinations.items():
+        print(f"  destination {name}: {dest.type}")
+    for route in config.routes:
+        print(f"  route {route.name}: {route.pipeline} {route.options} -> {', '.join(route.send_to)}")
+    print(f"  queue: {config.queue.broker}; series complete after {config.completion.quiet_seconds} s quiet")
+    return 0
+
+
+def cmd_route(args) -> int:
+    config = _load(args.config)
+    from node.routing import SeriesFacts, explain
+
+    series, skipped = read_inputs(args.inputs)
+    for path in skipped:
+        print(f"{path}: not a DICOM file, skipped")
+    for uid, datasets in series.items():
+        facts = SeriesFacts(datasets[0], args.calling_ae, len(datasets))
+        print(f"series {uid} ({datasets[0].get('Modality', '?')}, {len(datasets)} instances)")
+        chosen = False
+        for verdict in explain(config, facts):
+            if chosen:
+                print(f"  route {verdict.route.name}: not evaluated (an earlier route matched)")
+                continue
+            print(f"  route {verdict.route.name}: {'MATCH' if verdict.matched else 'no match'}")
+            for reason in verdict.reasons:
+                print(f"    {reason}")
+            if verdict.matched:
+                print(f"    -> pipeline {verdict.route.pipeline} {verdict.route.options}, send to {', '.join(verdict.route.send_to)}")
+                chosen = not verdict.route.continue_
+        if not any(v.matched for v in explain(config, facts)):
+            print("  -> no route matches: the series would be stored and not processed")
+    return 0
+
+
+def _ledger(args):
+    config = _load(args.config, check_pipelines=False)
+    from node.ledger import Ledger
+    from node.spool import Spool
+
+    spool = Spool(config.spool)
+    if not spool.ledger_path.exists():
+        sys.exit(f"srnode: no ledger at {spool.ledger_path} (has the node run with this config?)")
+    return Ledger(spool.ledger_path)
+
+
+def cmd_jobs(args) -> int:
+    ledger = _ledger(args)
+    jobs = ledger.jobs([args.state] if args.state else None, limit=args.limit, newest_first=True)
+    rows = []
+    for job in jobs:
+        counts = ledger.delivery_counts(job.id)
+        rows.append({
+            "id": job.id, "state": job.state, "route": job.route, "pipeline": job.pipeline,
+            "version": job.version, "series_uid": job.series_uid, "deliveries": counts,
+            "reason": job.reason, "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.updated)),
+        })
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    if not rows:
+        print("no jobs")
+    for r in rows:
+        deliveries = " ".join(f"{k}={v}" for k, v in sorted(r["deliveries"].items())) or "-"
+        print(f"{r['id']:>6}  {r['state']:<11} {r['updated']}  {r['route']}/{r['pipeline']} v{r['version']}"
+              f"  series ...{r['series_uid'][-16:]}  deliveries: {deliveries}" + (f"  ({r['reason']})" if r["reason"] else ""))
+    return 0
+
+
+def cmd_retry(args) -> int:
+    ledger = _ledger(args)
+    ids = [args.job] if args.job is not None else [j.id for j in ledger.jobs(["parked", "failed"], limit=100000)]
+    if not ids:
+        print("nothing parked or failed")
+    for job_id in ids:
+        try:
+            print(ledger.retry(job_id))
+        except KeyError as exc:
+            sys.exit(f"srnode: {exc.args[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srnode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"node config file (default {DEFAULT_CONFIG})")
+        return p
+
+    p = with_config(sub.add_parser("run", help="run the node (listener + embedded worker)"))
+    p.set_defaults(func=cmd_run)
+    p = with_config(sub.add_parser("worker", help="run a Celery worker for pipelines (Redis mode, other hosts)"))
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one worker per GPU)")
+    p.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("process", help="offline: DICOM files or folders in, DICOM files out, JSON summary on stdout")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="pipeline option (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_process)
+    p = with_config(sub.add_parser("echo", help="check a destination: C-ECHO, QIDO-RS or a write test"))
+    p.add_argument("destination")
+    p.set_defaults(func=cmd_echo)
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a config file")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_config_check)
+    p = with_config(sub.add_parser("route", help="show which route each series would take, and why"))
+    p.add_argument("--dry-run", action="store_true", required=True, help="only explain (required)")
+    p.add_argument("--calling-ae", default=None, help="pretend the series came from this AE")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_route)
+    p = with_config(sub.add_parser("jobs", help="recent jobs and their state"))
+    p.add_argument("--state", help="only jobs in this state (pending, queued, dispatching, delivered, parked, refused, failed)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+    p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
+    p.add_argument("job", type=int, nargs="?")
+    p.set_defaults(func=cmd_retry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The node's configuration: one YAML file, one typed model, checked before the port opens.
+
+Relative paths (``node.spool``, folder destinations) are resolved against the directory of the
+config file, so the node behaves the same whatever directory it is started from.
+Secrets never live in the file: DICOMweb credentials name environment variables.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.datadict import keyword_dict
+
+AE_TITLE = r"^[ -~]{1,16}$"
+SENDER = "sender"  # the pseudo-destination "back to the calling peer"
+SPECIAL_MATCH_KEYS = {"calling_ae", "instances"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae(value: str) -> str:
+    value = value.strip()
+    if not re.match(AE_TITLE, value) or "\\" in value:
+        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters without backslash")
+    return value
+
+
+class NodeSection(Strict):
+    ae_title: str = "SRNODE"
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    spool: Path = Path("../var/spool")
+    max_associations: int = Field(16, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _check_ae = field_validator("ae_title")(_ae)
+
+
+class Peer(Strict):
+    """A modality or PACS allowed to send to us; ``port`` makes it a ``sender`` destination."""
+
+    ae_title: str
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(_ae)
+
+
+class DicomDestination(Strict):
+    type: Literal["dicom"]
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None  # defaults to node.ae_title
+    timeout_s: float = Field(30, gt=0)
+
+    _check_ae = field_validator("ae_title", "calling_ae_title")(_ae)
+
+
+class DicomwebAuth(Strict):
+    """Credentials come from the environment, never from the file."""
+
+    type: Literal["bearer", "basic"]
+    token_env: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DicomwebAuth":
+        if self.type == "bearer" and not self.token_env:
+            raise ValueError("bearer auth needs token_env (the environment variable holding the token)")
+        if self.type == "basic" and not (self.username and self.password_env):
+            raise ValueError("basic auth needs username and password_env")
+        return self
+
+
+class DicomwebDestination(Strict):
+    type: Literal["dicomweb"]
+    url: str
+    auth: DicomwebAuth | None = None
+    batch_size: int = Field(50, ge=1)
+    timeout_s: float = Field(60, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"url {value!r} must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class FolderDestination(Strict):
+    type: Literal["folder"]
+    path: Path
+
+
+Destination = Annotated[
+    Union[DicomDestination, DicomwebDestination, FolderDestination], Field(discriminator="type")
+]
+
+
+class Route(Strict):
+    """A declarative rule: when ``match`` holds for a completed series, run ``pipeline``.
+
+    ``match`` maps a DICOM keyword (Modality, BodyPartExamined, SeriesDescription, Rows,
+    SliceThickness, ...) or ``calling_ae`` / ``instances`` to a condition: a value, a list of
+    values (any of), ``{min: .., max: ..}`` (numbers, inclusive) or ``{pattern: "*glob*"}``
+    (case-insensitive). All conditions must hold. The first matching route wins unless it says
+    ``continue: true``.
+    """
+
+    name: str
+    match: dict[str, Any] = Field(default_factory=dict)
+    pipeline: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    send_to: list[str] = Field(min_length=1)
+    continue_: bool = Field(False, alias="continue")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("match")
+    @classmethod
+    def _known_keys(cls, match: dict[str, Any]) -> dict[str, Any]:
+        for key, cond in match.items():
+            if key not in SPECIAL_MATCH_KEYS and key not in keyword_dict:
+                raise ValueError(f"match key {key!r} is not a DICOM keyword nor one of {sorted(SPECIAL_MATCH_KEYS)}")
+            if isinstance(cond, dict):
+                extra = set(cond) - {"min", "max", "pattern"}
+                if extra or not cond or ("pattern" in cond and len(cond) > 1):
+                    raise ValueError(
+                        f"match.{key}: a condition mapping takes min and/or max, or pattern alone, got {sorted(cond)}"
+                    )
+                for bound in ("min", "max"):
+                    value = cond.get(bound)
+                    if bound in cond and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                        raise ValueError(f"match.{key}.{bound} must be a number, got {value!r}")
+                if "pattern" in cond and not isinstance(cond["pattern"], str):
+                    raise ValueError(f"match.{key}.pattern must be a text pattern, got {cond['pattern']!r}")
+        return match
+
+
+class Completion(Strict):
+    quiet_seconds: float = Field(2.0, ge=0, le=600)
+
+
+class Queue(Strict):
+    broker: str = "embedded"
+    visibility_timeout_s: int = Field(3600, ge=1)
+
+    @field_validator("broker")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value != "embedded" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError(f"broker {value!r} must be 'embedded' or a redis:// URL")
+        return value
+
+
+class Dispatch(Strict):
+    max_attempts: int = Field(20, ge=1)  # with the defaults: ~2 h of retries before parking
+    backoff_initial_s: float = Field(5, gt=0)
+    backoff_max_s: float = Field(600, gt=0)
+
+
+class Config(Strict):
+    node: NodeSection = NodeSection()
+    peers: list[Peer] = Field(default_factory=list)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    completion: Completion = Completion()
+    queue: Queue = Queue()
+    dispatch: Dispatch = Dispatch()
+    source: Path | None = None  # the file this was read from
+
+    @model_validator(mode="after")
+    def _references(self) -> "Config":
+        names = [r.name for r in self.routes]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"route names must be unique, repeated: {sorted(dupes)}")
+        if SENDER in self.destinations:
+            raise ValueError(f"'{SENDER}' is reserved (results back to the calling peer); rename that destination")
+        for route in self.routes:
+            for dest in route.send_to:
+                if dest != SENDER and dest not in self.destinations:
+                    raise ValueError(
+                        f"route {route.name!r}: send_to {dest!r} is not a destination "
+                        f"(known: {sorted(self.destinations)} or '{SENDER}')"
+                    )
+        return self
+
+    def peer(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers if p.ae_title == ae_title), None)
+
+    @property
+    def spool(self) -> Path:
+        return self.node.spool
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the field and the reason."""
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config:
+    """Read, validate and resolve a config file. Raises :class:`ConfigError` with every problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        config = Config.model_validate({**raw, "source": path.resolve()})
+    except ValidationError as exc:
+        lines = [f"{path}: {exc.error_count()} problem(s)"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+    base = path.resolve().parent
+    node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool)})
+    dests = {
+        name: d.model_copy(update={"path": _resolve(base, d.path)}) if isinstance(d, FolderDestination) else d
+        for name, d in config.destinations.items()
+    }
+    config = config.model_copy(update={"node": node, "destinations": dests})
+    if check_pipelines:
+        problems = check_routes(config)
+        if problems:
+            raise ConfigError("\n".join([f"{path}: {len(problems)} problem(s)", *("  " + p for p in problems)]))
+    return config
+
+
+def check_routes(config: Config) -> list[str]:
+    """Pipeline names and options of every route, checked by the pipelines themselves."""
+    import pipelines
+
+    problems = []
+    for i, route in enumerate(config.routes):
+        try:
+            pipelines.get(route.pipeline).validate_options(route.options)
+        except ValueError as exc:
+            problems.append(f"routes.{i} ({route.name}): {exc}")
+        if SENDER in route.send_to and not any(p.port for p in config.peers):
+            problems.append(f"routes.{i} ({route.name}): send_to 'sender' but no peer has a port to send back to")
+    return problems

@@ -1,0 +1,109 @@
+"""DICOMweb destination: STOW-RS (PS3.18 10.5) with the files sent exactly as they are.
+
+Plain ``requests`` rather than dicomweb-client: STOW responses must be read per instance for 200,
+202 and 409 alike (dicomweb-client raises on 409 before the body is read), and our outputs are
+already encoded files that need no decode/re-encode round trip.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import requests
+from pydicom import Dataset, dcmread
+
+from node.config import DicomwebDestination
+from node.dispatch.outcome import Outcome, cstore_outcome
+
+# Worth trying again: timeouts, rate limits and server-side trouble (507: the PACS's disk is full).
+# 501/505 say the server will never do this, so they park like a 4xx.
+TRANSIENT_HTTP = {408, 425, 429} | set(range(500, 600)) - {501, 505}
+
+
+def session(dest: DicomwebDestination) -> requests.Session:
+    """A session with the destination's credentials, read from the environment now (not at import)."""
+    s = requests.Session()
+    auth = dest.auth
+    if auth is not None:
+        if auth.type == "bearer":
+            token = os.environ.get(auth.token_env or "")
+            if not token:
+                raise RuntimeError(f"environment variable {auth.token_env} (bearer token) is not set")
+            s.headers["Authorization"] = f"Bearer {token}"
+        else:
+            password = os.environ.get(auth.password_env or "")
+            if password is None:
+                raise RuntimeError(f"environment variable {auth.password_env} (password) is not set")
+            s.auth = (auth.username, password)
+    return s
+
+
+def _multipart(paths: list[Path]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for path in paths:
+        parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        parts.append(path.read_bytes())
+        parts.append(b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def _response_dataset(response: requests.Response) -> Dataset | None:
+    if "json" not in response.headers.get("Content-Type", "") or not response.content:
+        return None
+    try:
+        body = response.json()
+        return Dataset.from_json(body[0] if isinstance(body, list) else body)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def store(dest: DicomwebDestination, paths: list[Path]) -> list[Outcome]:
+    """STOW-RS ``paths`` in one request; one outcome per file, in order."""
+    uids = [str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for p in paths]
+    body, content_type = _multipart(paths)
+    try:
+        response = session(dest).post(f"{dest.url}/studies", data=body, timeout=dest.timeout_s,
+                                      headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
+    except requests.RequestException as exc:
+        down = isinstance(exc, (requests.ConnectionError, requests.Timeout))
+        return [Outcome("retry", f"STOW-RS to {dest.url} failed: {type(exc).__name__}", unreachable=down)] * len(paths)
+    except RuntimeError as exc:  # credentials missing: an admin must fix the environment
+        return [Outcome("fail", str(exc))] * len(paths)
+    code = response.status_code
+    result = _response_dataset(response)
+    failed = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0xC000))
+              for item in (result.get("FailedSOPSequence", []) if result else [])}
+    warned = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("WarningReason", 0xB000))
+              for item in (result.get("ReferencedSOPSequence", []) if result else []) if "WarningReason" in item}
+    if code in (200, 202, 409):
+        outcomes = []
+        for uid in uids:
+            if uid in failed:
+                reason = cstore_outcome(failed[uid])
+                outcomes.append(Outcome(reason.kind, f"STOW-RS {code}, {reason.status}"))
+            elif code == 409:  # all failed, this one without a stated reason
+                outcomes.append(Outcome("fail", "STOW-RS 409 Conflict (no failure reason given)"))
+            elif uid in warned:
+                outcomes.append(Outcome("warning", f"STOW-RS {code}, {cstore_outcome(warned[uid]).status}"))
+            else:
+                outcomes.append(Outcome("sent", f"STOW-RS {code}"))
+        return outcomes
+    kind = "retry" if code in TRANSIENT_HTTP else "fail"
+    text = f"STOW-RS HTTP {code} {response.reason}"
+    if code in (401, 403):
+        text += " (check the destination's credentials)"
+    return [Outcome(kind, text)] * len(paths)
+
+
+def check(dest: DicomwebDestination) -> tuple[bool, str]:
+    """QIDO-RS for one study: reachable, and credentials accepted."""
+    try:
+        response = session(dest).get(f"{dest.url}/studies", params={"limit": 1}, timeout=dest.timeout_s,
+                                     headers={"Accept": "application/dicom+json"})
+    except (requests.RequestException, RuntimeError) as exc:
+        return False, f"DICOMweb {dest.url}: {exc}"
+    ok = response.status_code in (200, 204)
+    return ok, f"DICOMweb {dest.url}: QIDO-RS HTTP {response.status_code}"

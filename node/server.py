@@ -1,0 +1,147 @@
+"""The running node: listener, assembly/scheduling loop, dispatcher loop and, in embedded mode,
+its own Celery worker as a supervised child process.
+
+The node owns all state (spool + ledger). On start it reopens series with unprocessed
+instances and re-submits unfinished jobs, so `kill -9` loses nothing that was acknowledged.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from node.assembly import Assembler
+from node.celery_app import PIPELINE_QUEUE, configure
+from node.config import Config
+from node.dispatch import Dispatcher
+from node.ledger import Ledger
+from node.scheduler import Scheduler
+from node.scp import StorageSCP
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Runs in the embedded worker before exec: it gets SIGTERM if the node dies (even kill -9)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Node:
+    def __init__(self, config: Config):
+        self.config = config
+        self.spool = Spool(config.spool).ensure()
+        self.ledger = Ledger(self.spool.ledger_path)
+        self.assembler = Assembler(self.spool, self.ledger, config.completion.quiet_seconds)
+        self.app = configure(config)
+        from node.tasks import run_job  # registers the task on the configured app
+
+        self._run_job = run_job
+        self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit)
+        self.dispatcher = Dispatcher(config, self.spool, self.ledger)
+        self.scp = StorageSCP(config, self.spool, self.ledger, self.assembler)
+        self._stop = threading.Event()
+        self._resubmit = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._worker: subprocess.Popen | None = None
+
+    def _submit(self, job_id: int) -> None:
+        self._run_job.apply_async(args=[job_id], queue=PIPELINE_QUEUE)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.scp.start()  # first: a port already in use fails the start before anything runs
+        self.assembler.recover()
+        self.scheduler.resubmit_unfinished()
+        if self.config.queue.broker == "embedded":
+            self._start_worker()
+            self._spawn(self._supervise_worker, "worker-supervisor")
+        self._spawn(self._schedule_loop, "scheduler")
+        self._spawn(self._dispatch_loop, "dispatcher")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scp.stop()
+        self.assembler._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self._worker is not None and self._worker.poll() is None:
+            self._worker.terminate()
+            try:
+                self._worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+        self.ledger.close()
+        log.info("node stopped")
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _guard(self, loop):
+        """A loop that logs and carries on after an unexpected error instead of dying silently."""
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    loop()
+                except Exception:
+                    log.exception("%s loop failed; continuing in 1 s", threading.current_thread().name)
+                    self._stop.wait(1)
+        return run
+
+    # -- loops ----------------------------------------------------------------------------
+    def _schedule_loop(self) -> None:
+        lost_check = time.monotonic()
+        while not self._stop.is_set():
+            if self._resubmit.is_set():
+                self._resubmit.clear()
+                self.scheduler.resubmit_unfinished()
+            if self.config.queue.broker != "embedded" and time.monotonic() - lost_check > 60:
+                # Redis redelivers an unacknowledged job after the visibility timeout; a job still
+                # without a result after twice that was lost with the broker's memory (a restart).
+                lost_check = time.monotonic()
+                self.scheduler.resubmit_unfinished(older_than=time.time() - 2 * self.config.queue.visibility_timeout_s)
+            self.scheduler.tick()
+            self.assembler.wait(0.05)
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.dispatcher.run_once():
+                nxt = self.ledger.next_delivery_due()
+                delay = 0.1 if nxt is None else min(max(nxt - time.time(), 0.01), 0.5)
+                self._stop.wait(delay)
+
+    # -- embedded worker ------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        cmd = [sys.executable, "-m", "node.cli", "worker", "--config", str(self.config.source), "--embedded"]
+        self._worker = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=os.environ.copy())
+        log.info("embedded worker started (pid %s)", self._worker.pid)
+
+    def _supervise_worker(self) -> None:
+        while not self._stop.is_set():
+            code = self._worker.poll()
+            if code is not None and not self._stop.is_set():
+                log.error("embedded worker exited with %s; restarting it and re-submitting its jobs", code)
+                self._stop.wait(1)
+                self._start_worker()
+                self._resubmit.set()
+            self._stop.wait(0.5)

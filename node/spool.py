@@ -1,0 +1,110 @@
+"""The spool: every file the node holds, laid out so that state is visible on disk.
+
+```
+spool/
+  ledger.sqlite3                      series, jobs, deliveries (node.ledger)
+  series/<study>/<series>/<sop>.dcm   received instances, exactly as sent (fsync'd before the ack)
+  jobs/<id>/job.json                  what a worker must do (inputs, pipeline, options, uid seed)
+  jobs/<id>/out/*.dcm                 outputs, renamed into place only when complete
+  jobs/<id>/result.json               the worker's verdict: done / refused / failed
+  broker/                             the embedded Celery broker's messages
+```
+A worker on another host needs only this folder (mounted at the same path) and the broker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def valid_uid(value: object) -> bool:
+    """A DICOM UID that is also safe as a file name (no path tricks)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID.match(value))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the whole file or nothing.
+
+    With ``durable`` the data and the directory entry are fsync'd before returning: once this
+    returns, the file survives a crash of the process and of the machine.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+class Spool:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def ensure(self) -> "Spool":
+        for sub in ("series", "jobs", "broker"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.sqlite3"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / "series" / study_uid / series_uid
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.series_dir(study_uid, series_uid) / f"{sop_uid}.dcm"
+
+    def instances(self, study_uid: str, series_uid: str) -> list[Path]:
+        folder = self.series_dir(study_uid, series_uid)
+        return sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+
+    def all_series(self) -> list[tuple[str, str]]:
+        """(study, series) of every series folder, for rebuilding state after a restart."""
+        base = self.root / "series"
+        return [(s.parent.name, s.name) for s in sorted(base.glob("*/*")) if s.is_dir()]
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.root / "jobs" / str(job_id)
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    def abs(self, rel: str) -> Path:
+        path = (self.root / rel).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"{rel!r} points outside the spool")
+        return path

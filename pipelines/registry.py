@@ -1,0 +1,23 @@
+"""Name -> pipeline. Modules are imported lazily so that ``srnode config check`` stays fast."""
+from __future__ import annotations
+
+import importlib
+
+from pipelines.base import Pipeline
+
+_PIPELINES = {
+    "interp": "pipelines.interp:PIPELINE",
+}
+
+
+def names() -> list[str]:
+    return sorted(_PIPELINES)
+
+
+def get(name: str) -> Pipeline:
+    try:
+        target = _PIPELINES[name]
+    except KeyError:
+        raise ValueError(f"unknown pipeline {name!r}; known: {', '.join(names())}") from None
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)

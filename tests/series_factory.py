@@ -1,0 +1,75 @@
+"""Test inputs: real DICOM files from pydicom's test data (and ../shared/data), re-identified with
+fresh UIDs per test so that tests sharing one Orthanc never collide."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from tests.paths import SHARED_DATA
+
+
+def _relabel(datasets: list[Dataset], out: Path, tag: str) -> list[Path]:
+    """Same pixels and geometry, new Study/Series/SOP UIDs derived from ``tag``."""
+    out.mkdir(parents=True, exist_ok=True)
+    study = generate_uid(entropy_srcs=[tag, "study"])
+    series_map: dict[str, str] = {}
+    paths = []
+    for i, src in enumerate(datasets):
+        ds = copy.deepcopy(src)
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series_map.setdefault(str(src.SeriesInstanceUID), generate_uid(entropy_srcs=[tag, str(src.SeriesInstanceUID)]))
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[tag, "sop", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def ct_small(out: Path, tag: str) -> list[Path]:
+    return _relabel([dcmread(get_testdata_file("CT_small.dcm"))], out, tag)
+
+
+def cr(out: Path, tag: str) -> list[Path]:
+    """A real CR (RG1_UNCR.dcm from the pydicom-data package)."""
+    return _relabel([dcmread(get_testdata_file("RG1_UNCR.dcm"))], out, tag)
+
+
+def mr_series(out: Path, tag: str) -> list[Path]:
+    """A real multi-slice MR series: ../shared/data/mr/decubitus_hfs_t1_sag (35 slices) when
+    present, else a 6-slice series built from pydicom's MR_small.dcm stepped along its normal."""
+    folder = SHARED_DATA / "mr" / "decubitus_hfs_t1_sag"
+    if folder.is_dir():
+        return _relabel([dcmread(p) for p in sorted(folder.glob("*.dcm"))], out, tag)
+    return _relabel(stepped(dcmread(get_testdata_file("MR_small.dcm")), 6), out, tag)
+
+
+def stepped(ds: Dataset, n: int, spacing: float | None = None) -> list[Dataset]:
+    """``n`` copies of a slice moved along its normal: a regular volume with real pixels."""
+    import numpy as np
+
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    step = spacing or float(ds.get("SliceThickness", 1) or 1)
+    origin = np.array([float(v) for v in ds.ImagePositionPatient])
+    series = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), str(n)])
+    out = []
+    for k in range(n):
+        s = copy.deepcopy(ds)
+        s.SeriesInstanceUID = series
+        s.SOPInstanceUID = generate_uid(entropy_srcs=[series, str(k)])
+        s.file_meta.MediaStorageSOPInstanceUID = s.SOPInstanceUID
+        s.ImagePositionPatient = [f"{v:.4f}" for v in origin + k * step * normal]
+        s.InstanceNumber = k + 1
+        if "SliceLocation" in s:
+            del s.SliceLocation
+        out.append(s)
+    return out
+
+
+def ct_volume(out: Path, tag: str, n: int) -> list[Path]:
+    return _relabel(stepped(dcmread(get_testdata_file("CT_small.dcm")), n, 5.0), out, tag)

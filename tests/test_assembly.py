@@ -1,0 +1,92 @@
+"""Series assembly: when a series counts as complete, and what holds it back."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import node.assembly as assembly
+from node.assembly import Assembler
+from node.ledger import Ledger
+from node.spool import Spool
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+@pytest.fixture()
+def assembler(tmp_path):
+    spool = Spool(tmp_path / "spool").ensure()
+    return Assembler(spool, Ledger(spool.ledger_path), quiet_seconds=0.2)
+
+
+def store(assembler, n, assoc=1, expected=None, acquisition=""):
+    """Put instance ``n`` on disk and tell the assembler, as the listener does."""
+    path = assembler.spool.instance_path(STUDY, SERIES, f"1.2.3.4.{n}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    assembler.instance_stored(assoc, STUDY, SERIES, new=True, expected=expected, acquisition=acquisition)
+
+
+def test_expected_count_of_one_acquisition_completes_before_the_association_ends(assembler):
+    for n in range(3):
+        assert assembler.due() == []
+        store(assembler, n, expected=3, acquisition="1")
+    [entry] = assembler.due()
+    assert entry.count == 3
+
+
+def test_a_series_of_several_acquisitions_waits_for_the_quiet_period(assembler):
+    # Some scanners make one acquisition per slice: ImagesInAcquisition=1 on every instance.
+    store(assembler, 0, expected=1, acquisition="1")
+    store(assembler, 1, expected=1, acquisition="2")
+    assert assembler.due() == []
+    store(assembler, 2, expected=2, acquisition="3")
+    assembler.association_ended(1)
+    assert assembler.due() == []
+    time.sleep(0.3)
+    [entry] = assembler.due()
+    assert entry.count == 3
+
+
+def test_a_single_image_expectation_waits_for_the_end_of_its_association(assembler):
+    store(assembler, 0, expected=1, acquisition="1")
+    assert assembler.due() == []
+    assembler.association_ended(1)
+    assert [e.count for e in assembler.due()] == [1]
+
+
+def test_more_instances_than_expected_fall_back_to_the_quiet_period(assembler):
+    for n in range(3):
+        store(assembler, n, expected=2)
+    assert assembler.due() == []
+    assembler.association_ended(1)
+    time.sleep(0.3)
+    assert [e.count for e in assembler.due()] == [3]
+
+
+def test_a_store_finishing_after_its_connection_closed_does_not_hold_the_series(assembler):
+    store(assembler, 0, assoc=7)
+    assembler.association_ended(7)
+    store(assembler, 1, assoc=7)  # the handler of an aborted association returns late
+    time.sleep(0.3)
+    assert [e.count for e in assembler.due()] == [2]
+
+
+def test_a_silent_open_association_stops_holding_the_series(assembler, monkeypatch):
+    monkeypatch.setattr(assembly, "STALLED_SECONDS", 0.2)
+    store(assembler, 0, assoc=3)
+    time.sleep(0.3)
+    assert assembler.due() == []  # still within stall + quiet
+    time.sleep(0.2)
+    assert [e.count for e in assembler.due()] == [1]
+
+
+def test_a_reopened_series_waits_before_it_is_due_again(assembler):
+    store(assembler, 0)
+    assembler.association_ended(1)
+    time.sleep(0.3)
+    [entry] = assembler.due()
+    assembler.reopen(entry, after_seconds=0.3)
+    assert assembler.due() == []
+    time.sleep(0.35)
+    assert [e.series_uid for e in assembler.due()] == [SERIES]

@@ -1,0 +1,75 @@
+"""The config file: shipped default valid, every mistake named with its field."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from node.config import ConfigError, load_config
+from tests.paths import REPO
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_shipped_config_is_valid_and_paths_resolve_next_to_it():
+    config = load_config(REPO / "config" / "node.yaml")
+    assert config.node.ae_title == "SRNODE" and config.node.port == 11112
+    assert config.queue.broker == "embedded"
+    assert config.spool == (REPO / "var" / "spool").resolve()
+
+
+def test_config_check_cli_accepts_shipped_config():
+    out = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(REPO / "config" / "node.yaml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout and "route chest" in out.stdout
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"node": {"ae_title": "WAY_TOO_LONG_AE_TITLE"}}, ["node.ae_title", "1-16"]),
+    ({"node": {"port": "eleven"}}, ["node.port"]),
+    ({"node": {"prot": 1}}, ["node.prot", "Extra inputs"]),
+    ({"routes": [{"name": "r", "pipeline": "interp", "send_to": ["nowhere"]}]}, ["nowhere", "not a destination"]),
+    ({"routes": [{"name": "r", "match": {"Modality": "CT"}, "pipeline": "nope", "send_to": ["a"]}],
+      "destinations": {"a": {"type": "folder", "path": "x"}}}, ["unknown pipeline", "nope"]),
+    ({"routes": [{"name": "r", "match": {"Modalty": "CT"}, "pipeline": "interp", "send_to": ["a"]}],
+      "destinations": {"a": {"type": "folder", "path": "x"}}}, ["Modalty", "not a DICOM keyword"]),
+    ({"routes": [{"name": "r", "pipeline": "interp", "options": {"method": "sinc"}, "send_to": ["a"]}],
+      "destinations": {"a": {"type": "folder", "path": "x"}}}, ["routes.0", "method"]),
+    ({"destinations": {"w": {"type": "dicomweb", "url": "ftp://x"}}}, ["url", "http"]),
+    ({"destinations": {"w": {"type": "dicomweb", "url": "http://x", "auth": {"type": "bearer"}}}}, ["token_env"]),
+    ({"queue": {"broker": "amqp://x"}}, ["broker", "redis://"]),
+    ({"routes": [{"name": "r", "pipeline": "interp", "send_to": ["sender"]}]}, ["sender", "port"]),
+])
+def test_bad_config_names_the_field(tmp_path, data, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_config_check_cli_fails_with_reason(tmp_path):
+    path = write(tmp_path, {"node": {"port": 0}})
+    out = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", path], capture_output=True, text=True)
+    assert out.returncode != 0 and "node.port" in out.stderr
+
+
+@pytest.mark.parametrize("cond, words", [
+    ({"min": "2mm"}, ["SliceThickness.min", "number"]),
+    ({"max": True}, ["SliceThickness.max", "number"]),
+    ({"pattern": 5}, ["SliceThickness.pattern", "text"]),
+    ({"pattern": "*", "min": 1}, ["pattern alone"]),
+])
+def test_bad_match_condition_is_refused_at_load_not_at_routing(tmp_path, cond, words):
+    data = {"routes": [{"name": "r", "match": {"SliceThickness": cond}, "pipeline": "interp", "send_to": ["a"]}],
+            "destinations": {"a": {"type": "folder", "path": "x"}}}
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data))
+    for word in words:
+        assert word in str(err.value)

@@ -291,7 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
+    for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads)"),
+                            ("eval", "evaluate a model family on its held-out split (cxr)")):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("family", choices=["cxr"])
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_train if name == "train" else cmd_eval)
     return parser
+
+
+def cmd_train(args) -> int:
+    from pipelines import train_cxr
+
+    return train_cxr.main(args.rest)
+
+
+def cmd_eval(args) -> int:
+    from pipelines import eval_cxr
+
+    return eval_cxr.main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,192 @@
+"""``srnode eval cxr``: the Hydra paper's tables on the held-out test split, as JSON and markdown.
+
+    python -m pipelines.eval_cxr [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
+
+* SR (Table 1): per scale 2/3/4/8, PSNR (on [0, 1]), SSIM and MS-SSIM (5 levels) of the trunk,
+  cubic and Lanczos, all from the same degraded input (``pipelines.cxr_data.degrade``).
+* Lungs (Table 3): IoU, Dice, pixel accuracy on the 512-px masks, per head scale (the source
+  upsampled by that factor feeds the trunk, as in the pipeline).
+* Abnormality (Table 2): accuracy, AUC, sensitivity, specificity, precision, F1 at the operating
+  threshold stored with the head (chosen on the validation split, never on test).
+* Cost (Table 6): parameters and CPU/GPU seconds per image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import cxr_data, eval_metrics, hydra, weights
+from pipelines.image_metrics import ms_ssim, psnr, ssim
+from pipelines.interpolation import resize
+from pipelines.train_cxr import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE, device, load_trunk
+
+
+def load_heads(weights_dir: Path) -> tuple[hydra.LungHead, hydra.AbnormalityHead, dict, dict]:
+    """(lung head, abnormality head, lung config, abnormality config incl. feature mean/std)."""
+    lung_state, lung_cfg = weights.load(weights_dir / LUNGS_FILE)
+    lungs = hydra.LungHead(lung_cfg["channels"], lung_cfg["grid"])
+    lungs.load_state_dict(lung_state)
+    abn_state, abn_cfg = weights.load(weights_dir / ABNORMALITY_FILE)
+    abn_cfg = {**abn_cfg, "feature_mean": abn_state.pop("feature_mean"), "feature_std": abn_state.pop("feature_std")}
+    abnormality = hydra.AbnormalityHead(abn_cfg["channels"])
+    abnormality.load_state_dict(abn_state)
+    return lungs.eval(), abnormality.eval(), lung_cfg, abn_cfg
+
+
+@torch.no_grad()
+def eval_sr(trunk: hydra.HydraTrunk, images: list[np.ndarray], scales, dev) -> dict:
+    table = {}
+    for s in scales:
+        rows = {"hydra": [], "cubic": [], "lanczos": []}
+        for img in images:
+            hr = cxr_data.crop_to_multiple(img, s)
+            low = resize(hr, (hr.shape[0] // s, hr.shape[1] // s), "cubic")
+            cubic = cxr_data.upsample(low, s, "cubic")
+            outputs = {
+                "cubic": cubic,
+                "lanczos": cxr_data.upsample(low, s, "lanczos"),
+                "hydra": trunk(torch.from_numpy(cubic)[None, None].to(dev))[0].clamp(0, 1)[0, 0].cpu().numpy(),
+            }
+            target = torch.from_numpy(hr)[None, None]
+            for name, out in outputs.items():
+                pred = torch.from_numpy(np.clip(out, 0, 1).astype(np.float32))[None, None]
+                rows[name].append([psnr(pred, target).item(), ssim(pred, target).item(), ms_ssim(pred, target).item()])
+        table[f"x{s}"] = {name: dict(zip(("psnr", "ssim", "ms_ssim"), np.mean(v, axis=0).round(4).tolist()))
+                          for name, v in rows.items()}
+    return table
+
+
+@torch.no_grad()
+def eval_heads(trunk, lungs, abnormality, abn_cfg, samples, scales, dev) -> tuple[dict, dict]:
+    seg, cls = {}, {}
+    for s in scales:
+        seg_rows, scores, labels = [], [], []
+        for sample in samples:
+            img = cxr_data.read_image(sample.image)
+            feats = trunk.features(torch.from_numpy(cxr_data.upsample(img, s))[None, None].to(dev))
+            pooled = hydra.pool_features(feats, lungs.grid)
+            del feats
+            prob = torch.sigmoid(lungs(pooled))
+            prob = F.interpolate(prob, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+            if sample.mask is not None:
+                seg_rows.append(eval_metrics.segmentation(prob >= 0.5, cxr_data.read_mask(sample.mask)))
+            gap = (pooled.mean(dim=(2, 3)).cpu() - abn_cfg["feature_mean"]) / abn_cfg["feature_std"]
+            scores.append(hydra.abnormal_probability(abnormality(gap)).item())
+            labels.append(sample.abnormal)
+        seg[f"x{s}"] = {k: round(float(np.mean([r[k] for r in seg_rows])), 4) for k in seg_rows[0]} | {"n": len(seg_rows)}
+        cls[f"x{s}"] = {k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in eval_metrics.classification(np.array(scores), np.array(labels), abn_cfg["threshold"]).items()}
+    return seg, cls
+
+
+@torch.no_grad()
+def eval_cost(trunk, lungs, abnormality, dev, size: int = 512, scale: int = 2, repeats: int = 3) -> dict:
+    """Seconds per image: trunk alone at ``size`` px x ``scale``, and trunk + both heads (one forward)."""
+    x = torch.rand(1, 1, size * scale, size * scale, device=dev)
+
+    def timed(fn) -> float:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    def all_outputs():
+        out, feats = trunk(x)
+        pooled = hydra.pool_features(feats, lungs.grid)
+        return out, lungs(pooled), abnormality(pooled.mean(dim=(2, 3)))
+
+    return {
+        "device": str(dev), "input": f"{size}x{size} x{scale}", "threads": torch.get_num_threads(),
+        "params": {"trunk": hydra.parameter_count(trunk), "lungs": hydra.parameter_count(lungs),
+                   "abnormality": hydra.parameter_count(abnormality)},
+        "seconds_trunk_sr": round(timed(lambda: trunk(x)), 3),
+        "seconds_trunk_and_heads": round(timed(all_outputs), 3),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = ["## Evaluation on the held-out test split", "",
+             f"Data: {report['data']}; command: `{report['command']}`.", "",
+             "### Super-resolution (PSNR dB on [0,1] / SSIM / MS-SSIM)", "",
+             "| scale | Hydra trunk | cubic | Lanczos | gain over Lanczos (dB) |", "|---|---|---|---|---|"]
+    fmt = lambda m: f"{m['psnr']:.2f} / {m['ssim']:.4f} / {m['ms_ssim']:.4f}"  # noqa: E731
+    for scale, row in report["sr"].items():
+        gain = row["hydra"]["psnr"] - row["lanczos"]["psnr"]
+        lines.append(f"| {scale} | {fmt(row['hydra'])} | {fmt(row['cubic'])} | {fmt(row['lanczos'])} | {gain:+.2f} |")
+    lines += ["", "### Lung segmentation", "", "| trunk input | IoU | Dice | pixel accuracy | images |", "|---|---|---|---|---|"]
+    for scale, row in report["lungs"].items():
+        lines.append(f"| source {scale} | {row['iou']:.4f} | {row['dice']:.4f} | {row['pixel_accuracy']:.4f} | {row['n']} |")
+    lines += ["", "### Abnormality (nodule vs no nodule)", "",
+              "| trunk input | accuracy | AUC | sensitivity | specificity | precision | F1 | threshold | images (abnormal) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for scale, r in report["abnormality"].items():
+        lines.append(f"| source {scale} | {r['accuracy']:.3f} | {r['auc']:.3f} | {r['sensitivity']:.3f} | "
+                     f"{r['specificity']:.3f} | {r['precision']:.3f} | {r['f1']:.3f} | {r['threshold']:.3f} | "
+                     f"{r['n']} ({r['positives']}) |")
+    c = report["cost"]
+    lines += ["", "### Cost", "",
+              f"Parameters: trunk {c['params']['trunk']:,}, lung head {c['params']['lungs']:,}, "
+              f"abnormality head {c['params']['abnormality']:,}. Seconds per image ({c['input']}, {c['device']}, "
+              f"{c['threads']} threads): SR alone {c['seconds_trunk_sr']}, SR + both heads from one trunk forward "
+              f"{c['seconds_trunk_and_heads']}."]
+    return "\n".join(lines) + "\n"
+
+
+def update_cards(weights_dir: Path, section: str) -> None:
+    """Replace (or add) the evaluation section of each Hydra model card; the weights are untouched."""
+    for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE):
+        card = weights.card_path(weights_dir / name)
+        text = re.split(r"\n## Evaluation on the held-out test split\n", card.read_text())[0].rstrip()
+        card.write_text(text + "\n\n" + section)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srnode eval cxr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=cxr_data.default_data_dir())
+    parser.add_argument("--weights", type=Path, default=weights.weights_dir())
+    parser.add_argument("--out", type=Path, help="folder for cxr_eval.json and cxr_eval.md (default: print markdown)")
+    parser.add_argument("--scales", type=int, nargs="+", default=list(cxr_data.SCALES))
+    parser.add_argument("--head-scales", type=int, nargs="+", default=[2, 4],
+                        help="trunk input scales for the heads (x8 of a 512-px image is a 4096-px forward)")
+    parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
+    args = parser.parse_args(argv)
+    dev = device()
+    trunk = load_trunk(args.weights / TRUNK_FILE).to(dev)
+    lungs, abnormality, _, abn_cfg = load_heads(args.weights)
+    lungs, abnormality = lungs.to(dev), abnormality.to(dev)
+    abn_cfg["feature_mean"], abn_cfg["feature_std"] = abn_cfg["feature_mean"].to(dev), abn_cfg["feature_std"].to(dev)
+    samples = cxr_data.load_split(args.data, "test")
+    images = [cxr_data.read_image(s.image) for s in samples]
+    print(f"evaluating on {len(samples)} held-out images", file=sys.stderr)
+    report = {"data": f"{args.data.name}/ test split ({len(samples)} images: manifest 'val' rows)",
+              "command": "srnode eval cxr " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "sr": eval_sr(trunk, images, args.scales, dev)}
+    report["lungs"], report["abnormality"] = eval_heads(trunk, lungs, abnormality, abn_cfg, samples, args.head_scales, dev)
+    report["cost"] = eval_cost(trunk, lungs, abnormality, dev)
+    text = markdown(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cxr_eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "cxr_eval.md").write_text(text)
+    if args.update_cards:
+        update_cards(args.weights, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

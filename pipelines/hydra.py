@@ -1,0 +1,123 @@
+"""The Hydra models for chest X-rays (Zamzmi et al. 2020, ``shared/seeds/000_*``): one SR trunk, two heads.
+
+Trunk: BatchNorm on the interpolated input, six 3x3 'same' ReLU convs (8, 16, 32, 64, 128, 256
+filters; dilation 2 on the 4th-6th), a linear 3x3 output conv, and the residual added to the raw
+input (not the normalised one). At paper width and one channel it has 395,715 trainable
+parameters (the paper's 395,717 counts Keras' two BatchNorm running statistics too). The network
+is not told the scale: it is trained on inputs upsampled from x2, x3, x4 and x8 at once.
+
+Heads tap the 6th conv, so one trunk forward gives the SR image and the features both heads use:
+  * lungs: decoder convs 128-64-32-16-8-1 and a sigmoid (BCE). It runs on the features averaged
+    onto an analysis grid (``grid`` px on the long side). At full output resolution its receptive
+    field (about 30 px) is far too small to tell lung from air outside the body. Its dilations
+    (1, 2, 4, 8, 16, 1) give it about half the grid as context without adding parameters.
+  * abnormality: global average pooling, a fully connected layer, dropout and a two-way softmax
+    (cross-entropy).
+Both heads train with the trunk frozen, as in the paper.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAPER_WIDTHS = (8, 16, 32, 64, 128, 256)
+REDUCED_WIDTHS = (8, 16, 32, 32, 64, 64)  # 71K parameters, ~3.7x faster on CPU (sr-models note)
+DILATIONS = (1, 1, 1, 2, 2, 2)
+DECODER_WIDTHS = (128, 64, 32, 16, 8)
+DECODER_DILATIONS = (1, 2, 4, 8, 16, 1)
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    widths: tuple[int, ...] = PAPER_WIDTHS
+    channels: int = 1
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class HydraTrunk(nn.Module):
+    def __init__(self, config: TrunkConfig = TrunkConfig()):
+        super().__init__()
+        if len(config.widths) != len(DILATIONS):
+            raise ValueError(f"the trunk has {len(DILATIONS)} hidden convs, got widths {config.widths}")
+        self.config = config
+        self.norm = nn.BatchNorm2d(config.channels)
+        convs, previous = [], config.channels
+        for width, dilation in zip(config.widths, DILATIONS):
+            convs.append(nn.Conv2d(previous, width, 3, padding=dilation, dilation=dilation))
+            previous = width
+        self.convs = nn.ModuleList(convs)
+        self.out = nn.Conv2d(previous, config.channels, 3, padding=1)
+        # Start as the identity (the interpolation it improves on): the residual branch begins at zero.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @property
+    def feature_channels(self) -> int:
+        return self.config.widths[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 6th conv's activations for an interpolated input ``x`` (N, C, H, W) in [0, 1]."""
+        h = self.norm(x)
+        for conv in self.convs:
+            h = F.relu(conv(h))
+        return h
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(super-resolved image, 6th-conv features) for an interpolated input."""
+        feats = self.features(x)
+        return x + self.out(feats), feats
+
+
+class LungHead(nn.Module):
+    """Decoder 128-64-32-16-8-1 on trunk features pooled to the analysis grid; returns logits."""
+
+    def __init__(self, in_channels: int, grid: int = 128):
+        super().__init__()
+        self.grid = grid
+        layers, previous = [], in_channels
+        for width, dilation in zip(DECODER_WIDTHS, DECODER_DILATIONS):
+            layers += [nn.Conv2d(previous, width, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
+            previous = width
+        layers.append(nn.Conv2d(previous, 1, 3, padding=DECODER_DILATIONS[-1], dilation=DECODER_DILATIONS[-1]))
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.decoder(pooled)
+
+
+class AbnormalityHead(nn.Module):
+    """GAP -> FC -> ReLU -> dropout -> FC -> (softmax in :func:`abnormal_probability`)."""
+
+    def __init__(self, in_channels: int, hidden: int = 64, dropout: float = 0.5):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.classify = nn.Linear(hidden, 2)  # (normal, abnormal)
+
+    def forward(self, gap: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 2) from globally averaged features (N, C)."""
+        return self.classify(self.dropout(F.relu(self.fc(gap))))
+
+
+def analysis_grid(height: int, width: int, grid: int) -> tuple[int, int]:
+    """The pooled feature map's size: ``grid`` on the long side, aspect kept."""
+    scale = grid / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def pool_features(feats: torch.Tensor, grid: int) -> torch.Tensor:
+    """Average trunk features onto the analysis grid (what the lung head sees)."""
+    return F.adaptive_avg_pool2d(feats, analysis_grid(feats.shape[-2], feats.shape[-1], grid))
+
+
+def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=1)[:, 1]
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,345 @@
+"""Train the Hydra trunk and its heads on ``shared/data/cxr``: seeded, with progress and a loss log.
+
+    python -m pipelines.train_cxr trunk [--width reduced|paper] [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.train_cxr heads [--steps N] [--seed S] [--out weights/]
+
+``srnode train cxr ...`` runs the same. CUDA is used when present. Each run writes its weights
+with a model card (``pipelines.weights``) and a CSV of its losses next to them. The heads train
+on a frozen trunk (the one in ``--out``), as in the paper.
+
+Reduced CPU budget (the defaults, documented in the model cards): the trunk at reduced width,
+900 steps of 4 crops of 144 px x 4 scales; the heads 400 steps (lungs) and 300 epochs
+(abnormality) on features computed once at x2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import cxr_data, hydra, weights
+from pipelines.image_metrics import psnr, sr_loss
+
+log = logging.getLogger(__name__)
+
+TRUNK_FILE = "cxr_hydra_trunk.safetensors"
+LUNGS_FILE = "cxr_hydra_lungs.safetensors"
+ABNORMALITY_FILE = "cxr_hydra_abnormality.safetensors"
+HEAD_SCALE = 2  # heads learn from the trunk's features of a source upsampled x2
+CROP = 144  # a multiple of every training scale (2, 3, 4, 8)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Progress:
+    """One line every ``every`` steps: step, loss, elapsed, ETA; and a CSV row per line."""
+
+    def __init__(self, what: str, total: int, csv_path: Path, every: int = 20):
+        self.what, self.total, self.every = what, total, every
+        self.start = time.monotonic()
+        self.csv_path = csv_path
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = csv_path.open("w", newline="")
+        self._writer = csv.writer(self._fh)
+        self._writer.writerow(["step", "loss", "val", "seconds"])
+
+    def step(self, step: int, loss: float, val: float | None = None) -> None:
+        if step % self.every and step != self.total and val is None:
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        extra = f"  val {val:.4f}" if val is not None else ""
+        print(f"{self.what} {step}/{self.total}  loss {loss:.4f}{extra}  {elapsed:.0f}s  eta {eta:.0f}s",
+              file=sys.stderr, flush=True)
+        self._writer.writerow([step, f"{loss:.6f}", "" if val is None else f"{val:.6f}", f"{elapsed:.1f}"])
+        self._fh.flush()
+
+    def close(self) -> float:
+        self._fh.close()
+        return time.monotonic() - self.start
+
+
+# -- trunk ------------------------------------------------------------------------------------
+def trunk_batch(images: list[np.ndarray], rng: np.random.Generator, crops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``crops`` random HR crops, each degraded at every scale: (inputs, targets), (crops*4, 1, CROP, CROP)."""
+    hr = []
+    for _ in range(crops):
+        img = images[rng.integers(len(images))]
+        y, x = rng.integers(0, img.shape[0] - CROP + 1), rng.integers(0, img.shape[1] - CROP + 1)
+        crop = img[y:y + CROP, x:x + CROP]
+        hr.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    hr = np.stack(hr)
+    inputs = np.concatenate([cxr_data.degrade(hr, s) for s in cxr_data.SCALES])
+    targets = np.concatenate([hr] * len(cxr_data.SCALES))
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]  # noqa: E731
+    return as_tensor(inputs), as_tensor(targets)
+
+
+def centre(img: np.ndarray, size: int) -> np.ndarray:
+    y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+@torch.no_grad()
+def validate_trunk(model: hydra.HydraTrunk, val: list[np.ndarray], dev: torch.device) -> float:
+    """Mean PSNR gain over cubic (dB) on 240-px centre crops of the validation split, all scales."""
+    model.eval()
+    hr = np.stack([centre(img, 240) for img in val])
+    gains = []
+    for s in cxr_data.SCALES:
+        inp = torch.from_numpy(cxr_data.degrade(hr, s))[:, None].to(dev)
+        target = torch.from_numpy(hr)[:, None].to(dev)
+        out, _ = model(inp)
+        gains.append((psnr(out.clamp(0, 1), target) - psnr(inp, target)).mean().item())
+    model.train()
+    return float(np.mean(gains))
+
+
+def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: int, seed: int,
+                crops: int = 4, lr: float = 3e-4) -> Path:
+    gen = seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    dev = device()
+    train = [cxr_data.read_image(s.image) for s in cxr_data.load_split(data_dir, "train")]
+    val = [cxr_data.read_image(s.image) for s in cxr_data.load_split(data_dir, "val")]
+    config = hydra.TrunkConfig(widths=tuple(widths))
+    model = hydra.HydraTrunk(config).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    progress = Progress("trunk", steps, out_dir / "logs" / "cxr_hydra_trunk.csv")
+    best, best_state = -math.inf, None
+    del gen
+    for step in range(1, steps + 1):
+        inputs, targets = trunk_batch(train, rng, crops)
+        out, _ = model(inputs.to(dev))
+        loss = sr_loss(out, targets.to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        val_gain = None
+        if step % 100 == 0 or step == steps:
+            val_gain = validate_trunk(model, val, dev)
+            if val_gain > best:
+                best, best_state = val_gain, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        progress.step(step, loss.item(), val_gain)
+    seconds = progress.close()
+    recipe = {
+        "steps": steps, "seed": seed, "batch": crops * len(cxr_data.SCALES), "crop": CROP,
+        "scales": list(cxr_data.SCALES), "optimizer": f"Adam {lr}, cosine to 10%",
+        "loss": "0.6 MAE + 0.4 (1 - MS-SSIM, 3 levels, 7-px window)",
+        "degradation": "antialiased cubic down (Keys a=-0.5), cubic up", "device": str(dev),
+        "train_images": len(train), "best_val_gain_db": round(best, 4), "seconds": round(seconds),
+    }
+    path = out_dir / TRUNK_FILE
+    weights.save(path, best_state, {"model": "hydra-trunk", **config.to_dict(), "recipe": recipe},
+                 trunk_card(config, recipe, hydra.parameter_count(model)))
+    log.info("trunk saved to %s (best validation gain over cubic %.3f dB)", path, best)
+    return path
+
+
+def trunk_card(config: hydra.TrunkConfig, recipe: dict, params: int) -> str:
+    return f"""# Hydra SR trunk for chest X-rays (widths {list(config.widths)}, {params:,} parameters)
+
+Super-resolution trunk of Zamzmi et al. 2020 (Hydra), our PyTorch implementation (`pipelines/hydra.py`),
+trained by `python -m pipelines.train_cxr trunk` (`pipelines/train_cxr.py`).
+
+**Research use only.** Trained on JSRT chest radiographs (and 10 Shenzhen normals) from `shared/data/cxr`:
+the JSRT / SCR terms apply (research, no redistribution of the images, no clinical use).
+
+## Recipe
+```json
+{json.dumps(recipe, indent=1, sort_keys=True)}
+```
+Evaluation on the held-out test split: `srnode eval cxr` (tables below when filled in by it).
+"""
+
+
+def load_trunk(path: Path) -> hydra.HydraTrunk:
+    state, config = weights.load(path)
+    if config.get("model") != "hydra-trunk":
+        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not a hydra trunk")
+    model = hydra.HydraTrunk(hydra.TrunkConfig(widths=tuple(config["widths"]), channels=config["channels"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# -- heads ------------------------------------------------------------------------------------
+@torch.no_grad()
+def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid: int, dev: torch.device,
+                  scale: int = HEAD_SCALE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pooled features (N, C, g, g), masks on the grid (N, 1, g, g), labels (N,)) for each sample,
+    from the trunk's features of the image upsampled by ``scale`` (what the pipeline does)."""
+    feats, masks, labels = [], [], []
+    for i, sample in enumerate(samples):
+        img = cxr_data.read_image(sample.image)
+        inp = torch.from_numpy(cxr_data.upsample(img, scale))[None, None].to(dev)
+        feats.append(hydra.pool_features(trunk.features(inp), grid).cpu())
+        mask = cxr_data.read_mask(sample.mask) if sample.mask else np.zeros_like(img)
+        masks.append(F.adaptive_avg_pool2d(torch.from_numpy(mask)[None, None], feats[-1].shape[-2:]))
+        labels.append(int(sample.abnormal))
+        print(f"features {i + 1}/{len(samples)}", file=sys.stderr, end="\r", flush=True)
+    print(file=sys.stderr)
+    return torch.cat(feats), torch.cat(masks), torch.tensor(labels)
+
+
+def train_heads(data_dir: Path, out_dir: Path, steps: int, seed: int, grid: int = 128, epochs: int = 300) -> None:
+    seed_everything(seed)
+    dev = device()
+    trunk = load_trunk(out_dir / TRUNK_FILE).to(dev)
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    splits = {name: cxr_data.load_split(data_dir, name) for name in ("train", "val")}
+    data = {name: head_features(trunk, samples, grid, dev) for name, samples in splits.items()}
+    trunk_digest = weights.sha256(out_dir / TRUNK_FILE)
+    _train_lungs(data, out_dir, trunk.feature_channels, grid, steps, seed, trunk_digest, dev)
+    _train_abnormality(data, out_dir, trunk.feature_channels, epochs, seed, trunk_digest, dev)
+
+
+def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed: int, trunk_digest: str,
+                 dev: torch.device, batch: int = 8, lr: float = 1e-3) -> None:
+    feats, masks, _ = data["train"]
+    with_mask = [i for i in range(len(feats)) if masks[i].sum() > 0]
+    head = hydra.LungHead(channels, grid).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    progress = Progress("lungs", steps, out_dir / "logs" / "cxr_hydra_lungs.csv")
+    best, best_state = -math.inf, None
+    for step in range(1, steps + 1):
+        idx = torch.tensor(with_mask)[torch.randint(len(with_mask), (batch,), generator=gen)]
+        loss = F.binary_cross_entropy_with_logits(head(feats[idx].to(dev)), masks[idx].to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        val = None
+        if step % 50 == 0 or step == steps:
+            val = _grid_iou(head, *data["val"][:2], dev)
+            if val > best:
+                best, best_state = val, {k: v.detach().clone() for k, v in head.state_dict().items()}
+        progress.step(step, loss.item(), val)
+    seconds = progress.close()
+    recipe = {"steps": steps, "seed": seed, "batch": batch, "optimizer": f"Adam {lr}, cosine to 10%",
+              "loss": "BCE on the lung mask averaged onto the grid", "trunk_scale": HEAD_SCALE,
+              "best_val_grid_iou": round(best, 4), "seconds": round(seconds), "trunk_sha256": trunk_digest}
+    config = {"model": "hydra-lungs", "channels": channels, "grid": grid,
+              "decoder_dilations": list(hydra.DECODER_DILATIONS), "recipe": recipe}
+    weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, hydra.parameter_count(head)))
+
+
+@torch.no_grad()
+def _grid_iou(head: hydra.LungHead, feats: torch.Tensor, masks: torch.Tensor, dev: torch.device) -> float:
+    head.eval()
+    pred = torch.cat([head(feats[i:i + 8].to(dev)).cpu() for i in range(0, len(feats), 8)]) > 0
+    truth = masks > 0.5
+    head.train()
+    inter = (pred & truth).flatten(1).sum(1).float()
+    union = (pred | truth).flatten(1).sum(1).float().clamp_min(1)
+    return (inter / union).mean().item()
+
+
+def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: int, trunk_digest: str,
+                       dev: torch.device, batch: int = 8, lr: float = 1e-3) -> None:
+    from pipelines.eval_metrics import roc_auc, youden_threshold
+
+    gap = {name: feats.mean(dim=(2, 3)) for name, (feats, _, _) in data.items()}
+    labels = {name: lab for name, (_, _, lab) in data.items()}
+    mean, std = gap["train"].mean(0), gap["train"].std(0).clamp_min(1e-6)
+    head = hydra.AbnormalityHead(channels).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    progress = Progress("abnormality", epochs, out_dir / "logs" / "cxr_hydra_abnormality.csv", every=25)
+    x_train, y_train = ((gap["train"] - mean) / std).to(dev), labels["train"].to(dev)
+    x_val = ((gap["val"] - mean) / std).to(dev)
+    best, best_state = -math.inf, None
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            val_auc = roc_auc(hydra.abnormal_probability(head(x_val)).cpu().numpy(), labels["val"].numpy())
+        head.train()
+        if best_state is None or val_auc > best:  # AUC is NaN when the validation split has one class
+            best, best_state = val_auc, {k: v.detach().clone() for k, v in head.state_dict().items()}
+        progress.step(epoch, loss.item(), val_auc if epoch % 25 == 0 else None)
+    seconds = progress.close()
+    head.load_state_dict(best_state)
+    head.eval()
+    with torch.no_grad():
+        val_prob = hydra.abnormal_probability(head(x_val)).cpu().numpy()
+    threshold = youden_threshold(val_prob, labels["val"].numpy())
+    state = {**best_state, "feature_mean": mean, "feature_std": std}
+    recipe = {"epochs": epochs, "seed": seed, "batch": batch, "optimizer": f"Adam {lr}",
+              "loss": "cross-entropy (normal, abnormal)", "trunk_scale": HEAD_SCALE,
+              "best_val_auc": round(best, 4), "threshold_from": "Youden's J on the validation split",
+              "seconds": round(seconds), "trunk_sha256": trunk_digest}
+    config = {"model": "hydra-abnormality", "channels": channels, "threshold": round(float(threshold), 4),
+              "recipe": recipe}
+    weights.save(out_dir / ABNORMALITY_FILE, state, config,
+                 head_card("abnormality (JSRT nodule vs no nodule)", recipe, hydra.parameter_count(head)))
+
+
+def head_card(task: str, recipe: dict, params: int) -> str:
+    return f"""# Hydra head: {task} ({params:,} parameters)
+
+A head on the frozen Hydra trunk (`cxr_hydra_trunk.safetensors`, sha256 in the recipe), our PyTorch
+implementation (`pipelines/hydra.py`), trained by `python -m pipelines.train_cxr heads`.
+
+**Research use only; not a medical device.** Trained on JSRT chest radiographs (and 10 Shenzhen normals) from
+`shared/data/cxr`: the JSRT / SCR terms apply.
+
+## Recipe
+```json
+{json.dumps(recipe, indent=1, sort_keys=True)}
+```
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srnode train cxr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["trunk", "heads"])
+    parser.add_argument("--data", type=Path, default=cxr_data.default_data_dir())
+    parser.add_argument("--out", type=Path, default=weights.weights_dir())
+    parser.add_argument("--width", choices=["reduced", "paper"], default="reduced")
+    parser.add_argument("--steps", type=int, help="trunk: 900, heads (lungs): 400")
+    parser.add_argument("--epochs", type=int, default=300, help="abnormality head epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.what == "trunk":
+        widths = hydra.REDUCED_WIDTHS if args.width == "reduced" else hydra.PAPER_WIDTHS
+        train_trunk(args.data, args.out, widths, args.steps or 900, args.seed)
+    else:
+        train_heads(args.data, args.out, args.steps or 400, args.seed, epochs=args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Shipped weights: safetensors files in ``weights/``, each with a markdown model card.
+
+The card starts with a header that the loader checks before it trusts the file:
+
+    ---
+    file: cxr_hydra_trunk.safetensors
+    sha256: <hex digest of the file>
+    config: {"widths": [...], ...}
+    ---
+
+A missing file, a missing card or a digest that differs is an error that names the file and
+what to do. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be used: missing, not matching their model card, or for another model."""
+
+
+def weights_dir() -> Path:
+    """``$SRNODE_WEIGHTS``, else the repository's ``weights/``."""
+    env = os.environ.get("SRNODE_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "weights"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_path(path: Path) -> Path:
+    return Path(path).with_suffix(".md")
+
+
+def save(path: Path, state: dict[str, torch.Tensor], config: dict[str, Any], card_body: str) -> str:
+    """Write the weights and their card; returns the digest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path),
+              metadata={"config": json.dumps(config, sort_keys=True)})
+    digest = sha256(path)
+    header = f"---\nfile: {path.name}\nsha256: {digest}\nconfig: {json.dumps(config, sort_keys=True)}\n---\n\n"
+    card_path(path).write_text(header + card_body.rstrip() + "\n")
+    return digest
+
+
+def read_card_header(path: Path) -> dict[str, str]:
+    card = card_path(path)
+    if not card.exists():
+        raise WeightsError(f"no model card {card.name} next to {path.name}: weights without a card are not loaded")
+    lines = card.read_text().splitlines()
+    if not lines or lines[0] != "---" or "---" not in lines[1:]:
+        raise WeightsError(f"model card {card.name} has no '---' header with file, sha256 and config")
+    header = {}
+    for line in lines[1:lines.index("---", 1)]:
+        key, _, value = line.partition(":")
+        header[key.strip()] = value.strip()
+    return header
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config) of a weights file whose digest matches its card."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights file {path} is missing: train it (see its model card) or restore it from the "
+                           f"repository")
+    header = read_card_header(path)
+    expected, actual = header.get("sha256"), sha256(path)
+    if expected != actual:
+        raise WeightsError(f"{path.name} does not match its model card (sha256 {actual[:12]}..., card says "
+                           f"{(expected or 'nothing')[:12]}...): the file was changed or the card is stale")
+    return load_file(str(path)), json.loads(header["config"])

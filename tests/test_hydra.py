@@ -1,0 +1,134 @@
+"""The Hydra models, their metrics, training, weights and evaluation (few-step smoke runs)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import cxr_data, eval_cxr, eval_metrics, hydra, train_cxr, weights
+from pipelines.image_metrics import ms_ssim, psnr, ssim
+
+
+def test_trunk_has_the_papers_topology_and_starts_as_the_identity():
+    trunk = hydra.HydraTrunk()
+    assert hydra.parameter_count(trunk) == 395_715  # the paper's 395,717 counts BatchNorm's running stats too
+    assert [c.dilation[0] for c in trunk.convs] == [1, 1, 1, 2, 2, 2]
+    assert [c.out_channels for c in trunk.convs] == [8, 16, 32, 64, 128, 256]
+    x = torch.rand(2, 1, 48, 40)
+    out, feats = trunk.eval()(x)
+    assert torch.equal(out, x) and feats.shape == (2, 256, 48, 40)
+
+
+def test_heads_take_the_sixth_conv_and_the_lung_head_keeps_the_grid():
+    lungs = hydra.LungHead(64, grid=32)
+    assert [m.out_channels for m in lungs.decoder if isinstance(m, torch.nn.Conv2d)] == [128, 64, 32, 16, 8, 1]
+    feats = torch.rand(1, 64, 200, 100)
+    pooled = hydra.pool_features(feats, 32)
+    assert pooled.shape == (1, 64, 32, 16) and lungs(pooled).shape == (1, 1, 32, 16)
+    probs = hydra.abnormal_probability(hydra.AbnormalityHead(64).eval()(pooled.mean(dim=(2, 3))))
+    assert probs.shape == (1,) and 0 <= probs.item() <= 1
+
+
+def test_metrics_on_known_cases():
+    x = torch.rand(1, 1, 192, 192)
+    assert ssim(x, x).item() == pytest.approx(1.0) and ms_ssim(x, x).item() == pytest.approx(1.0)
+    assert psnr(x, (x + 0.1)).item() == pytest.approx(20.0, abs=1e-4)
+    assert ssim(x, torch.rand_like(x)).item() < 0.1
+    with pytest.raises(ValueError, match="176 px"):
+        ms_ssim(x[..., :100, :100], x[..., :100, :100])
+    assert eval_metrics.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert eval_metrics.youden_threshold(np.array([0.1, 0.2, 0.7, 0.9]), np.array([0, 0, 1, 1])) == 0.7
+    seg = eval_metrics.segmentation(np.array([[1, 1], [0, 0]]), np.array([[1, 0], [0, 0]]))
+    assert seg == {"iou": 0.5, "dice": pytest.approx(2 / 3), "pixel_accuracy": 0.75}
+
+
+def test_degradation_keeps_a_constant_and_wants_a_multiple_of_the_scale():
+    flat = np.full((48, 48), 0.25, np.float32)
+    assert np.allclose(cxr_data.degrade(flat, 3), 0.25, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        cxr_data.degrade(flat[:47], 2)
+
+
+def synthetic_cxr(folder, n_train=8, n_val=4):
+    """Smooth 'chests' with two dark 'lungs' (the mask) and a bright blob on the abnormal ones."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:256, 0:256] / 256.0
+    rows = []
+    for i in range(n_train + n_val):
+        abnormal = i % 2 == 1
+        lungs = (((xx - 0.32) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1) | (((xx - 0.68) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
+        img = 0.7 - 0.4 * lungs + 0.05 * rng.standard_normal((256, 256))
+        if abnormal:
+            img += 0.3 * np.exp(-(((xx - 0.3) ** 2 + (yy - 0.4) ** 2) / 0.002))
+        name = f"case{i:02d}"
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+        Image.fromarray((lungs * 255).astype(np.uint8)).save(folder / f"{name}_mask.png")
+        rows.append({"file": f"{name}.png", "mask": f"{name}_mask.png", "source": "synthetic",
+                     "label": "abnormal" if abnormal else "normal", "split": "train" if i < n_train else "val"})
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few steps of every training on synthetic data: the whole recipe runs end to end."""
+    data = synthetic_cxr(tmp_path_factory.mktemp("cxr"))
+    out = tmp_path_factory.mktemp("weights")
+    assert train_cxr.main(["trunk", "--data", str(data), "--out", str(out), "--steps", "3", "--seed", "1"]) == 0
+    assert train_cxr.main(["heads", "--data", str(data), "--out", str(out), "--steps", "3", "--epochs", "2"]) == 0
+    return data, out
+
+
+def test_training_writes_weights_cards_and_loss_logs(trained):
+    _, out = trained
+    for name in (train_cxr.TRUNK_FILE, train_cxr.LUNGS_FILE, train_cxr.ABNORMALITY_FILE):
+        header = weights.read_card_header(out / name)
+        assert header["sha256"] == weights.sha256(out / name)
+        config = json.loads(header["config"])
+        assert config["recipe"]["seed"] in (0, 1)
+        assert "Research use only" in weights.card_path(out / name).read_text()
+    log = list(csv.DictReader((out / "logs" / "cxr_hydra_trunk.csv").open()))
+    assert [row["step"] for row in log] == ["3"] and float(log[0]["loss"]) > 0
+    assert 0 <= json.loads(weights.read_card_header(out / train_cxr.ABNORMALITY_FILE)["config"])["threshold"] <= 1
+
+
+def test_trunk_training_is_reproducible_with_a_seed(trained, tmp_path):
+    data, out = trained
+    assert train_cxr.main(["trunk", "--data", str(data), "--out", str(tmp_path), "--steps", "3", "--seed", "1"]) == 0
+    again, _ = weights.load(tmp_path / train_cxr.TRUNK_FILE)
+    first, _ = weights.load(out / train_cxr.TRUNK_FILE)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_eval_reports_every_table(trained, tmp_path):
+    data, out = trained
+    assert eval_cxr.main(["--data", str(data), "--weights", str(out), "--out", str(tmp_path), "--head-scales", "2"]) == 0
+    report = json.loads((tmp_path / "cxr_eval.json").read_text())
+    assert set(report["sr"]) == {"x2", "x3", "x4", "x8"}
+    assert set(report["sr"]["x2"]) == {"hydra", "cubic", "lanczos"}
+    assert report["lungs"]["x2"]["n"] == 4 and 0 <= report["lungs"]["x2"]["iou"] <= 1
+    assert report["abnormality"]["x2"]["n"] == 4
+    assert report["cost"]["params"]["trunk"] == 71_139
+    assert "gain over Lanczos" in (tmp_path / "cxr_eval.md").read_text()
+
+
+def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_path):
+    _, out = trained
+    with pytest.raises(weights.WeightsError, match="missing"):
+        weights.load(tmp_path / "nothing.safetensors")
+    copy = tmp_path / train_cxr.TRUNK_FILE
+    copy.write_bytes((out / train_cxr.TRUNK_FILE).read_bytes())
+    with pytest.raises(weights.WeightsError, match="no model card"):
+        weights.load(copy)
+    weights.card_path(copy).write_text(weights.card_path(out / train_cxr.TRUNK_FILE).read_text())
+    weights.load(copy)
+    copy.write_bytes(copy.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(weights.WeightsError, match="does not match its model card"):
+        weights.load(copy)

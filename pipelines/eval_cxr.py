@@ -26,19 +26,8 @@ import torch.nn.functional as F
 from pipelines import cxr_data, eval_metrics, hydra, weights
 from pipelines.image_metrics import ms_ssim, psnr, ssim
 from pipelines.interpolation import resize
-from pipelines.train_cxr import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE, device, load_trunk
-
-
-def load_heads(weights_dir: Path) -> tuple[hydra.LungHead, hydra.AbnormalityHead, dict, dict]:
-    """(lung head, abnormality head, lung config, abnormality config incl. feature mean/std)."""
-    lung_state, lung_cfg = weights.load(weights_dir / LUNGS_FILE)
-    lungs = hydra.LungHead(lung_cfg["channels"], lung_cfg["grid"])
-    lungs.load_state_dict(lung_state)
-    abn_state, abn_cfg = weights.load(weights_dir / ABNORMALITY_FILE)
-    abn_cfg = {**abn_cfg, "feature_mean": abn_state.pop("feature_mean"), "feature_std": abn_state.pop("feature_std")}
-    abnormality = hydra.AbnormalityHead(abn_cfg["channels"])
-    abnormality.load_state_dict(abn_state)
-    return lungs.eval(), abnormality.eval(), lung_cfg, abn_cfg
+from pipelines.hydra import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE
+from pipelines.train_cxr import device
 
 
 @torch.no_grad()
@@ -65,7 +54,8 @@ def eval_sr(trunk: hydra.HydraTrunk, images: list[np.ndarray], scales, dev) -> d
 
 
 @torch.no_grad()
-def eval_heads(trunk, lungs, abnormality, abn_cfg, samples, scales, dev) -> tuple[dict, dict]:
+def eval_heads(models: hydra.HydraModels, samples, scales, dev) -> tuple[dict, dict]:
+    trunk, lungs, abnormality = models.trunk, models.lungs, models.abnormality
     seg, cls = {}, {}
     for s in scales:
         seg_rows, scores, labels = [], [], []
@@ -78,18 +68,19 @@ def eval_heads(trunk, lungs, abnormality, abn_cfg, samples, scales, dev) -> tupl
             prob = F.interpolate(prob, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
             if sample.mask is not None:
                 seg_rows.append(eval_metrics.segmentation(prob >= 0.5, cxr_data.read_mask(sample.mask)))
-            gap = (pooled.mean(dim=(2, 3)).cpu() - abn_cfg["feature_mean"]) / abn_cfg["feature_std"]
+            gap = (pooled.mean(dim=(2, 3)) - models.feature_mean) / models.feature_std
             scores.append(hydra.abnormal_probability(abnormality(gap)).item())
             labels.append(sample.abnormal)
         seg[f"x{s}"] = {k: round(float(np.mean([r[k] for r in seg_rows])), 4) for k in seg_rows[0]} | {"n": len(seg_rows)}
         cls[f"x{s}"] = {k: round(v, 4) if isinstance(v, float) else v
-                        for k, v in eval_metrics.classification(np.array(scores), np.array(labels), abn_cfg["threshold"]).items()}
+                        for k, v in eval_metrics.classification(np.array(scores), np.array(labels), models.threshold).items()}
     return seg, cls
 
 
 @torch.no_grad()
-def eval_cost(trunk, lungs, abnormality, dev, size: int = 512, scale: int = 2, repeats: int = 3) -> dict:
+def eval_cost(models: hydra.HydraModels, dev, size: int = 512, scale: int = 2, repeats: int = 3) -> dict:
     """Seconds per image: trunk alone at ``size`` px x ``scale``, and trunk + both heads (one forward)."""
+    trunk, lungs, abnormality = models.trunk, models.lungs, models.abnormality
     x = torch.rand(1, 1, size * scale, size * scale, device=dev)
 
     def timed(fn) -> float:
@@ -161,22 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for cxr_eval.json and cxr_eval.md (default: print markdown)")
     parser.add_argument("--scales", type=int, nargs="+", default=list(cxr_data.SCALES))
     parser.add_argument("--head-scales", type=int, nargs="+", default=[2, 4],
-                        help="trunk input scales for the heads (x8 of a 512-px image is a 4096-px forward)")
+                        help="trunk input scales for the heads (the pipeline uses the scale they were trained at)")
     parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
     args = parser.parse_args(argv)
     dev = device()
-    trunk = load_trunk(args.weights / TRUNK_FILE).to(dev)
-    lungs, abnormality, _, abn_cfg = load_heads(args.weights)
-    lungs, abnormality = lungs.to(dev), abnormality.to(dev)
-    abn_cfg["feature_mean"], abn_cfg["feature_std"] = abn_cfg["feature_mean"].to(dev), abn_cfg["feature_std"].to(dev)
+    models = hydra.load_models(args.weights).to(dev)
     samples = cxr_data.load_split(args.data, "test")
     images = [cxr_data.read_image(s.image) for s in samples]
     print(f"evaluating on {len(samples)} held-out images", file=sys.stderr)
     report = {"data": f"{args.data.name}/ test split ({len(samples)} images: manifest 'val' rows)",
               "command": "srnode eval cxr " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "sr": eval_sr(trunk, images, args.scales, dev)}
-    report["lungs"], report["abnormality"] = eval_heads(trunk, lungs, abnormality, abn_cfg, samples, args.head_scales, dev)
-    report["cost"] = eval_cost(trunk, lungs, abnormality, dev)
+              "sr": eval_sr(models.trunk, images, args.scales, dev)}
+    report["lungs"], report["abnormality"] = eval_heads(models, samples, args.head_scales, dev)
+    report["cost"] = eval_cost(models, dev)
     text = markdown(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

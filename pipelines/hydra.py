@@ -18,6 +18,7 @@ Both heads train with the trunk frozen, as in the paper.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ REDUCED_WIDTHS = (8, 16, 32, 32, 64, 64)  # 71K parameters, ~3.7x faster on CPU 
 DILATIONS = (1, 1, 1, 2, 2, 2)
 DECODER_WIDTHS = (128, 64, 32, 16, 8)
 DECODER_DILATIONS = (1, 2, 4, 8, 16, 1)
+TRUNK_FILE = "cxr_hydra_trunk.safetensors"
+LUNGS_FILE = "cxr_hydra_lungs.safetensors"
+ABNORMALITY_FILE = "cxr_hydra_abnormality.safetensors"
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,24 @@ def analysis_grid(height: int, width: int, grid: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def pool_matrix(n: int, cells: int, device=None) -> torch.Tensor:
+    """(cells, n) averaging matrix: input index i belongs to cell ``floor(i * cells / n)``.
+
+    Pooling as ``R_rows @ F @ R_cols.T`` can be done tile by tile (sum the tiles' products with
+    the matching columns of the matrices), so a large image never needs its whole feature map.
+    """
+    cell = torch.arange(n, device=device) * cells // n
+    onehot = torch.zeros(cells, n, device=device)
+    onehot[cell, torch.arange(n, device=device)] = 1.0
+    return onehot / onehot.sum(dim=1, keepdim=True)
+
+
 def pool_features(feats: torch.Tensor, grid: int) -> torch.Tensor:
-    """Average trunk features onto the analysis grid (what the lung head sees)."""
-    return F.adaptive_avg_pool2d(feats, analysis_grid(feats.shape[-2], feats.shape[-1], grid))
+    """Average trunk features (N, C, H, W) onto the analysis grid (what the lung head sees)."""
+    h, w = feats.shape[-2:]
+    gh, gw = analysis_grid(h, w, grid)
+    rows, cols = pool_matrix(h, gh, feats.device), pool_matrix(w, gw, feats.device)
+    return torch.einsum("gh,nchw,kw->ncgk", rows, feats, cols)
 
 
 def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -121,3 +140,59 @@ def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# -- shipped weights ------------------------------------------------------------------------------
+def load_trunk(path: Path) -> HydraTrunk:
+    from pipelines import weights
+
+    state, config = weights.load(path)
+    if config.get("model") != "hydra-trunk":
+        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not a hydra trunk")
+    model = HydraTrunk(TrunkConfig(widths=tuple(config["widths"]), channels=config["channels"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class HydraModels:
+    trunk: HydraTrunk
+    lungs: LungHead
+    abnormality: AbnormalityHead
+    feature_mean: torch.Tensor  # the abnormality head's input normalisation (train split statistics)
+    feature_std: torch.Tensor
+    threshold: float  # operating point on the abnormal probability (chosen on the validation split)
+    head_scale: int  # the heads learnt from the trunk's features of a source upsampled by this factor
+    versions: dict[str, str]  # file name -> "sha256:<first 12 hex digits>"
+
+    def to(self, device) -> "HydraModels":
+        return HydraModels(self.trunk.to(device), self.lungs.to(device), self.abnormality.to(device),
+                           self.feature_mean.to(device), self.feature_std.to(device), self.threshold,
+                           self.head_scale, self.versions)
+
+
+def load_models(folder: Path) -> HydraModels:
+    """The trunk and both heads from ``folder``, each checked against its model card; the heads
+    must have been trained on this very trunk."""
+    from pipelines import weights
+
+    folder = Path(folder)
+    trunk = load_trunk(folder / TRUNK_FILE)
+    digests = {name: weights.sha256(folder / name) for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE)
+               if (folder / name).exists()}
+    lung_state, lung_cfg = weights.load(folder / LUNGS_FILE)
+    abn_state, abn_cfg = weights.load(folder / ABNORMALITY_FILE)
+    for name, cfg in ((LUNGS_FILE, lung_cfg), (ABNORMALITY_FILE, abn_cfg)):
+        if cfg.get("recipe", {}).get("trunk_sha256") != digests[TRUNK_FILE]:
+            raise weights.WeightsError(f"{name} was trained on another trunk than {TRUNK_FILE}: retrain the heads")
+    lungs = LungHead(lung_cfg["channels"], lung_cfg["grid"])
+    lungs.load_state_dict(lung_state)
+    mean, std = abn_state.pop("feature_mean"), abn_state.pop("feature_std")
+    abnormality = AbnormalityHead(abn_cfg["channels"])
+    abnormality.load_state_dict(abn_state)
+    versions = {name: f"sha256:{digest[:12]}" for name, digest in digests.items()}
+    scales = {cfg["recipe"].get("trunk_scale", 2) for cfg in (lung_cfg, abn_cfg)}
+    if len(scales) != 1:
+        raise weights.WeightsError(f"the heads were trained at different trunk scales {sorted(scales)}: retrain them")
+    return HydraModels(trunk, lungs.eval(), abnormality.eval(), mean, std, float(abn_cfg["threshold"]),
+                       scales.pop(), versions)

@@ -6,6 +6,7 @@ import importlib
 from pipelines.base import Pipeline
 
 _PIPELINES = {
+    "cxr": "pipelines.cxr:PIPELINE",
     "interp": "pipelines.interp:PIPELINE",
 }
 

@@ -32,9 +32,7 @@ from pipelines.image_metrics import psnr, sr_loss
 
 log = logging.getLogger(__name__)
 
-TRUNK_FILE = "cxr_hydra_trunk.safetensors"
-LUNGS_FILE = "cxr_hydra_lungs.safetensors"
-ABNORMALITY_FILE = "cxr_hydra_abnormality.safetensors"
+TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE = hydra.TRUNK_FILE, hydra.LUNGS_FILE, hydra.ABNORMALITY_FILE
 HEAD_SCALE = 2  # heads learn from the trunk's features of a source upsampled x2
 CROP = 144  # a multiple of every training scale (2, 3, 4, 8)
 
@@ -175,15 +173,6 @@ Evaluation on the held-out test split: `srnode eval cxr` (tables below when fill
 """
 
 
-def load_trunk(path: Path) -> hydra.HydraTrunk:
-    state, config = weights.load(path)
-    if config.get("model") != "hydra-trunk":
-        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not a hydra trunk")
-    model = hydra.HydraTrunk(hydra.TrunkConfig(widths=tuple(config["widths"]), channels=config["channels"]))
-    model.load_state_dict(state)
-    return model.eval()
-
-
 # -- heads ------------------------------------------------------------------------------------
 @torch.no_grad()
 def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid: int, dev: torch.device,
@@ -206,7 +195,7 @@ def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid:
 def train_heads(data_dir: Path, out_dir: Path, steps: int, seed: int, grid: int = 128, epochs: int = 300) -> None:
     seed_everything(seed)
     dev = device()
-    trunk = load_trunk(out_dir / TRUNK_FILE).to(dev)
+    trunk = hydra.load_trunk(out_dir / TRUNK_FILE).to(dev)
     for p in trunk.parameters():
         p.requires_grad_(False)
     splits = {name: cxr_data.load_split(data_dir, name) for name in ("train", "val")}

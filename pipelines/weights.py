@@ -28,9 +28,14 @@ class WeightsError(RuntimeError):
 
 
 def weights_dir() -> Path:
-    """``$SRNODE_WEIGHTS``, else the repository's ``weights/``."""
+    """``$SRNODE_WEIGHTS``; else the source tree's ``weights/`` (a checkout or an editable install);
+    else ``./weights`` (``pip install .`` run from the repository, as the README does)."""
     env = os.environ.get("SRNODE_WEIGHTS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "weights"
+    if env:
+        return Path(env)
+    tree = Path(__file__).resolve().parents[1] / "weights"
+    cwd = Path.cwd() / "weights"
+    return cwd if not tree.is_dir() and cwd.is_dir() else tree
 
 
 def sha256(path: Path) -> str:

@@ -73,3 +73,17 @@ def test_bad_match_condition_is_refused_at_load_not_at_routing(tmp_path, cond, w
         load_config(write(tmp_path, data))
     for word in words:
         assert word in str(err.value)
+
+
+def test_a_model_route_without_its_weights_is_refused_at_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRNODE_WEIGHTS", str(tmp_path / "no-weights"))
+    from pipelines import cxr
+
+    cxr.load_models.cache_clear()
+    data = {"routes": [{"name": "chest", "match": {"Modality": "CR"}, "pipeline": "cxr", "send_to": ["a"]}],
+            "destinations": {"a": {"type": "folder", "path": "x"}}}
+    try:
+        with pytest.raises(ConfigError, match="routes.0 .chest.: pipeline 'cxr' cannot run: weights file .* is missing"):
+            load_config(write(tmp_path, data))
+    finally:
+        cxr.load_models.cache_clear()

@@ -1,0 +1,96 @@
+"""CXR pipeline speed: one Hydra trunk forward for SR + both heads vs three separate models.
+
+    python benchmarks/cxr_speed.py [--size 2048] [--scale 2] [--repeats 1]
+
+Input: pydicom-data's real CR (RG1_UNCR.dcm) resampled to SIZE x SIZE and written as a CR. Measured in
+one run, on whatever device torch picks (CUDA when present):
+  * reference: cubic upsampling of the image alone (the interpolation every SR output starts from);
+  * `cxr` pipeline, all outputs (SR series + lung SEG + abnormality SR), DICOM encoding included;
+  * the traditional approach with the same models: three separate forwards (SR; trunk + lung head;
+    trunk + abnormality head), as three independent networks of this size would cost;
+and prints seconds and ratios. On a GPU it also prints images per second for the pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pydicom import dcmread  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from node.jobs import run_pipeline  # noqa: E402
+from pipelines import cxr, hydra, weights  # noqa: E402
+from pipelines.interpolation import resize  # noqa: E402
+from pipelines.series import decode  # noqa: E402
+
+
+def square_cr(size: int):
+    src = dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    pixels = resize(decode(src), (size, size), "cubic")
+    ds = copy.deepcopy(src)
+    top = 2 ** int(src.BitsStored) - 1
+    ds.set_pixel_data(np.clip(np.rint(pixels), 0, top).astype(np.uint16), src.PhotometricInterpretation,
+                      int(src.BitsStored), generate_instance_uid=False)
+    return ds
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (weights loaded, kernels chosen)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--scale", type=int, default=2, choices=cxr.SCALES)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    ds = square_cr(args.size)
+    models = cxr.load_models(weights.weights_dir())
+    x, _ = cxr.to_model_input(decode(ds), ds)
+    up = resize(x, (args.size * args.scale,) * 2, "cubic")
+    out_dir = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+
+    def pipeline():
+        run_pipeline([ds], "cxr", {"scale": args.scale}, out_dir)
+
+    def three_models():
+        cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # SR model
+        _, pooled = cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # segmentation model's encoder
+        models.lungs(pooled)
+        _, pooled = cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # classification model's encoder
+        models.abnormality((pooled.mean(dim=(2, 3)) - models.feature_mean) / models.feature_std)
+
+    cubic = timed(lambda: resize(x, (args.size * args.scale,) * 2, "cubic"), args.repeats)
+    one = timed(pipeline, args.repeats)
+    with torch.no_grad():
+        three = timed(three_models, args.repeats)
+    dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"cxr pipeline, {args.size}x{args.size} CR at x{args.scale}, {dev}, trunk "
+          f"{hydra.parameter_count(models.trunk):,} parameters, mean of {args.repeats}")
+    print(f"  cubic upsampling alone (reference)                 {cubic:8.2f} s")
+    print(f"  Hydra pipeline: one forward, 3 DICOM outputs written {one:8.2f} s   = {one / cubic:6.1f} x cubic")
+    print(f"  three separate models (forwards only, no DICOM)    {three:8.2f} s   = {three / cubic:6.1f} x cubic")
+    print(f"  ratio three separate / Hydra                       {three / one:8.2f}")
+    if torch.cuda.is_available():
+        print(f"  images per second (pipeline)                       {1 / one:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

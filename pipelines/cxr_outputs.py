@@ -1,0 +1,214 @@
+"""DICOM outputs of the chest-radiograph heads: a lung SEG and an abnormality SR (TID 1500).
+
+Both follow ``shared/notes/dicom-outputs.md`` and pass ``dciodvfy`` without errors for CR, DX and
+Secondary Capture sources (tests/test_cxr_outputs.py).
+
+Choices that are not obvious:
+
+* Determinism. UIDs come from :meth:`RunContext.uid`; ContentDate/Time are copied from the source
+  (Content, else Study, else Series, else Acquisition date/time), never "now". highdicom also
+  writes values of its own that would differ between runs: InstanceCreationDate/Time and the
+  ContributionDateTime of its Contributing Equipment item (Type 3, dropped) and the SEG
+  DimensionOrganizationUID (replaced by a context UID). So running twice on the same input with
+  the same context gives byte-identical files. Only a source with none of those dates gets
+  highdicom's default (the current date and time) as ContentDate/Time.
+* Projection radiographs have no ImagePositionPatient: the SEG has one frame, no plane positions,
+  and PatientOrientation copied from the source (empty when the source has none: Type 2C).
+  A source FrameOfReferenceUID is kept (highdicom copies it; the SEG must share it).
+* Pixel Measures are written when the source PixelSpacing is positive, and then always with a
+  SliceThickness: dciodvfy requires one when there is a frame of reference, and highdicom's own
+  reader (``hd.seg.segread``) refuses Pixel Measures without one, although its writer leaves it
+  out for projection images. A projection has no slice, so it is the source's SliceThickness
+  when it has one, else a nominal 1 mm. A zero or missing PixelSpacing (RG1_UNCR says
+  0.000\\0.000, which dciodvfy rejects) gives no Pixel Measures (they are optional here).
+* SEG codes: segmented property category (123037004, SCT, "Anatomical Structure"), type
+  (39607008, SCT, "Lung"), no laterality: one segment for both lungs.
+* SR codes:
+  - procedure reported (36554-4, LN, "XR Chest Single view"): the report is about one
+    projection; 36643-5 ("XR Chest 2 Views") would claim two. CID 100, the value set TID 1500
+    suggests, lists no radiography procedure.
+  - probability: (122157, DCM, "Probability") in ({ratio}, UCUM, "ratio") (CID 7181). DICOM
+    and SNOMED CT have no pre-coordinated "probability of abnormality" ((111047, DCM) is
+    "Probability of cancer", for mammography CAD), so the generic DCM concept is used; what it
+    is the probability of is said by the group's tracking identifier ("chest radiograph
+    abnormality"), its algorithm and the Normality evaluation beside it.
+  - decision: QualitativeEvaluation (121402, DCM, "Normality") whose value is (263654008, SCT,
+    "Abnormal") when probability >= threshold, else (17621005, SCT, "Normal"): exactly the
+    pairing of CID 222 "Normality Codes" that TID 310 uses for that concept.
+  - threshold: a second Measurement (122411, DCM, "Threshold Value") in ``{ratio}``, so anyone
+    reading the SR sees the operating point the decision used.
+* SR Image Library (TID 1600): one entry for the source, built here without the optional
+  descriptors, because highdicom's (TID 1603) need ImagerPixelSpacing and a two-valued
+  PatientOrientation that CR and SC sources often lack.
+* VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY, CompletionFlag COMPLETE: an AI
+  result, not a signed report.
+"""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pipelines.base import RunContext
+
+MANUFACTURER = "srnode"
+
+LUNGS = hd.sr.CodedConcept("39607008", "SCT", "Lung")
+ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure")
+XR_CHEST_SINGLE_VIEW = hd.sr.CodedConcept("36554-4", "LN", "XR Chest Single view")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+THRESHOLD = hd.sr.CodedConcept("122411", "DCM", "Threshold Value")
+NORMALITY = hd.sr.CodedConcept("121402", "DCM", "Normality")
+ABNORMAL = hd.sr.CodedConcept("263654008", "SCT", "Abnormal")
+NORMAL = hd.sr.CodedConcept("17621005", "SCT", "Normal")
+RATIO = hd.sr.CodedConcept("{ratio}", "UCUM", "ratio")
+SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+IMAGING_MEASUREMENTS = "126010"  # (126010, DCM, "Imaging Measurements"): the TID 1500 container
+#: SliceThickness stated in the Pixel Measures of a projection image that has none.
+NOMINAL_SLICE_THICKNESS_MM = 1.0
+
+
+def lung_segmentation(source: Dataset, mask: np.ndarray, context: RunContext, model_version: str,
+                      series_number: int, description: str) -> Dataset:
+    """A BINARY Segmentation (SOP class 66.4) of both lungs on one projection radiograph."""
+    mask = np.asarray(mask)
+    shape = (int(source.Rows), int(source.Columns))
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} is not the source matrix {shape}")
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Lungs",
+        segmented_property_category=ANATOMICAL_STRUCTURE,
+        segmented_property_type=LUNGS,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="srnode Hydra lungs", family=codes.DCM.ArtificialIntelligence, version=model_version),
+    )
+    date, time = _content_date_time(source)
+    pixel_measures = _pixel_measures(source)
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=mask.astype(bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=context.uid("lungs", "series"),
+        series_number=series_number,
+        sop_instance_uid=context.uid("lungs", "instance", 0),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="Hydra lung head",
+        software_versions=_software_versions(context, model_version),
+        device_serial_number=MANUFACTURER,
+        series_description=description,
+        content_date=date,
+        content_time=time,
+        pixel_measures=pixel_measures,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    if pixel_measures is None:  # else highdicom copies a zero source PixelSpacing
+        seg.SharedFunctionalGroupsSequence[0].pop("PixelMeasuresSequence", None)
+    seg.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C here: empty if unknown
+    dimension_uid = context.uid("lungs", "dimension-organization")
+    for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
+        item.DimensionOrganizationUID = dimension_uid
+    return _without_clock_values(seg)
+
+
+def abnormality_report(source: Dataset, probability: float, threshold: float, context: RunContext,
+                       model_version: str, series_number: int, description: str) -> Dataset:
+    """A TID 1500 Comprehensive 3D SR: abnormality probability, threshold and the decision."""
+    if not (0.0 <= probability <= 1.0 and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"probability {probability} and threshold {threshold} must lie in [0, 1]")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=context.uid("device"), name="srnode Hydra", manufacturer_name=MANUFACTURER,
+            model_name="Hydra abnormality head"),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=context.uid("abnormality", "tracking"), identifier="chest radiograph abnormality"),
+        algorithm_id=hd.sr.AlgorithmIdentification(name="srnode Hydra abnormality", version=model_version),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        measurements=[hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=RATIO),
+                      hd.sr.Measurement(name=THRESHOLD, value=float(threshold), unit=RATIO)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=NORMALITY, value=ABNORMAL if probability >= threshold else NORMAL)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=XR_CHEST_SINGLE_VIEW,
+        imaging_measurements=[group],
+    )
+    root = report[0]
+    measurements_at = next(i for i, item in enumerate(root.ContentSequence)
+                           if item.ConceptNameCodeSequence[0].CodeValue == IMAGING_MEASUREMENTS)
+    root.ContentSequence.insert(measurements_at, _image_library(source))
+    date, time = _content_date_time(source)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=root,
+        series_instance_uid=context.uid("abnormality", "series"),
+        series_number=series_number,
+        sop_instance_uid=context.uid("abnormality", "instance", 0),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=description,
+        content_date=date,
+        content_time=time,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    return _without_clock_values(sr)
+
+
+def _content_date_time(source: Dataset) -> tuple[str | None, str | None]:
+    """The first (date, time) pair the source has, so a rerun gives the same content."""
+    for prefix in ("Content", "Study", "Series", "Acquisition"):
+        date = source.get(f"{prefix}Date")
+        if date:
+            return str(date), str(source.get(f"{prefix}Time") or "000000")
+    return None, None
+
+
+def _software_versions(context: RunContext, model_version: str) -> list[str]:
+    return [v for v in (context.software_version, model_version) if v] or ["unknown"]
+
+
+def _pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence | None:
+    """Shared Pixel Measures for a single-frame projection source (see the module docstring)."""
+    spacing = [float(v) for v in source.get("PixelSpacing") or []]
+    if len(spacing) != 2 or min(spacing) <= 0:
+        return None
+    thickness = float(source.get("SliceThickness") or NOMINAL_SLICE_THICKNESS_MM)
+    return hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness)
+
+
+def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one entry for the source, without the optional descriptors.
+
+    (highdicom's ``MeasurementReport(referenced_images=...)`` writes TID 1603 descriptors that need
+    ImagerPixelSpacing and a two-valued PatientOrientation, which CR and SC sources often lack.)
+    """
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    image = hd.sr.ImageContentItem(
+        name=SOURCE, referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=contains)
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=contains)
+    group.ContentSequence = hd.sr.ContentSequence([image])
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+def _without_clock_values(ds: Dataset) -> Dataset:
+    """Drop the Type 3 date-times highdicom takes from the clock, so that reruns are identical."""
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        ds.pop(keyword, None)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.pop("ContributionDateTime", None)
+    return ds

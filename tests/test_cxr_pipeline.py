@@ -1,0 +1,146 @@
+"""The ``cxr`` pipeline with the shipped weights: a real radiograph in; SR series, lung SEG and
+abnormality SR out, each valid; offline and through the node to Orthanc."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import highdicom as hd
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+
+from pipelines import cxr, hydra, weights
+from pipelines.base import Refusal, RunContext
+from tests import series_factory as make
+from tests.dicom_checks import check_derived, new_dciodvfy_errors
+from tests.peers import storescu
+
+SEG_CLASS, COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def test_tiles_join_without_seams(monkeypatch):
+    torch.manual_seed(0)
+    trunk = hydra.HydraTrunk(hydra.TrunkConfig(widths=hydra.REDUCED_WIDTHS)).eval()
+    torch.nn.init.normal_(trunk.out.weight, std=0.05)  # a trunk that changes the image
+    up = np.random.default_rng(0).random((150, 131), dtype=np.float32)
+    monkeypatch.setattr(cxr, "TILE", 48)
+    sr, pooled = cxr.trunk_tiled(trunk, up, grid=32)
+    with torch.no_grad():
+        whole, feats = trunk(torch.from_numpy(up)[None, None])
+    assert np.allclose(sr, whole[0, 0].numpy(), atol=1e-5)
+    assert torch.allclose(pooled, hydra.pool_features(feats, 32), atol=1e-5)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"scale": 5}, ["scale", "2, 3, 4, 8"]),
+    ({"heads": ["lungs", "heart"]}, ["heads"]),
+    ({"write_sr": False, "heads": []}, ["no output"]),
+    ({"method": "lanczos"}, ["unknown option", "method"]),
+])
+def test_bad_options_are_named(options, words):
+    with pytest.raises(ValueError) as err:
+        cxr.PIPELINE.validate_options(options)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_volume_is_refused_with_the_reason(tmp_path):
+    ct = [dcmread(p) for p in make.ct_volume(tmp_path, "cxr-volume", 3)]
+    with pytest.raises(Refusal, match="projection radiographs"):
+        list(cxr.PIPELINE.run(ct, {}, RunContext("seed")))
+
+
+def test_missing_weights_fail_with_a_clear_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRNODE_WEIGHTS", str(tmp_path))
+    cxr.load_models.cache_clear()
+    cr = [dcmread(p) for p in make.cr(tmp_path / "cr", "cxr-missing")]
+    try:
+        with pytest.raises(weights.WeightsError, match="cxr_hydra_trunk.safetensors is missing"):
+            list(cxr.PIPELINE.run(cr, {"scale": 2}, RunContext("seed")))
+    finally:
+        cxr.load_models.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """`srnode process` on the real CR (pydicom-data RG1_UNCR, a Philips chest CR) at x2."""
+    root = tmp_path_factory.mktemp("cxr")
+    source = make.cr(root / "in", "cxr-offline")[0]
+    out = root / "out"
+    result = subprocess.run([sys.executable, "-m", "node.cli", "process", str(source), "--pipeline", "cxr",
+                             "--set", "scale=2", "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    outputs = {}
+    for path in sorted(out.rglob("*.dcm")):
+        ds = dcmread(path)
+        outputs.setdefault(ds.SOPClassUID, []).append((path, ds))
+    return source, dcmread(source), outputs, json.loads(result.stdout)
+
+
+def test_offline_run_writes_the_three_outputs(processed):
+    _, src, outputs, summary = processed
+    assert set(outputs) == {src.SOPClassUID, SEG_CLASS, COMPREHENSIVE_3D_SR}
+    assert all(len(v) == 1 for v in outputs.values())
+    assert summary  # the JSON summary lists what was written
+
+
+def test_super_resolved_image_is_a_valid_derived_cr(processed, tmp_path):
+    source, src, outputs, _ = processed
+    [(path, out)] = outputs[src.SOPClassUID]
+    assert (out.Rows, out.Columns) == (2 * src.Rows, 2 * src.Columns)
+    assert out.PhotometricInterpretation == src.PhotometricInterpretation
+    assert "Hydra" in out.SeriesDescription and "research use" in out.SeriesDescription
+    check_derived([src], [out])
+    assert new_dciodvfy_errors(path, source) == []
+    # The stored values keep the source's range: the image was not re-windowed or clipped.
+    lo, hi = np.percentile(src.pixel_array, [1, 99])
+    olo, ohi = np.percentile(out.pixel_array, [1, 99])
+    assert abs(olo - lo) < 0.05 * (hi - lo) and abs(ohi - hi) < 0.05 * (hi - lo)
+
+
+def test_lung_seg_is_on_the_source_matrix_and_plausible(processed, tmp_path):
+    source, src, outputs, _ = processed
+    [(path, seg)] = outputs[SEG_CLASS]
+    assert new_dciodvfy_errors(path, source) == []
+    mask = hd.seg.segread(path).get_pixels_by_source_instance(
+        source_sop_instance_uids=[src.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
+    assert mask.shape == (src.Rows, src.Columns)
+    fraction = mask.astype(bool).mean()
+    assert 0.1 < fraction < 0.6, f"lungs cover {fraction:.2f} of the image"
+    cols = np.nonzero(mask.any(axis=0))[0]
+    assert cols.min() < src.Columns / 2 < cols.max()  # both sides of the chest
+
+
+def test_abnormality_report_states_probability_finding_and_threshold(processed):
+    source, src, outputs, _ = processed
+    [(path, sr)] = outputs[COMPREHENSIVE_3D_SR]
+    assert new_dciodvfy_errors(path, source) == []
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    text = str(sr.ContentSequence)
+    assert "probability" in text.lower() and "threshold" in text.lower()
+
+
+@pytest.mark.integration
+def test_a_cr_through_the_node_reaches_orthanc_as_three_series(make_node, orthanc, tmp_path):
+    cr = make.cr(tmp_path / "cr", "cxr-node")
+    node = make_node(
+        routes=[{"name": "chest", "match": {"Modality": ["CR", "DX"]}, "pipeline": "cxr",
+                 "options": {"scale": 2}, "send_to": ["pacs"]}],
+        destinations={"pacs": {"type": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                               "port": orthanc.dicom_port}},
+    )
+    assert storescu(cr, node.port).returncode == 0
+    [job] = node.wait_jobs(lambda jobs: len(jobs) == 1 and jobs[0]["state"] == "delivered", timeout=300,
+                           what="the cxr job delivered")
+    assert job["deliveries"] == {"sent": 3}
+    src = dcmread(cr[0], stop_before_pixels=True)
+    series = [s for s in orthanc.series_of_study(src.StudyInstanceUID) if s["0020000E"]["Value"][0] != src.SeriesInstanceUID]
+    modalities = sorted(s["00080060"]["Value"][0] for s in series)
+    assert modalities == sorted([src.Modality, "SEG", "SR"])
+    instance = orthanc.instances_of_series(src.StudyInstanceUID, series[0]["0020000E"]["Value"][0])[0]
+    assert dcmread(io.BytesIO(orthanc.get_instance_file(instance["00080018"]["Value"][0])))

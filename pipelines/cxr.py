@@ -55,8 +55,9 @@ SERIES_OFFSETS = {"sr": 1100, "lungs": 1200, "abnormality": 1300}
 
 @lru_cache(maxsize=2)
 def load_models(folder: Path) -> hydra.HydraModels:
-    """Loaded once per worker process (weights are checked against their cards on first use)."""
-    return hydra.load_models(folder)
+    """Loaded once per worker process (weights are checked against their cards on first use), on
+    the GPU when there is one."""
+    return hydra.load_models(folder).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def to_model_input(pixels: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float, bool]]:
@@ -78,19 +79,20 @@ def from_model_output(x: np.ndarray, mapping: tuple[float, float, bool]) -> np.n
 def trunk_tiled(trunk: hydra.HydraTrunk, up: np.ndarray, grid: int,
                 progress=None) -> tuple[np.ndarray, torch.Tensor]:
     """(SR image, features pooled onto the analysis grid (1, C, gh, gw)) for an interpolated input."""
+    dev = next(trunk.parameters()).device
     h, w = up.shape
     gh, gw = hydra.analysis_grid(h, w, grid)
-    rows, cols = hydra.pool_matrix(h, gh), hydra.pool_matrix(w, gw)
-    pooled = torch.zeros(trunk.feature_channels, gh, gw)
+    rows, cols = hydra.pool_matrix(h, gh, dev), hydra.pool_matrix(w, gw, dev)
+    pooled = torch.zeros(trunk.feature_channels, gh, gw, device=dev)
     sr = np.empty((h, w), np.float32)
     tiles = [(y, x) for y in range(0, h, TILE) for x in range(0, w, TILE)]
     for i, (y0, x0) in enumerate(tiles):
         y1, x1 = min(y0 + TILE, h), min(x0 + TILE, w)
         ys, xs = max(0, y0 - HALO), max(0, x0 - HALO)
         ye, xe = min(h, y1 + HALO), min(w, x1 + HALO)
-        out, feats = trunk(torch.from_numpy(np.ascontiguousarray(up[ys:ye, xs:xe]))[None, None])
+        out, feats = trunk(torch.from_numpy(np.ascontiguousarray(up[ys:ye, xs:xe]))[None, None].to(dev))
         core = (slice(y0 - ys, y1 - ys), slice(x0 - xs, x1 - xs))
-        sr[y0:y1, x0:x1] = out[0, 0][core].numpy()
+        sr[y0:y1, x0:x1] = out[0, 0][core].cpu().numpy()
         pooled += torch.einsum("gh,chw,kw->cgk", rows[:, y0:y1], feats[0][:, core[0], core[1]], cols[:, x0:x1])
         if progress:
             progress(i + 1, len(tiles))
@@ -182,7 +184,7 @@ class CxrPipeline:
                 with torch.no_grad():
                     prob = torch.sigmoid(models.lungs(pooled))
                     prob = F.interpolate(prob, size=image.pixels.shape, mode="bilinear", align_corners=False)
-                mask = prob[0, 0].numpy() >= 0.5
+                mask = prob[0, 0].cpu().numpy() >= 0.5
                 yield cxr_outputs.lung_segmentation(
                     image.dataset, mask, sub, models.versions[hydra.LUNGS_FILE],
                     source_number + SERIES_OFFSETS["lungs"], series_description("Lungs Hydra (AI)", context.version))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pipelines import cxr_data, eval_metrics, hydra, weights
 from pipelines.image_metrics import ms_ssim, psnr, ssim
 from pipelines.interpolation import resize
+from pipelines.cxr import trunk_tiled
 from pipelines.hydra import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE
 from pipelines.train_cxr import device
 
@@ -61,9 +62,7 @@ def eval_heads(models: hydra.HydraModels, samples, scales, dev) -> tuple[dict, d
         seg_rows, scores, labels = [], [], []
         for sample in samples:
             img = cxr_data.read_image(sample.image)
-            feats = trunk.features(torch.from_numpy(cxr_data.upsample(img, s))[None, None].to(dev))
-            pooled = hydra.pool_features(feats, lungs.grid)
-            del feats
+            _, pooled = trunk_tiled(trunk, cxr_data.upsample(img, s), lungs.grid)
             prob = torch.sigmoid(lungs(pooled))
             prob = F.interpolate(prob, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
             if sample.mask is not None:

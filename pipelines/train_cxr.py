@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import cxr_data, hydra, weights
+from pipelines.cxr import trunk_tiled
 from pipelines.image_metrics import psnr, sr_loss
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,11 @@ HEAD_SCALE = 2  # heads learn from the trunk's features of a source upsampled x2
 CROP = 144  # a multiple of every training scale (2, 3, 4, 8)
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return torch.Generator().manual_seed(seed)
 
 
 def device() -> torch.device:
@@ -115,7 +115,7 @@ def validate_trunk(model: hydra.HydraTrunk, val: list[np.ndarray], dev: torch.de
 
 def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: int, seed: int,
                 crops: int = 4, lr: float = 3e-4) -> Path:
-    gen = seed_everything(seed)
+    seed_everything(seed)
     rng = np.random.default_rng(seed)
     dev = device()
     train = [cxr_data.read_image(s.image) for s in cxr_data.load_split(data_dir, "train")]
@@ -126,7 +126,6 @@ def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
     progress = Progress("trunk", steps, out_dir / "logs" / "cxr_hydra_trunk.csv")
     best, best_state = -math.inf, None
-    del gen
     for step in range(1, steps + 1):
         inputs, targets = trunk_batch(train, rng, crops)
         out, _ = model(inputs.to(dev))
@@ -175,17 +174,16 @@ Evaluation on the held-out test split: `srnode eval cxr` (tables below when fill
 
 # -- heads ------------------------------------------------------------------------------------
 @torch.no_grad()
-def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid: int, dev: torch.device,
+def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid: int,
                   scale: int = HEAD_SCALE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pooled features (N, C, g, g), masks on the grid (N, 1, g, g), labels (N,)) for each sample,
     from the trunk's features of the image upsampled by ``scale`` (what the pipeline does)."""
     feats, masks, labels = [], [], []
     for i, sample in enumerate(samples):
         img = cxr_data.read_image(sample.image)
-        inp = torch.from_numpy(cxr_data.upsample(img, scale))[None, None].to(dev)
-        feats.append(hydra.pool_features(trunk.features(inp), grid).cpu())
+        feats.append(trunk_tiled(trunk, cxr_data.upsample(img, scale), grid)[1].cpu())
         mask = cxr_data.read_mask(sample.mask) if sample.mask else np.zeros_like(img)
-        masks.append(F.adaptive_avg_pool2d(torch.from_numpy(mask)[None, None], feats[-1].shape[-2:]))
+        masks.append(hydra.pool_features(torch.from_numpy(mask)[None, None], grid))
         labels.append(int(sample.abnormal))
         print(f"features {i + 1}/{len(samples)}", file=sys.stderr, end="\r", flush=True)
     print(file=sys.stderr)
@@ -199,7 +197,7 @@ def train_heads(data_dir: Path, out_dir: Path, steps: int, seed: int, grid: int 
     for p in trunk.parameters():
         p.requires_grad_(False)
     splits = {name: cxr_data.load_split(data_dir, name) for name in ("train", "val")}
-    data = {name: head_features(trunk, samples, grid, dev) for name, samples in splits.items()}
+    data = {name: head_features(trunk, samples, grid) for name, samples in splits.items()}
     trunk_digest = weights.sha256(out_dir / TRUNK_FILE)
     _train_lungs(data, out_dir, trunk.feature_channels, grid, steps, seed, trunk_digest, dev)
     _train_abnormality(data, out_dir, trunk.feature_channels, epochs, seed, trunk_digest, dev)

@@ -6,7 +6,6 @@ import io
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 from pydicom import dcmread

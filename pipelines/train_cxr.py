@@ -77,6 +77,12 @@ class Progress:
         return time.monotonic() - self.start
 
 
+def adam_cosine(params, lr: float, steps: int):
+    """Adam with the learning rate decayed along a cosine to 10% over ``steps``."""
+    opt = torch.optim.Adam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+
+
 # -- trunk ------------------------------------------------------------------------------------
 def trunk_batch(images: list[np.ndarray], rng: np.random.Generator, crops: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``crops`` random HR crops, each degraded at every scale: (inputs, targets), (crops*4, 1, CROP, CROP)."""
@@ -122,8 +128,7 @@ def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: i
     val = [cxr_data.read_image(s.image) for s in cxr_data.load_split(data_dir, "val")]
     config = hydra.TrunkConfig(widths=tuple(widths))
     model = hydra.HydraTrunk(config).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    opt, sched = adam_cosine(model.parameters(), lr, steps)
     progress = Progress("trunk", steps, out_dir / "logs" / "cxr_hydra_trunk.csv")
     best, best_state = -math.inf, None
     for step in range(1, steps + 1):
@@ -208,8 +213,7 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
     feats, masks, _ = data["train"]
     with_mask = [i for i in range(len(feats)) if masks[i].sum() > 0]
     head = hydra.LungHead(channels, grid).to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    opt, sched = adam_cosine(head.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     progress = Progress("lungs", steps, out_dir / "logs" / "cxr_hydra_lungs.csv")
     best, best_state = -math.inf, None

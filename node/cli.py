@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -291,25 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
-    for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads)"),
-                            ("eval", "evaluate a model family on its held-out split (cxr)")):
+    for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "
+                                      "in-plane and through-plane CNNs)"),
+                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("family", choices=["cxr"])
+        p.add_argument("family", choices=sorted(FAMILIES))
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_train if name == "train" else cmd_eval)
     return parser
 
 
-def cmd_train(args) -> int:
-    from pipelines import train_cxr
+FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d")}
 
-    return train_cxr.main(args.rest)
+
+def cmd_train(args) -> int:
+    return importlib.import_module(FAMILIES[args.family][0]).main(args.rest)
 
 
 def cmd_eval(args) -> int:
-    from pipelines import eval_cxr
-
-    return eval_cxr.main(args.rest)
+    return importlib.import_module(FAMILIES[args.family][1]).main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

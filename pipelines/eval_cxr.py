@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import cxr_data, eval_metrics, hydra, weights
-from pipelines.image_metrics import ms_ssim, psnr, ssim
-from pipelines.interpolation import resize
 from pipelines.cxr import trunk_tiled
 from pipelines.hydra import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE
-from pipelines.train_cxr import device
+from pipelines.image_metrics import ms_ssim, psnr, ssim
+from pipelines.interpolation import resize
+from pipelines.training import device
 
 
 @torch.no_grad()

@@ -100,7 +100,7 @@ class InterpPipeline:
         scale_key = "scale" if options.get("scale") is not None else "inplane_scale"
         inplane = _factor(options, scale_key)
         through = _factor(options, "through_scale")
-        target = _target_spacing(options.get("target_spacing"))
+        target = parse_target_spacing(options.get("target_spacing"))
         if target is not None and target[0] is not None and inplane is not None:
             raise ValueError(f"option 'target_spacing' sets the in-plane spacing: drop option {scale_key!r}")
         if target is not None and target[2] is not None and through is not None:
@@ -197,7 +197,7 @@ class InterpPipeline:
                     yield DerivedSlice(
                         pixels=block[j - start],
                         template=vol.datasets[min(int(math.floor(k + 0.5)), n - 1)],
-                        sources=_bracketing(vol, k),
+                        sources=vol.sources_at(k),
                         index=j if ascending else n_out - 1 - j,
                         position=vol.position(k, new_spacing, from_source=not through),
                         slice_location=vol.slice_location(k) if through else None,
@@ -218,7 +218,7 @@ def _factor(options: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def _target_spacing(value: Any) -> list[float | None] | None:
+def parse_target_spacing(value: Any) -> list[float | None] | None:
     """Normalise target_spacing to [row, col, slice] with None for unset axes."""
     if value is None:
         return None
@@ -277,14 +277,6 @@ def _through_plan(vol: Volume, opts: Mapping[str, Any]) -> tuple[np.ndarray, flo
     if not 1 / MAX_FACTOR <= factor <= MAX_FACTOR:
         raise Refusal(f"through-plane resampling {n} -> {n_out} slices is beyond a factor {MAX_FACTOR:g}")
     return np.linspace(0.0, n - 1.0, n_out), extent / (n_out - 1)
-
-
-def _bracketing(vol: Volume, k: float) -> list[Dataset]:
-    """The source slice at ``k``, or the two around it."""
-    lo = int(math.floor(k + 1e-6))
-    hi = int(math.ceil(k - 1e-6))
-    lo, hi = min(max(lo, 0), vol.shape[0] - 1), min(max(hi, 0), vol.shape[0] - 1)
-    return [vol.datasets[lo]] if lo >= hi else [vol.datasets[lo], vol.datasets[hi]]
 
 
 def _label(opts: Mapping[str, Any], *, through: bool) -> str:

@@ -8,6 +8,7 @@ from pipelines.base import Pipeline
 _PIPELINES = {
     "cxr": "pipelines.cxr:PIPELINE",
     "interp": "pipelines.interp:PIPELINE",
+    "sr3d": "pipelines.sr3d:PIPELINE",
 }
 
 

@@ -140,6 +140,12 @@ class Volume:
             pos = pos + 0.5 * (pixel_spacing[0] - self.pixel_spacing[0]) * self.col_dir
         return pos
 
+    def sources_at(self, k: float) -> list[Dataset]:
+        """The source slice at fractional index ``k``, or the two around it (clamped to the stack)."""
+        lo = min(max(int(math.floor(k + 1e-6)), 0), self.shape[0] - 1)
+        hi = min(max(int(math.ceil(k - 1e-6)), 0), self.shape[0] - 1)
+        return [self.datasets[lo]] if lo >= hi else [self.datasets[lo], self.datasets[hi]]
+
     def slice_location(self, k: float) -> float | None:
         """SliceLocation at fractional index ``k``, extrapolated linearly from the sources."""
         values = [ds.get("SliceLocation") for ds in (self.datasets[0], self.datasets[-1])]

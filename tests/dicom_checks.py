@@ -67,7 +67,7 @@ def _spacing(ds: Dataset, keyword: str) -> tuple[float, float] | None:
 
 
 def check_derived(sources: Sequence[Dataset], outputs: Sequence[Dataset], *, one_to_one: bool | None = None,
-                  atol_mm: float = 0.01) -> None:
+                  atol_mm: float = 0.01, slab_edges: bool = False) -> None:
     """Assert the "Derived" conformance checks for one derived series.
 
     Parameters
@@ -79,6 +79,9 @@ def check_derived(sources: Sequence[Dataset], outputs: Sequence[Dataset], *, one
         exactly one output (in-plane only); default: when the counts are equal.
     atol_mm
         Tolerance on positions and fields of view.
+    slab_edges
+        Through-plane, the output covers the source's slabs edge to edge (sub-pixel SR: N*r slices
+        at s/r) rather than first to last slice centre (interpolation: (N-1)*r+1 slices).
     """
     assert outputs, "no outputs"
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
@@ -131,7 +134,7 @@ def check_derived(sources: Sequence[Dataset], outputs: Sequence[Dataset], *, one
     else:
         assert set(referenced) == set(by_uid), "some sources are not referenced by any output"
     if all("ImagePositionPatient" in ds for ds in sources):
-        _check_volume_geometry(sources, outputs, atol_mm)
+        _check_volume_geometry(sources, outputs, atol_mm, slab_edges)
 
 
 def _check_pixels(out: Dataset) -> None:
@@ -165,7 +168,8 @@ def _corner(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return ipp - 0.5 * col_mm * row_dir - 0.5 * row_mm * col_dir, np.cross(row_dir, col_dir)
 
 
-def _check_volume_geometry(sources: Sequence[Dataset], outputs: Sequence[Dataset], atol_mm: float) -> None:
+def _check_volume_geometry(sources: Sequence[Dataset], outputs: Sequence[Dataset], atol_mm: float,
+                           slab_edges: bool = False) -> None:
     iop = np.array([float(v) for v in sources[0].ImageOrientationPatient])
     for out in outputs:
         assert np.allclose([float(v) for v in out.ImageOrientationPatient], iop, atol=1e-6), "IOP changed"
@@ -175,7 +179,11 @@ def _check_volume_geometry(sources: Sequence[Dataset], outputs: Sequence[Dataset
     src_along = np.sort([c @ normal for c in src_corners])
     out_along = np.sort([c @ normal for c in out_corners])
     # Same extent along the normal, positions regular along it.
-    assert abs(src_along[0] - out_along[0]) < atol_mm and abs(src_along[-1] - out_along[-1]) < atol_mm
+    src_half = out_half = 0.0
+    if slab_edges and len(src_along) > 1 and len(out_along) > 1:
+        src_half, out_half = 0.5 * (src_along[1] - src_along[0]), 0.5 * (out_along[1] - out_along[0])
+    assert abs((src_along[0] - src_half) - (out_along[0] - out_half)) < atol_mm
+    assert abs((src_along[-1] + src_half) - (out_along[-1] + out_half)) < atol_mm
     if len(out_along) > 2:
         gaps = np.diff(out_along)
         assert np.abs(gaps - gaps.mean()).max() < max(atol_mm, 0.01 * gaps.mean()), "irregular output spacing"

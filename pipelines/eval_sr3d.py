@@ -1,0 +1,179 @@
+"""``srnode eval sr3d``: the paper's Tables 3-6 on held-out CT and MR volumes, as JSON and markdown.
+
+    python -m pipelines.eval_sr3d [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
+
+* 2D (in-plane only): every axial slice of each ``test`` volume of :mod:`pipelines.volume_data`
+  is downscaled x2 / x4 in-plane (antialiased cubic, on the modality values) and brought back by
+  nearest, linear, cubic, Lanczos and the CNN (x4: the dedicated x4 CNN and the x2 CNN applied
+  twice; x2 also with the self-ensemble).
+* 3D (all axes): the isotropic ``test`` volumes are downscaled on all three axes and brought back
+  by the interpolations on all axes, and by the in-plane CNN followed by the through-plane CNN.
+* PSNR on the fixed intensity window of :mod:`pipelines.volume_data` (CT [-1024, 2976] HU,
+  MR the HR volume's 0.5/99.5 percentiles) mapped to [0, 1], over the whole volume; SSIM (11-px
+  Gaussian window) averaged over axial slices. Each figure is the mean over the volumes of a
+  modality. The CNN runs exactly as in the pipeline (:mod:`pipelines.sr3d_volume`).
+* Cost: parameters, and seconds per volume for the 3D CNN on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import volume_data, weights
+from pipelines.image_metrics import ssim
+from pipelines.interpolation import METHODS, resize
+from pipelines.sr3d import load_models
+from pipelines.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
+from pipelines.sr3d_volume import cnn_upsampler, inplane_stream, through_stream
+
+SCALES = (2, 4)
+EVAL_HEADING = "## Evaluation on the held-out volumes"
+
+
+def metrics(pred: np.ndarray, target: np.ndarray, window: tuple[float, float]) -> dict[str, float]:
+    p = volume_data.normalise(pred, window)
+    t = volume_data.normalise(target, window)
+    mse = float(np.mean((p - t) ** 2, dtype=np.float64))
+    with torch.no_grad():
+        s = ssim(torch.from_numpy(p)[:, None], torch.from_numpy(t)[:, None]).mean().item()
+    return {"psnr": 10 * np.log10(1.0 / max(mse, 1e-12)), "ssim": s}
+
+
+def eval_2d(raw: np.ndarray, window, models, scale: int) -> dict[str, dict[str, float]]:
+    hr = volume_data.crop_to(raw, scale, (1, 2))
+    lr = volume_data.downscale(hr, scale, (1, 2))
+    out = {m: metrics(resize(lr, hr.shape[1:], m), hr, window) for m in METHODS}
+    up = {s: cnn_upsampler(models.inplane[s], window) for s in INPLANE_FILES}
+    out["cnn"] = metrics(np.stack(list(inplane_stream(lr, scale, up[scale]))), hr, window)
+    if scale == 4:
+        out["cnn x2 twice"] = metrics(np.stack(list(inplane_stream(lr, 4, up[2], times=2))), hr, window)
+    if scale == 2:
+        ensemble = cnn_upsampler(models.inplane[2], window, ensemble=True)
+        out["cnn + self-ensemble"] = metrics(np.stack(list(inplane_stream(lr, 2, ensemble))), hr, window)
+    return out
+
+
+def sr3d_cnn(lr: np.ndarray, window, models, scale: int) -> np.ndarray:
+    stream = inplane_stream(lr, scale, cnn_upsampler(models.inplane[scale], window))
+    through = cnn_upsampler(models.through, window)
+    n = lr.shape[0]
+    for _ in range(int(np.log2(scale))):
+        stream = through_stream(stream, n, through, scale=2)
+        n *= 2
+    return np.stack(list(stream))
+
+
+def eval_3d(raw: np.ndarray, window, models, scale: int) -> tuple[dict[str, dict[str, float]], float]:
+    hr = volume_data.crop_to(raw, scale, (0, 1, 2))
+    lr = volume_data.downscale(hr, scale, (0, 1, 2))
+    out = {m: metrics(resize(lr, hr.shape, m), hr, window) for m in METHODS}
+    start = time.perf_counter()
+    sr = sr3d_cnn(lr, window, models, scale)
+    seconds = time.perf_counter() - start
+    out["cnn"] = metrics(sr, hr, window)
+    return out, seconds
+
+
+def _mean(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in rows[0][m]} for m in rows[0]}
+
+
+def evaluate(data_dir: Path, weights_dir: Path) -> dict:
+    models = load_models(weights_dir)
+    report: dict = {"2d": {}, "3d": {}, "volumes": {}, "cost": {}}
+    per: dict = {"2d": {}, "3d": {}}
+    for source in volume_data.sources("test"):
+        raw = volume_data.read_volume(source, data_dir)
+        window = volume_data.normaliser(raw, source.modality)
+        entry = {"modality": source.modality, "shape": list(raw.shape), "window": [round(w, 2) for w in window]}
+        for scale in SCALES:
+            print(f"{source.name}: 2D x{scale}", file=sys.stderr, flush=True)
+            result = eval_2d(raw, window, models, scale)
+            entry[f"2d x{scale}"] = result
+            per["2d"].setdefault((source.modality, scale), []).append(result)
+            if source.isotropic:
+                print(f"{source.name}: 3D x{scale}", file=sys.stderr, flush=True)
+                result, seconds = eval_3d(raw, window, models, scale)
+                entry[f"3d x{scale}"] = result
+                entry[f"3d x{scale} cnn seconds"] = round(seconds, 2)
+                per["3d"].setdefault((source.modality, scale), []).append(result)
+        report["volumes"][source.name] = entry
+    for dim in ("2d", "3d"):
+        for (modality, scale), rows in sorted(per[dim].items()):
+            report[dim].setdefault(modality, {})[f"x{scale}"] = _mean(rows)
+    report["cost"] = {
+        "parameters": {name: parameter_count(m) for name, m in
+                       [(INPLANE_FILES[2], models.inplane[2]), (INPLANE_FILES[4], models.inplane[4]),
+                        (THROUGH_FILE, models.through)]},
+        "device": str(next(models.through.parameters()).device),
+        "threads": torch.get_num_threads(),
+    }
+    report["versions"] = models.versions
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [EVAL_HEADING, "",
+             "Held-out volumes (never trained on): " + ", ".join(
+                 f"{name} ({v['modality']} {'x'.join(map(str, v['shape']))})" for name, v in report["volumes"].items())
+             + ". PSNR (dB) on the fixed [0, 1] window (CT [-1024, 2976] HU; MR 0.5-99.5 percentiles), SSIM mean "
+               "over axial slices; LR = antialiased cubic downscaling of the modality values.", ""]
+    for dim, title in (("2d", "2D, in-plane only"), ("3d", "3D, all axes")):
+        for modality, by_scale in report[dim].items():
+            lines += [f"### {title}: {modality}", "", "| method | " + " | ".join(
+                f"x{s[1:]} PSNR | x{s[1:]} SSIM" for s in by_scale) + " |",
+                "|---|" + "---|---|" * len(by_scale)]
+            methods = list(dict.fromkeys(m for table in by_scale.values() for m in table))
+            for m in methods:
+                cells = [f"{t[m]['psnr']:.2f} | {t[m]['ssim']:.4f}" if m in t else "- | -" for t in by_scale.values()]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            gains = [f"{t['cnn']['psnr'] - t['lanczos']['psnr']:+.2f} | {t['cnn']['ssim'] - t['lanczos']['ssim']:+.4f}"
+                     for t in by_scale.values()]
+            lines += ["| **cnn - lanczos** | " + " | ".join(gains) + " |", ""]
+    cost = report["cost"]
+    lines += [f"### Cost ({cost['device']}, {cost['threads']} threads)", "",
+              "| model | parameters |", "|---|---|"]
+    lines += [f"| {name} | {n:,} |" for name, n in cost["parameters"].items()]
+    lines += ["", "| volume | 3D x2 CNN s | 3D x4 CNN s |", "|---|---|---|"]
+    for name, v in report["volumes"].items():
+        if "3d x2 cnn seconds" in v:
+            lines.append(f"| {name} ({'x'.join(map(str, v['shape']))}) | {v['3d x2 cnn seconds']} | "
+                         f"{v['3d x4 cnn seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_cards(weights_dir: Path, section: str) -> None:
+    """Replace (or add) the evaluation section of each sr3d model card; the weights are untouched."""
+    for name in (*INPLANE_FILES.values(), THROUGH_FILE):
+        card = weights.card_path(weights_dir / name)
+        text = re.split(r"\n## Evaluation", card.read_text())[0].rstrip()
+        card.write_text(text + "\n\n" + section)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srnode eval sr3d", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
+    parser.add_argument("--weights", type=Path, default=weights.weights_dir())
+    parser.add_argument("--out", type=Path, default=weights.weights_dir() / "eval")
+    parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
+    args = parser.parse_args(argv)
+    report = evaluate(args.data, args.weights)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sr3d_eval.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    text = markdown(report)
+    (args.out / "sr3d_eval.md").write_text(text)
+    if args.update_cards:
+        update_cards(args.weights, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

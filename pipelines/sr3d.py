@@ -1,0 +1,271 @@
+"""The ``sr3d`` pipeline: CT/MR volumes super-resolved in-plane, then through-plane (Georgescu et al. 2020).
+
+Options
+-------
+inplane_scale : 1, 2 or 4 (default 2 when no geometry option is given)
+through_scale : 1, 2 or 4 (default 1)
+target_spacing : number | [row, col] | [row, col, slice] (mm; ``null`` keeps an axis)
+    Each factor (source spacing / target) must be 1, 2 or 4 within ``FACTOR_RTOL``; the output
+    spacing is then exactly the source spacing divided by that factor.
+self_ensemble : bool (default false)
+    The median of 8 flips/rotations in-plane (4 flips through-plane): 8x (4x) the CNN time.
+model : "cnn" (default) or an interpolation method (nearest, linear, cubic, lanczos)
+    The interpolation methods run the same geometry as the CNN, as baselines.
+
+Geometry
+--------
+Both stages keep the field of view: an axis of N samples at spacing s becomes ``N*r`` samples at
+``s/r``, aligned on the outer pixel/slab edges, so output sample i sits at source coordinate
+``(i + 0.5)/r - 0.5`` (the convention of the training degradation and of :mod:`pipelines.interpolation`).
+In-plane the first pixel centre moves by half the spacing change; through-plane the first slice
+lies ``s/2 - s/(2r)`` before the first source slice, along the normal. ImagePositionPatient,
+PixelSpacing, SpacingBetweenSlices (new spacing), InstanceNumber (the source's sense along the
+normal) and ImagesInAcquisition are written per slice; SliceThickness keeps the source's value:
+the networks learned to undo a cubic downscaling, not the scanner's slice profile, and a thinner
+value would claim resolution that is not shown to be there.
+
+Memory: the source volume is decoded once (float32); in-plane slices are made one at a time, and
+the through-plane stage works in slabs (:mod:`pipelines.sr3d_volume`), so output slices are
+streamed to disk and memory does not grow with the output size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset
+
+from pipelines import volume_data, weights
+from pipelines.base import Refusal, RunContext
+from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
+from pipelines.interp import parse_target_spacing
+from pipelines.interpolation import METHODS
+from pipelines.series import Volume, load_series
+from pipelines.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig
+from pipelines.sr3d_volume import (
+    Upsampler,
+    cnn_upsampler,
+    inplane_stream,
+    through_stream,
+)
+
+logger = logging.getLogger(__name__)
+
+FACTORS = (1, 2, 4)
+FACTOR_RTOL = 0.02
+MODELS = ("cnn", *METHODS)
+OPTION_KEYS = ("inplane_scale", "through_scale", "target_spacing", "self_ensemble", "model")
+SERIES_NUMBER_OFFSET = 1400
+MAX_MATRIX = 4096
+CNN_MODALITIES = ("CT", "MR")
+
+
+@dataclass(frozen=True)
+class SR3DModels:
+    inplane: dict[int, SRCNN]
+    through: SRCNN
+    versions: dict[str, str]
+
+
+def load_cnn(path: Path) -> SRCNN:
+    state, config = weights.load(path)
+    if config.get("model") != "sr3d-cnn":
+        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not an sr3d CNN")
+    model = SRCNN(CNNConfig(scale=config["scale"], axes=config["axes"], width=config["width"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@lru_cache(maxsize=2)
+def load_models(folder: Path) -> SR3DModels:
+    """The in-plane x2/x4 and through-plane x2 models, checked against their cards, loaded once per
+    worker process, on the GPU when there is one."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inplane = {scale: load_cnn(Path(folder) / name).to(dev) for scale, name in INPLANE_FILES.items()}
+    through = load_cnn(Path(folder) / THROUGH_FILE).to(dev)
+    for scale, model in inplane.items():
+        if (model.config.axes, model.config.scale) != (2, scale):
+            raise weights.WeightsError(f"{INPLANE_FILES[scale]} is not an in-plane x{scale} model")
+    if (through.config.axes, through.config.scale) != (1, 2):
+        raise weights.WeightsError(f"{THROUGH_FILE} is not a through-plane x2 model")
+    versions = {name: f"{Path(name).stem.removeprefix('sr3d_')}:{weights.sha256(Path(folder) / name)[:8]}"
+                for name in (*INPLANE_FILES.values(), THROUGH_FILE)}  # short: SoftwareVersions is LO (64)
+    return SR3DModels(inplane, through, versions)
+
+
+class SR3DPipeline:
+    """Two-stage CNN super-resolution of a volume, written as a new series with exact geometry."""
+
+    name = "sr3d"
+
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a mapping, got {type(options).__name__}")
+        unknown = sorted(set(options) - set(OPTION_KEYS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTION_KEYS)}")
+        model = options.get("model", "cnn")
+        if model not in MODELS:
+            raise ValueError(f"option 'model' must be one of {', '.join(MODELS)}, got {model!r}")
+        ensemble = options.get("self_ensemble", False)
+        if not isinstance(ensemble, bool):
+            raise ValueError(f"option 'self_ensemble' must be true or false, got {ensemble!r}")
+        if ensemble and model != "cnn":
+            raise ValueError("option 'self_ensemble' applies to model 'cnn' only")
+        inplane, through = _factor(options, "inplane_scale"), _factor(options, "through_scale")
+        target = parse_target_spacing(options.get("target_spacing"))
+        if target is not None and target[0] is not None and inplane is not None:
+            raise ValueError("option 'target_spacing' sets the in-plane spacing: drop option 'inplane_scale'")
+        if target is not None and target[2] is not None and through is not None:
+            raise ValueError("option 'target_spacing' sets the slice spacing: drop option 'through_scale'")
+        if inplane is None and through is None and target is None:
+            inplane = 2
+        if inplane is None and (target is None or target[0] is None):
+            inplane = 1
+        if through is None and (target is None or target[2] is None):
+            through = 1
+        if inplane == 1 and through == 1 and target is None:
+            raise ValueError("options ask for no super-resolution: 'inplane_scale' and 'through_scale' are both 1")
+        return {"inplane_scale": inplane, "through_scale": through, "target_spacing": target,
+                "self_ensemble": ensemble, "model": model}
+
+    def not_ready(self) -> str | None:
+        """Why the CNNs cannot run here (weights missing or not matching their cards), else None."""
+        try:
+            load_models(weights.weights_dir())
+        except (weights.WeightsError, KeyError, RuntimeError) as exc:
+            return str(exc)
+        return None
+
+    def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
+        opts = self.validate_options(options)
+        target = opts["target_spacing"] or [None, None, None]
+        through_wanted = opts["through_scale"] != 1 or target[2] is not None
+        loaded = load_series(datasets, min_slices=2 if through_wanted else 1)
+        if not isinstance(loaded, Volume):
+            raise Refusal("sr3d takes volumes (CT/MR slices with plane geometry); this series holds projection "
+                          "images: route it to cxr or interp")
+        return self._run_volume(loaded, opts, context)
+
+    def _run_volume(self, vol: Volume, opts: dict[str, Any], context: RunContext) -> Iterator[Dataset]:
+        n, rows, cols = vol.shape
+        r_in, r_t = _resolve_factors(vol, opts)
+        if r_in == 1 and r_t == 1:
+            raise Refusal("the target spacing equals the source spacing: nothing to do")
+        if max(rows, cols) * r_in > MAX_MATRIX:
+            raise Refusal(f"output matrix {rows * r_in}x{cols * r_in} is larger than {MAX_MATRIX}")
+        method, version = opts["model"], None
+        up_in: Upsampler | None = None
+        up_t: Upsampler | None = None
+        if method == "cnn":
+            modality = str(vol.datasets[0].get("Modality", ""))
+            if modality not in CNN_MODALITIES:
+                raise Refusal(f"the sr3d CNNs are trained on CT and MR; this series is {modality or 'of no modality'} "
+                              f"(use model: lanczos, or the interp pipeline)")
+            models = load_models(weights.weights_dir())
+            window = volume_data.normaliser(vol.voxels, modality)
+            if r_in > 1:
+                up_in = cnn_upsampler(models.inplane[r_in], window, opts["self_ensemble"])
+            if r_t > 1:
+                up_t = cnn_upsampler(models.through, window, opts["self_ensemble"])
+            used = ([INPLANE_FILES[r_in]] if r_in > 1 else []) + ([THROUGH_FILE] if r_t > 1 else [])
+            version = " ".join(models.versions[name] for name in used)
+        new_spacing = (vol.pixel_spacing[0] / r_in, vol.pixel_spacing[1] / r_in)
+        out_spacing = vol.slice_spacing / r_t if r_t > 1 else None
+        n_out = n * r_t
+        series = DerivedSeries(
+            description=_label(r_in, r_t, method, opts["self_ensemble"]),
+            derivation_description=_derivation_text(vol, r_in, r_t, method, opts["self_ensemble"]),
+            model_name="sr3d two-stage CNN" if method == "cnn" else f"sr3d ({method})",
+            model_version=version,
+            series_number_offset=SERIES_NUMBER_OFFSET,
+            spacing_between_slices=out_spacing,
+            images_in_acquisition=n_out if r_t > 1 else None,
+        )
+        stream: Iterator[np.ndarray] = (inplane_stream(vol.voxels, r_in, up_in, method) if r_in > 1
+                                        else iter(vol.voxels))
+        if r_t > 1 and up_t is None:
+            stream = through_stream(stream, n, None, method, scale=r_t)
+        elif r_t > 1:
+            for step in range(int(math.log2(r_t))):
+                stream = through_stream(stream, n * 2 ** step, up_t, scale=2)
+        ascending = vol.instance_numbers_ascending
+
+        def slices() -> Iterator[DerivedSlice]:
+            for j, pixels in enumerate(stream):
+                k = (j + 0.5) / r_t - 0.5
+                yield DerivedSlice(
+                    pixels=pixels,
+                    template=vol.datasets[min(max(int(math.floor(k + 0.5)), 0), n - 1)],
+                    sources=vol.sources_at(k),
+                    index=j if ascending else n_out - 1 - j,
+                    position=vol.position(k, new_spacing, from_source=r_t == 1),
+                    slice_location=vol.slice_location(k) if r_t > 1 else None,
+                )
+                context.report(j + 1, n_out)
+
+        return write_derived(slices(), series, context)
+
+
+def _factor(options: Mapping[str, Any], key: str) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or value not in FACTORS:
+        raise ValueError(f"option {key!r} must be one of {', '.join(map(str, FACTORS))}, got {value!r}")
+    return int(value)
+
+
+def _resolve_factors(vol: Volume, opts: Mapping[str, Any]) -> tuple[int, int]:
+    """(in-plane, through-plane) integer factors, from the scales or the target spacing."""
+    target = opts["target_spacing"] or [None, None, None]
+    r_in, r_t = opts["inplane_scale"], opts["through_scale"]
+    if target[0] is not None:
+        r_in = _power_of_two("row spacing", vol.pixel_spacing[0], target[0])
+        if _power_of_two("column spacing", vol.pixel_spacing[1], target[1]) != r_in:
+            raise Refusal(f"target_spacing {target[0]:g} x {target[1]:g} mm gives different row and column factors "
+                          f"for pixel spacing {vol.pixel_spacing[0]:g} x {vol.pixel_spacing[1]:g} mm")
+    if target[2] is not None:
+        r_t = _power_of_two("slice spacing", vol.slice_spacing, target[2])
+    return r_in, r_t
+
+
+def _power_of_two(what: str, source: float, target: float) -> int:
+    factor = source / target
+    for r in FACTORS:
+        if abs(factor - r) <= FACTOR_RTOL * r:
+            return r
+    raise Refusal(f"target {what} {target:g} mm from {source:g} mm is a factor {factor:.3g}; sr3d does 1, 2 or 4 "
+                  f"(within {FACTOR_RTOL:.0%}); use the interp pipeline for other factors")
+
+
+def _label(r_in: int, r_t: int, method: str, ensemble: bool) -> str:
+    parts = ([f"x{r_in}"] if r_in > 1 else []) + ([f"slices x{r_t}"] if r_t > 1 else [])
+    what = "CNN" + (" ensemble" if ensemble else "") if method == "cnn" else f"{method} (interpolation)"
+    return f"SR {', '.join(parts)} {what}"
+
+
+def _derivation_text(vol: Volume, r_in: int, r_t: int, method: str, ensemble: bool) -> str:
+    n, rows, cols = vol.shape
+    how = ("two-stage CNN (Georgescu et al. 2020; srnode sr3d), residual on Lanczos; values outside the "
+           "CNN's intensity window are Lanczos-interpolated" if method == "cnn"
+           else f"{method} interpolation (srnode sr3d)")
+    text = f"Super-resolution by {how}"
+    if r_in > 1:
+        text += f"; in-plane x{r_in}: matrix {rows}x{cols} -> {rows * r_in}x{cols * r_in}"
+    if r_t > 1:
+        text += f"; through-plane x{r_t}: {n} -> {n * r_t} slices" + (", two views averaged" if method == "cnn" else "")
+    if ensemble:
+        text += "; self-ensemble (median of flips/rotations)"
+    return text + "; field of view kept"
+
+
+PIPELINE = SR3DPipeline()

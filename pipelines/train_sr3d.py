@@ -1,0 +1,218 @@
+"""Train the two-stage 3D SR CNNs on the CT and MR volumes of ``shared/data``: seeded, with progress and a loss log.
+
+    python -m pipelines.train_sr3d inplane [--scale 2|4] [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.train_sr3d through [--steps N] [--seed S] [--out weights/]
+
+``srnode train sr3d ...`` runs the same. CUDA is used when present. One model serves CT and MR:
+each batch draws CT and MR patches half and half, from the ``train`` split of
+:mod:`pipelines.volume_data`, intensities normalised as there.
+
+Samples, as in the paper, are small patches: an HR patch of ``patch * scale`` pixels is blurred
+(3x3 Gaussian, sigma ~ U(0, 0.5)) with probability 0.5, then downscaled with antialiased cubic.
+In-plane models see slices in every direction of the isotropic volumes and the axial slices of
+the others, downscaled on both axes. The through-plane model sees the same images downscaled on
+the rows only: in the isotropic volumes every direction is a "depth" direction, and in-plane
+slices teach the same one-axis task (the SMORE observation in ``shared/notes/sr-models.md``).
+Random 90-degree rotations and flips; patches with almost no structure (air) are kept at a
+quarter of their rate so the model still learns that flat stays flat.
+
+Reduced CPU budget (the defaults, stated in the model cards): batch 64 of 24-px LR patches (16 px
+at x4), Adam 1e-3 decayed along a cosine to 1e-4, in-plane x2 and through-plane x2 ``STEPS``
+steps each, the x4 model fewer.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import volume_data, weights
+from pipelines.image_metrics import psnr
+from pipelines.sr3d_cnn import (
+    INPLANE_FILES,
+    SRCNN,
+    THROUGH_FILE,
+    CNNConfig,
+    intermediate_l1,
+    lanczos_up,
+    parameter_count,
+)
+from pipelines.training import Progress, adam_cosine, device, seed_everything
+
+log = logging.getLogger(__name__)
+
+BATCH = 64
+LR_PATCH = {2: 24, 4: 16}
+STEPS = {("inplane", 2): 6000, ("inplane", 4): 3000, ("through", 2): 5000}
+FLAT_STD = 0.01
+FLAT_KEEP = 0.25
+BLUR_P, BLUR_MAX_SIGMA = 0.5, 0.5
+
+
+class PatchSampler:
+    """Random HR patches from the training volumes (see the module docstring)."""
+
+    def __init__(self, volumes: list[tuple[volume_data.VolumeSource, np.ndarray]], rng: np.random.Generator):
+        self.rng = rng
+        self.by_modality = {m: [(s, v) for s, v in volumes if s.modality == m] for m in ("CT", "MR")}
+        self.by_modality = {m: items for m, items in self.by_modality.items() if items}
+        self.weights = {m: self._weights(items) for m, items in self.by_modality.items()}
+
+    @staticmethod
+    def _weights(items) -> np.ndarray:
+        w = np.array([np.sqrt(v.size) for _, v in items])
+        return w / w.sum()
+
+    def patch(self, size: int) -> np.ndarray:
+        modalities = sorted(self.by_modality)
+        while True:
+            m = modalities[self.rng.integers(len(modalities))]
+            items = self.by_modality[m]
+            source, vol = items[self.rng.choice(len(items), p=self.weights[m])]
+            axis = int(self.rng.integers(3)) if source.isotropic else 0
+            image = np.moveaxis(vol, axis, 0)
+            if image.shape[1] < size or image.shape[2] < size:
+                continue
+            k = self.rng.integers(image.shape[0])
+            y = self.rng.integers(image.shape[1] - size + 1)
+            x = self.rng.integers(image.shape[2] - size + 1)
+            patch = np.array(image[k, y:y + size, x:x + size])
+            if patch.std() < FLAT_STD and self.rng.random() > FLAT_KEEP:
+                continue
+            patch = np.rot90(patch, self.rng.integers(4))
+            return np.ascontiguousarray(patch[:, ::-1] if self.rng.random() < 0.5 else patch)
+
+    def batch(self, n: int, scale: int, lr_patch: int, axes: int, blur: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LR inputs, HR targets) as (n, 1, h, w) tensors."""
+        hr = np.stack([self.patch(lr_patch * scale) for _ in range(n)])
+        degraded = hr
+        if blur:
+            sigmas = np.where(self.rng.random(n) < BLUR_P, self.rng.uniform(0, BLUR_MAX_SIGMA, n), 0.0)
+            degraded = volume_data.gaussian_blur3(hr, sigmas)
+        lr = volume_data.downscale(degraded, scale, (1, 2) if axes == 2 else (1,))
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]  # noqa: E731
+        return as_tensor(lr), as_tensor(hr)
+
+
+def load_training_volumes(data_dir: Path) -> list[tuple[volume_data.VolumeSource, np.ndarray]]:
+    out = []
+    for source in volume_data.sources("train"):
+        vol = volume_data.load(source, data_dir)
+        print(f"  {source.name}: {source.modality} {'x'.join(map(str, vol.shape))}", file=sys.stderr)
+        out.append((source, vol))
+    return out
+
+
+@torch.no_grad()
+def check_batch_gain(model: SRCNN, batch: tuple[torch.Tensor, torch.Tensor], dev: torch.device) -> float:
+    """Mean PSNR gain over Lanczos (dB) on a fixed batch of training patches: progress only, never selection."""
+    model.eval()
+    lr, hr = (t.to(dev) for t in batch)
+    out, _ = model(lr)
+    base = lanczos_up(lr, model.config.scale, model.config.axes)
+    model.train()
+    return float((psnr(out.clamp(0, 1), hr) - psnr(base.clamp(0, 1), hr)).mean())
+
+
+def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int, seed: int, lr: float = 1e-3,
+          volumes: list[tuple[volume_data.VolumeSource, np.ndarray]] | None = None) -> Path:
+    """Train one model and write it with its card; ``volumes`` replaces the training split (tests)."""
+    seed_everything(seed)
+    dev = device()
+    axes = 2 if kind == "inplane" else 1
+    if kind == "through" and scale != 2:
+        raise ValueError("the through-plane model is trained at x2 (x4 applies it twice, as in the paper)")
+    if kind == "inplane" and scale not in INPLANE_FILES:
+        raise ValueError(f"in-plane scales: {sorted(INPLANE_FILES)}")
+    config = CNNConfig(scale=scale, axes=axes)
+    model = SRCNN(config).to(dev)
+    print(f"{kind} x{scale}: {parameter_count(model):,} parameters on {dev}; loading volumes", file=sys.stderr)
+    rng = np.random.default_rng(seed)
+    sampler = PatchSampler(volumes if volumes is not None else load_training_volumes(data_dir), rng)
+    lr_patch = LR_PATCH[scale]
+    check = PatchSampler(sampler_volumes(sampler), np.random.default_rng(seed + 1)).batch(
+        256, scale, lr_patch, axes, blur=False)
+    opt, sched = adam_cosine(model.parameters(), lr, steps)
+    file_name = INPLANE_FILES[scale] if kind == "inplane" else THROUGH_FILE
+    progress = Progress(f"{kind} x{scale}", steps, out_dir / "logs" / f"{Path(file_name).stem}.csv", every=50)
+    for step in range(1, steps + 1):
+        lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(BATCH, scale, lr_patch, axes))
+        out, mid = model(lr_batch)
+        loss = intermediate_l1(out, mid, hr_batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        gain = check_batch_gain(model, check, dev) if step % 500 == 0 or step == steps else None
+        progress.step(step, loss.item(), gain)
+    seconds = progress.close()
+    model.cpu()
+    card = card_text(kind, config, steps, seed, lr, seconds, parameter_count(model), str(dev))
+    meta = {"model": "sr3d-cnn", **config.to_dict()}
+    weights.save(out_dir / file_name, model.state_dict(), meta, card)
+    print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
+    return out_dir / file_name
+
+
+def sampler_volumes(sampler: PatchSampler) -> list:
+    return [item for items in sampler.by_modality.values() for item in items]
+
+
+def card_text(kind: str, config: CNNConfig, steps: int, seed: int, lr: float, seconds: float, params: int,
+              dev: str) -> str:
+    what = (f"In-plane x{config.scale}" if kind == "inplane" else "Through-plane x2 (one axis)")
+    train_names = ", ".join(s.name for s in volume_data.sources("train"))
+    test_names = ", ".join(s.name for s in volume_data.sources("test"))
+    return f"""# sr3d: {what} CNN (Georgescu et al. 2020, with intermediate loss)
+
+Two-stage 3D SR, `pipelines/sr3d_cnn.py`: 10 convs of {config.width} filters, skips 1->3 and 1->5, sub-pixel layer
+after conv 6, convs 7-10 after it with a short skip; residual on a Lanczos upsampling of the input (convs 6 and 10
+start at zero, so the untrained network is Lanczos). {params:,} trainable parameters.
+
+## Data
+Train split of `pipelines/volume_data.py` ({train_names}), one model for CT and MR (half the patches each).
+Held out, never trained on: {test_names}. Sources and terms: `shared/data/LICENSES.md` (CT: Apache-2.0 / CC BY 4.0
+TotalSegmentator, dcm_qa_ct; MR: studyforrest PDDL, MNI template, IXI CC BY-SA 3.0, dcm_qa). Not for clinical use.
+
+## Recipe
+Intensities: CT HU clipped to [-1024, 2976] -> [0, 1]; MR clipped per volume at the 0.5/99.5 percentiles.
+Degradation: 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half the samples, then antialiased cubic downscaling
+by {config.scale} on {"both image axes" if config.axes == 2 else "the rows (the depth axis of a view)"}.
+Batch {BATCH} patches of {LR_PATCH[config.scale]} px (LR), rotations and flips, flat (air) patches at a quarter
+of their rate. Loss L1(output) + L1(sub-pixel output). Adam {lr:g}, cosine decay to {lr / 10:g}, {steps} steps,
+seed {seed}, on {dev}: {seconds / 60:.1f} min. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""} --steps {steps} --seed {seed}`.
+
+## Known limits
+- Trained to undo antialiased cubic downscaling (plus mild blur), not a scanner's slice profile or noise:
+  on real thick-slice data the gain over Lanczos is not measured here (no thin/thick pairs in `shared/data`).
+- Few training volumes (9), one model for CT and MR; held-out results are on 2 CT and 2 MR volumes.
+- Research use only; not a medical device.
+
+## Evaluation
+Written by `srnode eval sr3d --update-cards` (held-out volumes; see weights/eval/sr3d_eval.md).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srnode train sr3d", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=["inplane", "through"])
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
+    parser.add_argument("--out", type=Path, default=weights.weights_dir())
+    args = parser.parse_args(argv)
+    steps = args.steps or STEPS[(args.kind, args.scale)]
+    train(args.kind, args.scale, args.data, args.out, steps, args.seed, args.lr)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
+

@@ -1,0 +1,141 @@
+"""CT and MR training/evaluation volumes (``shared/data``): splits, intensities, the SR degradation.
+
+Splits (fixed, by name; at least one CT and one MR volume are never trained on):
+  * ``test``: CT ``totalseg_basel_abdomen_ct`` (DICOM, 20 x 512^2, 2D only: 2 mm spacing is not
+    isotropic) and ``totalseg_aorta_chest_ct_1p5mm`` (NIfTI, 1.5 mm isotropic, 2D and 3D);
+    MR ``ixi015_hh_1258_t1_2mm`` (NIfTI, 2 mm isotropic, 2D and 3D) and ``decubitus_hfs_t1_sag``
+    (DICOM, 35 x 256^2 sagittal, 2D only).
+  * ``train``: every other CT/MR volume in ``ct/``, ``ct_nifti/``, ``mr/``, ``mr_nifti/`` (the
+    JPEG 2000 copy of the MR phantom is left out: it is the same phantom as the JPEG-LS one).
+
+Intensities, the same in training, evaluation and the pipeline (:func:`normaliser`):
+  * CT: Hounsfield units clipped to ``CT_RANGE`` = [-1024, 2976] and mapped to [0, 1];
+  * MR: clipped per volume at its 0.5 and 99.5 percentiles and mapped to [0, 1].
+Never min-max per slice. PSNR is reported on these [0, 1] ranges.
+
+Degradation (training and evaluation): antialiased cubic downscaling by the factor on the axes
+being super-resolved (:mod:`pipelines.interpolation`, Pillow's BICUBIC convention). Training adds
+the paper's augmentation: a 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half of the samples,
+before downscaling.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from pipelines.interpolation import resize_axis
+from pipelines.series import decode
+
+CT_RANGE = (-1024.0, 2976.0)
+MR_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    name: str
+    modality: str  # "CT" or "MR"
+    path: str  # relative to the data root: a DICOM folder or a .nii.gz file
+    split: str  # "train" or "test"
+    isotropic: bool  # through-plane ground truth exists (3D evaluation / through-plane training views)
+
+
+SOURCES = (
+    VolumeSource("philips_phantom_ct_5mm", "CT", "ct/philips_phantom_ct_5mm", "train", False),
+    VolumeSource("ge_head_ct_tilt", "CT", "ct/ge_head_ct_tilt", "train", False),
+    VolumeSource("dcmqi_ge_abdomen_ct_3slice", "CT", "ct/dcmqi_ge_abdomen_ct_3slice", "train", False),
+    VolumeSource("totalseg_example_ct_abdomen_3mm", "CT", "ct_nifti/totalseg_example_ct_abdomen_3mm.nii.gz", "train", True),
+    VolumeSource("studyforrest_sub02_t1w", "MR", "mr/studyforrest_sub02_t1w", "train", True),
+    VolumeSource("phantom_t1_jpegll", "MR", "mr/phantom_t1_jpegll", "train", False),
+    VolumeSource("mni_icbm152_t1_2009a", "MR", "mr_nifti/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "train", True),
+    VolumeSource("ixi012_hh_1211_t1_2mm", "MR", "mr_nifti/ixi012_hh_1211_t1_2mm.nii.gz", "train", True),
+    VolumeSource("totalseg_example_mr_abdomen_3mm", "MR", "mr_nifti/totalseg_example_mr_abdomen_3mm.nii.gz", "train", True),
+    VolumeSource("totalseg_basel_abdomen_ct", "CT", "ct/totalseg_basel_abdomen_ct", "test", False),
+    VolumeSource("totalseg_aorta_chest_ct_1p5mm", "CT", "ct_nifti/totalseg_aorta_chest_ct_1p5mm.nii.gz", "test", True),
+    VolumeSource("ixi015_hh_1258_t1_2mm", "MR", "mr_nifti/ixi015_hh_1258_t1_2mm.nii.gz", "test", True),
+    VolumeSource("decubitus_hfs_t1_sag", "MR", "mr/decubitus_hfs_t1_sag", "test", False),
+)
+
+
+def default_data_dir() -> Path:
+    """``$SRNODE_DATA``, else ``shared/data`` next to the repository."""
+    env = os.environ.get("SRNODE_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def sources(split: str) -> list[VolumeSource]:
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: train or test")
+    return [s for s in SOURCES if s.split == split]
+
+
+def read_volume(source: VolumeSource, data_dir: Path) -> np.ndarray:
+    """(slices, rows, columns) float32 in modality units (HU for CT), slices in file order for DICOM."""
+    path = Path(data_dir) / source.path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (set SRNODE_DATA or --data)")
+    if path.suffix == ".gz":
+        import nibabel  # only training and evaluation read NIfTI
+
+        data = np.asarray(nibabel.load(str(path)).dataobj, dtype=np.float32)
+        return np.ascontiguousarray(data.transpose(2, 1, 0))
+    datasets = [pydicom.dcmread(f) for f in sorted(path.iterdir()) if f.is_file()]
+    datasets.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
+    return np.stack([decode(ds) for ds in datasets])
+
+
+def normaliser(volume: np.ndarray, modality: str) -> tuple[float, float]:
+    """(low, high) of the fixed intensity window that maps to [0, 1] for this volume."""
+    if modality == "CT":
+        return CT_RANGE
+    low, high = np.percentile(volume, MR_PERCENTILES)
+    return float(low), float(max(high, low + 1e-3))
+
+
+def normalise(volume: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    low, high = window
+    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def load(source: VolumeSource, data_dir: Path) -> np.ndarray:
+    """The volume in [0, 1] (see the module docstring)."""
+    volume = read_volume(source, data_dir)
+    return normalise(volume, normaliser(volume, source.modality))
+
+
+def downscale(hr: np.ndarray, scale: int, axes: tuple[int, ...]) -> np.ndarray:
+    """The LR input for ``hr``: antialiased cubic downscaling by ``scale`` on ``axes`` (lengths must
+    be multiples of ``scale``)."""
+    out = hr
+    for axis in axes:
+        n = hr.shape[axis]
+        if n % scale:
+            raise ValueError(f"axis {axis} has {n} samples, not a multiple of {scale}: crop first")
+        out = resize_axis(out, axis, n // scale, "cubic")
+    return out
+
+
+def crop_to(volume: np.ndarray, multiple: int, axes: tuple[int, ...]) -> np.ndarray:
+    index = [slice(None)] * volume.ndim
+    for axis in axes:
+        index[axis] = slice(0, volume.shape[axis] // multiple * multiple)
+    return volume[tuple(index)]
+
+
+def gaussian_blur3(images: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """3x3 Gaussian blur of each (H, W) image of ``images`` (N, H, W) with its own sigma (0: none);
+    edges replicated."""
+    out = images.copy()
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    for i, sigma in enumerate(sigmas):
+        if sigma <= 0:
+            continue
+        g = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * sigma * sigma))
+        g /= g.sum()
+        rows = g[0] * padded[i, :-2] + g[1] * padded[i, 1:-1] + g[2] * padded[i, 2:]
+        out[i] = g[0] * rows[:, :-2] + g[1] * rows[:, 1:-1] + g[2] * rows[:, 2:]
+    return out
+

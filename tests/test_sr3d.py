@@ -1,0 +1,293 @@
+"""The ``sr3d`` models, streaming inference, training smoke test and pipeline (geometry slice by slice,
+dciodvfy, refusals, weights errors, through the node to Orthanc)."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+
+from pipelines import eval_sr3d, sr3d, sr3d_volume, train_sr3d, volume_data, weights
+from pipelines.base import Refusal, RunContext
+from pipelines.interpolation import resize
+from pipelines.series import decode
+from pipelines.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig, lanczos_up, parameter_count
+from tests import series_factory as make
+from tests.dicom_checks import check_derived, new_dciodvfy_errors
+from tests.paths import shared
+from tests.peers import storescu
+from tests.synthetic import ct_series, read_testdata
+
+CONTEXT = RunContext(uid_seed="sr3d-test", software_version="0.1.0")
+
+
+def _random_model(config: CNNConfig, seed: int = 0) -> SRCNN:
+    torch.manual_seed(seed)
+    model = SRCNN(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def _phantom(n: int = 12, size: int = 40, seed: int = 0) -> np.ndarray:
+    """A smooth volume with edges, in HU."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, m) for m in (n, size, size)), indexing="ij")
+    vol = -1000 + 1040 * ((x ** 2 + y ** 2 + 0.5 * z ** 2) < 0.7) + 600 * ((x - 0.2) ** 2 + y ** 2 < 0.05)
+    return (vol + rng.normal(0, 10, vol.shape)).astype(np.float32)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def test_paper_parameter_count_and_untrained_network_is_lanczos():
+    model = SRCNN(CNNConfig(scale=2, axes=2))
+    assert parameter_count(model) == 57_573  # the paper's x2 in-plane network (sr-models.md)
+    x = torch.rand(2, 1, 9, 11)
+    out, mid = model(x)
+    assert out.shape == (2, 1, 18, 22)
+    assert torch.allclose(out, lanczos_up(x, 2, 2)) and torch.allclose(mid, out)
+    through = SRCNN(CNNConfig(scale=2, axes=1))
+    assert through(x)[0].shape == (2, 1, 18, 11)  # one axis only
+
+
+def test_lanczos_base_is_the_interpolation_baseline():
+    x = np.random.default_rng(1).random((3, 10, 14)).astype(np.float32)
+    ours = lanczos_up(torch.from_numpy(x)[:, None], 2, 2)[:, 0].numpy()
+    assert np.allclose(ours, resize(x, (20, 28), "lanczos"), atol=1e-5)
+
+
+def test_through_plane_slabs_do_not_change_the_result(monkeypatch):
+    vol = _phantom(n=11, size=24)
+    window = volume_data.CT_RANGE
+    up = sr3d_volume.cnn_upsampler(_random_model(CNNConfig(scale=2, axes=1)), window)
+    whole = np.stack(list(sr3d_volume.through_stream(iter(vol), len(vol), up)))
+    monkeypatch.setattr(sr3d_volume, "SLAB_VOXELS", 24 * 24 * 2 * 2)  # slabs of 2 slices
+    slabs = np.stack(list(sr3d_volume.through_stream(iter(vol), len(vol), up)))
+    assert whole.shape == (22, 24, 24)
+    np.testing.assert_allclose(slabs, whole, atol=1e-3)  # HU: float32 noise only
+    interp_whole = resize(vol, (22, 24, 24), "cubic")
+    interp_slabs = np.stack(list(sr3d_volume.through_stream(iter(vol), len(vol), None, "cubic")))
+    np.testing.assert_allclose(interp_slabs, interp_whole, atol=1e-3)
+
+
+def test_values_outside_the_window_are_kept():
+    vol = _phantom(n=2, size=24)
+    vol[:, 10:14, 10:14] = 4000  # metal, above the CT window
+    vol[:, :3, :] = -2000  # padding below it
+    out = sr3d_volume.cnn_images(_random_model(CNNConfig(scale=2, axes=2)), vol, volume_data.CT_RANGE)
+    assert out.max() > 3500 and out.min() < -1900  # not clipped to [-1024, 2976]
+
+
+def test_self_ensemble_is_invariant_for_the_untrained_network():
+    vol = _phantom(n=2, size=20)
+    model = SRCNN(CNNConfig(scale=2, axes=2)).eval()  # = Lanczos, which commutes with flips/rotations
+    plain = sr3d_volume.cnn_images(model, vol, volume_data.CT_RANGE)
+    ensemble = sr3d_volume.cnn_images(model, vol, volume_data.CT_RANGE, ensemble=True)
+    np.testing.assert_allclose(ensemble, plain, atol=1e-2)
+
+
+# ---- training and evaluation (smoke) -------------------------------------------------------------
+
+def _synthetic_volumes() -> list:
+    ct = volume_data.VolumeSource("synthetic_ct", "CT", "-", "train", True)
+    mr = volume_data.VolumeSource("synthetic_mr", "MR", "-", "train", False)
+    return [(ct, volume_data.normalise(_phantom(16, 64, 1), volume_data.CT_RANGE)),
+            (mr, volume_data.normalise(_phantom(8, 64, 2), (-1000, 700)))]
+
+
+@pytest.mark.parametrize("kind, scale", [("inplane", 2), ("inplane", 4), ("through", 2)])
+def test_training_few_steps_is_reproducible_and_loadable(tmp_path, kind, scale):
+    first = train_sr3d.train(kind, scale, tmp_path, tmp_path / "a", steps=3, seed=5, volumes=_synthetic_volumes())
+    again = train_sr3d.train(kind, scale, tmp_path, tmp_path / "b", steps=3, seed=5, volumes=_synthetic_volumes())
+    model = sr3d.load_cnn(first)
+    assert (model.config.scale, model.config.axes) == (scale, 2 if kind == "inplane" else 1)
+    a, _ = weights.load(first)
+    b, _ = weights.load(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "logs" / f"{first.stem}.csv").read_text().count("\n") >= 2
+    card = weights.card_path(first).read_text()
+    assert "held out" in card.lower() and "seed 5" in card
+
+
+def test_eval_of_the_untrained_cnn_equals_lanczos_in_plane():
+    models = sr3d.SR3DModels({2: SRCNN(CNNConfig(2, 2)).eval(), 4: SRCNN(CNNConfig(4, 2)).eval()},
+                             SRCNN(CNNConfig(2, 1)).eval(), {})
+    vol = _phantom(n=4, size=48)
+    table = eval_sr3d.eval_2d(vol, volume_data.CT_RANGE, models, 2)
+    assert table["cnn"]["psnr"] == pytest.approx(table["lanczos"]["psnr"], abs=1e-3)
+    assert table["lanczos"]["psnr"] > table["nearest"]["psnr"]
+    table3d, seconds = eval_sr3d.eval_3d(_phantom(n=16, size=32), volume_data.CT_RANGE, models, 2)
+    assert table3d["cnn"]["psnr"] == pytest.approx(table3d["lanczos"]["psnr"], abs=0.5) and seconds > 0
+
+
+# ---- pipeline: options and refusals -------------------------------------------------------------
+
+@pytest.mark.parametrize("options, words", [
+    ({"inplane_scale": 3}, "one of 1, 2, 4"),
+    ({"through_scale": 2.5}, "one of 1, 2, 4"),
+    ({"model": "bicubic"}, "option 'model'"),
+    ({"self_ensemble": "yes"}, "true or false"),
+    ({"self_ensemble": True, "model": "lanczos"}, "model 'cnn' only"),
+    ({"inplane_scale": 1, "through_scale": 1}, "no super-resolution"),
+    ({"target_spacing": 1.0, "through_scale": 2}, "drop option 'through_scale'"),
+    ({"scale": 2}, "unknown option"),
+])
+def test_bad_options_are_named(options, words):
+    with pytest.raises(ValueError, match=words):
+        sr3d.PIPELINE.validate_options(options)
+
+
+def test_defaults():
+    assert sr3d.PIPELINE.validate_options({}) == {
+        "inplane_scale": 2, "through_scale": 1, "target_spacing": None, "self_ensemble": False, "model": "cnn"}
+
+
+def test_projection_images_are_refused_with_the_reason():
+    with pytest.raises(Refusal, match="takes volumes"):
+        list(sr3d.PIPELINE.run([read_testdata("RG1_UNCR.dcm")], {"inplane_scale": 2}, CONTEXT))
+
+
+def test_target_spacing_must_be_a_power_of_two_factor():
+    series = ct_series(4, spacing=5.0)
+    with pytest.raises(Refusal, match="factor 1.67"):
+        list(sr3d.PIPELINE.run(series, {"target_spacing": 3.0, "model": "lanczos"}, CONTEXT))
+    out = list(sr3d.PIPELINE.run(series, {"target_spacing": 1.25, "model": "lanczos"}, CONTEXT))
+    assert len(out) == 16 and float(out[0].SpacingBetweenSlices) == pytest.approx(1.25)
+
+
+def test_cnn_needs_ct_or_mr():
+    series = ct_series(2)
+    for ds in series:
+        ds.Modality = "PT"
+    with pytest.raises(Refusal, match="trained on CT and MR"):
+        list(sr3d.PIPELINE.run(series, {"inplane_scale": 2}, CONTEXT))
+
+
+def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRNODE_WEIGHTS", str(tmp_path))
+    sr3d.load_models.cache_clear()
+    try:
+        assert "sr3d_inplane_x2.safetensors is missing" in sr3d.PIPELINE.not_ready()
+        with pytest.raises(weights.WeightsError, match="is missing"):
+            list(sr3d.PIPELINE.run(ct_series(2), {"inplane_scale": 2}, CONTEXT))
+        for name in (*INPLANE_FILES.values(), THROUGH_FILE):
+            source = _shipped() / name
+            (tmp_path / name).write_bytes(source.read_bytes())
+            weights.card_path(tmp_path / name).write_text(weights.card_path(source).read_text())
+        assert sr3d.PIPELINE.not_ready() is None
+        sr3d.load_models.cache_clear()
+        data = bytearray((tmp_path / THROUGH_FILE).read_bytes())
+        data[-1] ^= 0xFF
+        (tmp_path / THROUGH_FILE).write_bytes(bytes(data))
+        assert "does not match its model card" in sr3d.PIPELINE.not_ready()
+    finally:
+        sr3d.load_models.cache_clear()
+
+
+def _shipped() -> Path:
+    return Path(sr3d.__file__).resolve().parents[1] / "weights"
+
+
+# ---- pipeline: geometry and conformance with the shipped weights ----------------------------------
+
+def _check_geometry(sources, outputs, r_in: int, r_t: int) -> None:
+    """Every output slice where the geometry rule (sr3d module docstring) puts it."""
+    src = sorted(sources, key=lambda ds: float(np.dot([float(v) for v in ds.ImagePositionPatient], _normal(ds))))
+    normal = _normal(src[0])
+    iop = np.array([float(v) for v in src[0].ImageOrientationPatient])
+    origin = np.array([float(v) for v in src[0].ImagePositionPatient])
+    spacing = np.array([float(v) for v in src[0].PixelSpacing])
+    s = float(np.dot(np.array([float(v) for v in src[1].ImagePositionPatient]) - origin, normal)) if len(src) > 1 else 0
+    outputs = sorted(outputs, key=lambda ds: float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)))
+    assert len(outputs) == len(src) * r_t
+    ascending = int(src[0].InstanceNumber) < int(src[-1].InstanceNumber)
+    for j, out in enumerate(outputs):
+        k = (j + 0.5) / r_t - 0.5
+        new = spacing / r_in
+        expected = origin + k * s * normal + 0.5 * (new[1] - spacing[1]) * iop[:3] + 0.5 * (new[0] - spacing[0]) * iop[3:]
+        assert np.allclose([float(v) for v in out.ImagePositionPatient], expected, atol=1e-3), f"slice {j}"
+        assert np.allclose([float(v) for v in out.ImageOrientationPatient], iop, atol=1e-6)
+        assert np.allclose([float(v) for v in out.PixelSpacing], new, atol=1e-5)
+        assert (out.Rows, out.Columns) == (src[0].Rows * r_in, src[0].Columns * r_in)
+        assert out.FrameOfReferenceUID == src[0].FrameOfReferenceUID
+        assert int(out.InstanceNumber) == (j + 1 if ascending else len(outputs) - j)
+        if r_t > 1:
+            assert float(out.SpacingBetweenSlices) == pytest.approx(s / r_t, abs=1e-4)
+        assert out.SliceThickness == src[0].SliceThickness
+
+
+def _normal(ds) -> np.ndarray:
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    return np.cross(iop[:3], iop[3:])
+
+
+@pytest.mark.parametrize("options, r_in, r_t", [
+    ({"inplane_scale": 2, "through_scale": 2}, 2, 2),
+    ({"through_scale": 4}, 1, 4),
+    ({"inplane_scale": 4}, 4, 1),
+])
+def test_cnn_output_geometry_slice_by_slice_and_dciodvfy(tmp_path, options, r_in, r_t):
+    paths = make.ct_volume(tmp_path / "in", f"sr3d-{r_in}-{r_t}", 3)
+    sources = [dcmread(p) for p in paths]
+    outputs = list(sr3d.PIPELINE.run(sources, options, CONTEXT))
+    _check_geometry(sources, outputs, r_in, r_t)
+    check_derived(sources, outputs, slab_edges=True)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for i, ds in enumerate(outputs[:2] + outputs[-1:]):
+        path = out_dir / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert new_dciodvfy_errors(path, paths[0]) == []
+    assert "CNN" in outputs[0].SeriesDescription
+    assert any("inplane" in v or "through" in v for v in outputs[0].ContributingEquipmentSequence[-1].SoftwareVersions)
+
+
+def test_cnn_sharpens_a_real_ct_compared_with_lanczos():
+    """On the real CT_small image: the shipped in-plane CNN is closer to the HR image than Lanczos."""
+    hr = decode(read_testdata("CT_small.dcm"))[None]
+    models = sr3d.load_models(weights.weights_dir())
+    table = eval_sr3d.eval_2d(hr, volume_data.CT_RANGE, models, 2)
+    assert table["cnn"]["psnr"] > table["lanczos"]["psnr"]
+
+
+@pytest.mark.shared_data
+def test_real_mr_series_offline_every_slice_valid(tmp_path):
+    folder = shared("mr", "phantom_t1_jpegll")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "node.cli", "process", str(folder), "--pipeline", "sr3d",
+                             "--set", "inplane_scale=2", "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    sources = [dcmread(p) for p in sorted(folder.iterdir())]
+    paths = sorted(out.rglob("*.dcm"))
+    outputs = [dcmread(p) for p in paths]
+    _check_geometry(sources, outputs, 2, 1)
+    check_derived(sources, outputs)
+    errors = [e for p in paths for e in new_dciodvfy_errors(p, folder / sorted(f.name for f in folder.iterdir())[0])]
+    assert errors == []
+
+
+@pytest.mark.integration
+def test_a_ct_volume_through_the_node_reaches_orthanc(make_node, orthanc, tmp_path):
+    paths = make.ct_volume(tmp_path / "ct", "sr3d-node", 3)
+    node = make_node(
+        routes=[{"name": "ct", "match": {"Modality": ["CT", "MR"]}, "pipeline": "sr3d",
+                 "options": {"inplane_scale": 2, "through_scale": 2}, "send_to": ["pacs"]}],
+        destinations={"pacs": {"type": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                               "port": orthanc.dicom_port}},
+    )
+    assert storescu(paths, node.port).returncode == 0
+    [job] = node.wait_jobs(lambda jobs: len(jobs) == 1 and jobs[0]["state"] == "delivered", timeout=300,
+                           what="the sr3d job delivered")
+    assert job["deliveries"] == {"sent": 6}
+    src = dcmread(paths[0], stop_before_pixels=True)
+    [series] = [s for s in orthanc.series_of_study(src.StudyInstanceUID)
+                if s["0020000E"]["Value"][0] != src.SeriesInstanceUID]
+    instances = orthanc.instances_of_series(src.StudyInstanceUID, series["0020000E"]["Value"][0])
+    assert len(instances) == 6
+    received = [dcmread(io.BytesIO(orthanc.get_instance_file(i["00080018"]["Value"][0]))) for i in instances]
+    _check_geometry([dcmread(p) for p in paths], received, 2, 2)

@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
     for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "
-                                      "in-plane and through-plane CNNs)"),
-                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d)")):
+                                      "in-plane and through-plane CNNs; sr2d: Meta-Upscale, MDRN)"),
+                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("family", choices=sorted(FAMILIES))
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d")}
+FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d"),
+            "sr2d": ("pipelines.train_sr2d", "pipelines.eval_sr2d")}
 
 
 def cmd_train(args) -> int:

@@ -37,6 +37,7 @@ from pydicom import Dataset
 
 from pipelines import hydra, weights
 from pipelines.base import Refusal, RunContext
+from pipelines.options import check_keys
 from pipelines.derived import DerivedSeries, DerivedSlice, series_description, write_derived
 from pipelines.interpolation import resize
 from pipelines.series import Image2D, load_series
@@ -103,11 +104,7 @@ class CxrPipeline:
     name = "cxr"
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(options, Mapping):
-            raise ValueError(f"options must be a mapping, got {type(options).__name__}")
-        unknown = sorted(set(options) - set(OPTION_KEYS))
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTION_KEYS)}")
+        check_keys(options, OPTION_KEYS)
         scale = options.get("scale", 2)
         if isinstance(scale, bool) or scale not in SCALES:
             raise ValueError(f"option 'scale' must be one of {', '.join(map(str, SCALES))}, got {scale!r}")

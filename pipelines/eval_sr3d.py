@@ -11,7 +11,7 @@
 * PSNR on the fixed intensity window of :mod:`pipelines.volume_data` (CT [-1024, 2976] HU,
   MR the HR volume's 0.5/99.5 percentiles) mapped to [0, 1], over the whole volume; SSIM (11-px
   Gaussian window) averaged over axial slices. Each figure is the mean over the volumes of a
-  modality. The CNN runs exactly as in the pipeline (:mod:`pipelines.sr3d_volume`).
+  modality. The CNN runs exactly as in the pipeline (:mod:`pipelines.volume_stream`).
 * Cost: parameters, and seconds per volume for the 3D CNN on this machine.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pipelines.image_metrics import ssim
 from pipelines.interpolation import METHODS, resize
 from pipelines.sr3d import load_models
 from pipelines.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
-from pipelines.sr3d_volume import cnn_upsampler, inplane_stream, through_stream
+from pipelines.volume_stream import cnn_upsampler, inplane_stream, through_stream
 
 SCALES = (2, 4)
 EVAL_HEADING = "## Evaluation on the held-out volumes"

@@ -47,6 +47,7 @@ import numpy as np
 from pydicom import Dataset
 
 from pipelines.base import Refusal, RunContext
+from pipelines.options import check_keys, geometry
 from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
 from pipelines.interpolation import (
     METHODS,
@@ -87,32 +88,14 @@ class InterpPipeline:
         ValueError
             Naming the offending key.
         """
-        if not isinstance(options, Mapping):
-            raise ValueError(f"options must be a mapping, got {type(options).__name__}")
-        unknown = sorted(set(options) - set(OPTION_KEYS))
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTION_KEYS)}")
+        check_keys(options, OPTION_KEYS)
         method = options.get("method", "lanczos")
         if method not in METHODS:
             raise ValueError(f"option 'method' must be one of {', '.join(METHODS)}, got {method!r}")
         if options.get("scale") is not None and options.get("inplane_scale") is not None:
             raise ValueError("give option 'scale' or 'inplane_scale', not both (on a volume both mean in-plane)")
         scale_key = "scale" if options.get("scale") is not None else "inplane_scale"
-        inplane = _factor(options, scale_key)
-        through = _factor(options, "through_scale")
-        target = parse_target_spacing(options.get("target_spacing"))
-        if target is not None and target[0] is not None and inplane is not None:
-            raise ValueError(f"option 'target_spacing' sets the in-plane spacing: drop option {scale_key!r}")
-        if target is not None and target[2] is not None and through is not None:
-            raise ValueError("option 'target_spacing' sets the slice spacing: drop option 'through_scale'")
-        if inplane is None and through is None and target is None:
-            inplane = 2.0
-        if inplane is None and (target is None or target[0] is None):
-            inplane = 1.0
-        if through is None and (target is None or target[2] is None):
-            through = 1.0
-        if inplane == 1.0 and through == 1.0 and target is None:
-            raise ValueError(f"options ask for no resampling: option {scale_key!r} and 'through_scale' are both 1")
+        inplane, through, target = geometry(options, scale_key, _factor, 2.0)
         return {"method": method, "inplane_scale": inplane, "through_scale": through, "target_spacing": target}
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
@@ -216,28 +199,6 @@ def _factor(options: Mapping[str, Any], key: str) -> float | None:
     if not 1.0 <= value <= MAX_FACTOR:
         raise ValueError(f"option {key!r} must be between 1 and {MAX_FACTOR:g}, got {value!r}")
     return float(value)
-
-
-def parse_target_spacing(value: Any) -> list[float | None] | None:
-    """Normalise target_spacing to [row, col, slice] with None for unset axes."""
-    if value is None:
-        return None
-    if isinstance(value, Real) and not isinstance(value, bool):
-        values: list[Any] = [None, None, value]
-    elif isinstance(value, (list, tuple)) and len(value) in (2, 3):
-        values = [*value, None] if len(value) == 2 else list(value)
-    else:
-        raise ValueError(f"option 'target_spacing' must be a number, [row, col] or [row, col, slice], got {value!r}")
-    for v in values:
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"option 'target_spacing' values must be positive numbers (mm), got {value!r}")
-    if (values[0] is None) != (values[1] is None):
-        raise ValueError(f"option 'target_spacing' must give both row and column spacing, got {value!r}")
-    if all(v is None for v in values):
-        return None
-    return [None if v is None else float(v) for v in values]
 
 
 def _inplane_plan(shape: tuple[int, ...], spacing: tuple[float, float] | None,

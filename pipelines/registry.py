@@ -6,6 +6,7 @@ import importlib
 from pipelines.base import Pipeline
 
 _PIPELINES = {
+    "arbitrary": "pipelines.arbitrary:PIPELINE",
     "cxr": "pipelines.cxr:PIPELINE",
     "interp": "pipelines.interp:PIPELINE",
     "sr3d": "pipelines.sr3d:PIPELINE",

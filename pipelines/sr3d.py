@@ -9,7 +9,8 @@ target_spacing : number | [row, col] | [row, col, slice] (mm; ``null`` keeps an 
     spacing is then exactly the source spacing divided by that factor.
 self_ensemble : bool (default false)
     The median of 8 flips/rotations in-plane (4 flips through-plane): 8x (4x) the CNN time.
-model : "cnn" (default) or an interpolation method (nearest, linear, cubic, lanczos)
+model : "cnn" (default), "mdrn" or an interpolation method (nearest, linear, cubic, lanczos)
+    ``mdrn``: the deeper MDRN does the in-plane stage (x2 or x4), the through-plane CNN the slices.
     The interpolation methods run the same geometry as the CNN, as baselines.
 
 Geometry
@@ -25,7 +26,7 @@ the networks learned to undo a cubic downscaling, not the scanner's slice profil
 value would claim resolution that is not shown to be there.
 
 Memory: the source volume is decoded once (float32); in-plane slices are made one at a time, and
-the through-plane stage works in slabs (:mod:`pipelines.sr3d_volume`), so output slices are
+the through-plane stage works in slabs (:mod:`pipelines.volume_stream`), so output slices are
 streamed to disk and memory does not grow with the output size.
 """
 from __future__ import annotations
@@ -45,14 +46,16 @@ from pydicom import Dataset
 
 from pipelines import volume_data, weights
 from pipelines.base import Refusal, RunContext
+from pipelines.options import check_keys, geometry
 from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
-from pipelines.interp import parse_target_spacing
 from pipelines.interpolation import METHODS
+from pipelines.mdrn import load_mdrn_once
 from pipelines.series import Volume, load_series
 from pipelines.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig
-from pipelines.sr3d_volume import (
+from pipelines.volume_stream import (
     Upsampler,
     cnn_upsampler,
+    mdrn_images,
     inplane_stream,
     through_stream,
 )
@@ -61,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 FACTORS = (1, 2, 4)
 FACTOR_RTOL = 0.02
-MODELS = ("cnn", *METHODS)
+MODELS = ("cnn", "mdrn", *METHODS)
 OPTION_KEYS = ("inplane_scale", "through_scale", "target_spacing", "self_ensemble", "model")
 SERIES_NUMBER_OFFSET = 1400
 MAX_MATRIX = 4096
@@ -107,11 +110,7 @@ class SR3DPipeline:
     name = "sr3d"
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(options, Mapping):
-            raise ValueError(f"options must be a mapping, got {type(options).__name__}")
-        unknown = sorted(set(options) - set(OPTION_KEYS))
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTION_KEYS)}")
+        check_keys(options, OPTION_KEYS)
         model = options.get("model", "cnn")
         if model not in MODELS:
             raise ValueError(f"option 'model' must be one of {', '.join(MODELS)}, got {model!r}")
@@ -120,20 +119,7 @@ class SR3DPipeline:
             raise ValueError(f"option 'self_ensemble' must be true or false, got {ensemble!r}")
         if ensemble and model != "cnn":
             raise ValueError("option 'self_ensemble' applies to model 'cnn' only")
-        inplane, through = _factor(options, "inplane_scale"), _factor(options, "through_scale")
-        target = parse_target_spacing(options.get("target_spacing"))
-        if target is not None and target[0] is not None and inplane is not None:
-            raise ValueError("option 'target_spacing' sets the in-plane spacing: drop option 'inplane_scale'")
-        if target is not None and target[2] is not None and through is not None:
-            raise ValueError("option 'target_spacing' sets the slice spacing: drop option 'through_scale'")
-        if inplane is None and through is None and target is None:
-            inplane = 2
-        if inplane is None and (target is None or target[0] is None):
-            inplane = 1
-        if through is None and (target is None or target[2] is None):
-            through = 1
-        if inplane == 1 and through == 1 and target is None:
-            raise ValueError("options ask for no super-resolution: 'inplane_scale' and 'through_scale' are both 1")
+        inplane, through, target = geometry(options, "inplane_scale", _factor, 2)
         return {"inplane_scale": inplane, "through_scale": through, "target_spacing": target,
                 "self_ensemble": ensemble, "model": model}
 
@@ -165,26 +151,32 @@ class SR3DPipeline:
         method, version = opts["model"], None
         up_in: Upsampler | None = None
         up_t: Upsampler | None = None
-        if method == "cnn":
+        if method in ("cnn", "mdrn"):
             modality = str(vol.datasets[0].get("Modality", ""))
             if modality not in CNN_MODALITIES:
                 raise Refusal(f"the sr3d CNNs are trained on CT and MR; this series is {modality or 'of no modality'} "
                               f"(use model: lanczos, or the interp pipeline)")
             models = load_models(weights.weights_dir())
             window = volume_data.normaliser(vol.voxels, modality)
-            if r_in > 1:
+            versions = []
+            if r_in > 1 and method == "mdrn":
+                mdrn = load_mdrn_once(weights.weights_dir())
+                up_in = lambda images: mdrn_images(mdrn.model, images, r_in, window)  # noqa: E731
+                versions.append(mdrn.version)
+            elif r_in > 1:
                 up_in = cnn_upsampler(models.inplane[r_in], window, opts["self_ensemble"])
+                versions.append(models.versions[INPLANE_FILES[r_in]])
             if r_t > 1:
                 up_t = cnn_upsampler(models.through, window, opts["self_ensemble"])
-            used = ([INPLANE_FILES[r_in]] if r_in > 1 else []) + ([THROUGH_FILE] if r_t > 1 else [])
-            version = " ".join(models.versions[name] for name in used)
+                versions.append(models.versions[THROUGH_FILE])
+            version = " ".join(versions)
         new_spacing = (vol.pixel_spacing[0] / r_in, vol.pixel_spacing[1] / r_in)
         out_spacing = vol.slice_spacing / r_t if r_t > 1 else None
         n_out = n * r_t
         series = DerivedSeries(
             description=_label(r_in, r_t, method, opts["self_ensemble"]),
             derivation_description=_derivation_text(vol, r_in, r_t, method, opts["self_ensemble"]),
-            model_name="sr3d two-stage CNN" if method == "cnn" else f"sr3d ({method})",
+            model_name={"cnn": "sr3d two-stage CNN", "mdrn": "sr3d MDRN + through-plane CNN"}.get(method, f"sr3d ({method})"),
             model_version=version,
             series_number_offset=SERIES_NUMBER_OFFSET,
             spacing_between_slices=out_spacing,
@@ -249,7 +241,8 @@ def _power_of_two(what: str, source: float, target: float) -> int:
 
 def _label(r_in: int, r_t: int, method: str, ensemble: bool) -> str:
     parts = ([f"x{r_in}"] if r_in > 1 else []) + ([f"slices x{r_t}"] if r_t > 1 else [])
-    what = "CNN" + (" ensemble" if ensemble else "") if method == "cnn" else f"{method} (interpolation)"
+    what = ("CNN" + (" ensemble" if ensemble else "") if method == "cnn" else "MDRN" if method == "mdrn"
+            else f"{method} (interpolation)")
     return f"SR {', '.join(parts)} {what}"
 
 
@@ -257,12 +250,14 @@ def _derivation_text(vol: Volume, r_in: int, r_t: int, method: str, ensemble: bo
     n, rows, cols = vol.shape
     how = ("two-stage CNN (Georgescu et al. 2020; srnode sr3d), residual on Lanczos; values outside the "
            "CNN's intensity window are Lanczos-interpolated" if method == "cnn"
+           else "MDRN in-plane and the two-stage CNN's through-plane network (srnode sr3d), residual on Lanczos"
+           if method == "mdrn"
            else f"{method} interpolation (srnode sr3d)")
     text = f"Super-resolution by {how}"
     if r_in > 1:
         text += f"; in-plane x{r_in}: matrix {rows}x{cols} -> {rows * r_in}x{cols * r_in}"
     if r_t > 1:
-        text += f"; through-plane x{r_t}: {n} -> {n * r_t} slices" + (", two views averaged" if method == "cnn" else "")
+        text += f"; through-plane x{r_t}: {n} -> {n * r_t} slices" + (", two views averaged" if method in ("cnn", "mdrn") else "")
     if ensemble:
         text += "; self-ensemble (median of flips/rotations)"
     return text + "; field of view kept"

@@ -18,13 +18,12 @@ Where we differ from the paper, and why:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.interpolation import resize_weights
+from pipelines.lanczos import centres, lanczos_at
 
 WIDTH = 32
 INPLANE_FILES = {2: "sr3d_inplane_x2.safetensors", 4: "sr3d_inplane_x4.safetensors"}
@@ -48,19 +47,10 @@ def halo(scale: int) -> int:
     return 6 + -(-4 // scale) + 1
 
 
-@lru_cache(maxsize=32)
-def _lanczos_matrix(n: int, scale: int, device: str) -> torch.Tensor:
-    return torch.from_numpy(resize_weights(n, n * scale, "lanczos").toarray()).to(device)
-
-
 def lanczos_up(x: torch.Tensor, scale: int, axes: int) -> torch.Tensor:
-    """Lanczos-3 upsampling of (N, C, H, W) by ``scale`` on H (and W when ``axes`` is 2), with the
-    pixel-centre alignment of :mod:`pipelines.interpolation` (the same numbers as the baseline)."""
-    dev = str(x.device)
-    out = torch.matmul(_lanczos_matrix(x.shape[-2], scale, dev).to(x.dtype), x)
-    if axes == 2:
-        out = torch.matmul(out, _lanczos_matrix(x.shape[-1], scale, dev).to(x.dtype).T)
-    return out
+    """Lanczos-3 upsampling of (N, C, H, W) by ``scale`` on H (and W when ``axes`` is 2)."""
+    h, w = x.shape[-2:]
+    return lanczos_at(x, centres(h, h * scale), centres(w, w * scale) if axes == 2 else np.arange(w, dtype=np.float64))
 
 
 def shuffle_rows(x: torch.Tensor, scale: int) -> torch.Tensor:

@@ -58,8 +58,9 @@ class PatchSampler:
 
     def __init__(self, volumes: list[tuple[volume_data.VolumeSource, np.ndarray]], rng: np.random.Generator):
         self.rng = rng
-        self.by_modality = {m: [(s, v) for s, v in volumes if s.modality == m] for m in ("CT", "MR")}
-        self.by_modality = {m: items for m, items in self.by_modality.items() if items}
+        self.by_modality: dict[str, list] = {}
+        for source, volume in volumes:
+            self.by_modality.setdefault(source.modality, []).append((source, volume))
         self.weights = {m: self._weights(items) for m, items in self.by_modality.items()}
 
     @staticmethod

@@ -71,7 +71,7 @@ def recorder():
 
 def test_storescu_many_instances_one_association(tmp_path, recorder):
     files = make.ct_volume(tmp_path / "ct", "fast-many", 120)
-    out = storescu(files, recorder.port, called_ae="FASTSCP")
+    storescu(files, recorder.port, called_ae="FASTSCP")
     wait_for(lambda: "released" in recorder.events, 5, what="EVT_RELEASED")
     assert sorted(recorder.received) == sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
     assert len(recorder.assocs) == 1 and isinstance(recorder.assocs[0], FastAssociation)

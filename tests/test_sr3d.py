@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydicom import dcmread
 
-from pipelines import eval_sr3d, sr3d, sr3d_volume, train_sr3d, volume_data, weights
+from pipelines import eval_sr3d, sr3d, volume_stream, train_sr3d, volume_data, weights
 from pipelines.base import Refusal, RunContext
 from pipelines.interpolation import resize
 from pipelines.series import decode
@@ -64,14 +64,14 @@ def test_lanczos_base_is_the_interpolation_baseline():
 def test_through_plane_slabs_do_not_change_the_result(monkeypatch):
     vol = _phantom(n=11, size=24)
     window = volume_data.CT_RANGE
-    up = sr3d_volume.cnn_upsampler(_random_model(CNNConfig(scale=2, axes=1)), window)
-    whole = np.stack(list(sr3d_volume.through_stream(iter(vol), len(vol), up)))
-    monkeypatch.setattr(sr3d_volume, "SLAB_VOXELS", 24 * 24 * 2 * 2)  # slabs of 2 slices
-    slabs = np.stack(list(sr3d_volume.through_stream(iter(vol), len(vol), up)))
+    up = volume_stream.cnn_upsampler(_random_model(CNNConfig(scale=2, axes=1)), window)
+    whole = np.stack(list(volume_stream.through_stream(iter(vol), len(vol), up)))
+    monkeypatch.setattr(volume_stream, "SLAB_VOXELS", 24 * 24 * 2 * 2)  # slabs of 2 slices
+    slabs = np.stack(list(volume_stream.through_stream(iter(vol), len(vol), up)))
     assert whole.shape == (22, 24, 24)
     np.testing.assert_allclose(slabs, whole, atol=1e-3)  # HU: float32 noise only
     interp_whole = resize(vol, (22, 24, 24), "cubic")
-    interp_slabs = np.stack(list(sr3d_volume.through_stream(iter(vol), len(vol), None, "cubic")))
+    interp_slabs = np.stack(list(volume_stream.through_stream(iter(vol), len(vol), None, "cubic")))
     np.testing.assert_allclose(interp_slabs, interp_whole, atol=1e-3)
 
 
@@ -79,15 +79,15 @@ def test_values_outside_the_window_are_kept():
     vol = _phantom(n=2, size=24)
     vol[:, 10:14, 10:14] = 4000  # metal, above the CT window
     vol[:, :3, :] = -2000  # padding below it
-    out = sr3d_volume.cnn_images(_random_model(CNNConfig(scale=2, axes=2)), vol, volume_data.CT_RANGE)
+    out = volume_stream.cnn_images(_random_model(CNNConfig(scale=2, axes=2)), vol, volume_data.CT_RANGE)
     assert out.max() > 3500 and out.min() < -1900  # not clipped to [-1024, 2976]
 
 
 def test_self_ensemble_is_invariant_for_the_untrained_network():
     vol = _phantom(n=2, size=20)
     model = SRCNN(CNNConfig(scale=2, axes=2)).eval()  # = Lanczos, which commutes with flips/rotations
-    plain = sr3d_volume.cnn_images(model, vol, volume_data.CT_RANGE)
-    ensemble = sr3d_volume.cnn_images(model, vol, volume_data.CT_RANGE, ensemble=True)
+    plain = volume_stream.cnn_images(model, vol, volume_data.CT_RANGE)
+    ensemble = volume_stream.cnn_images(model, vol, volume_data.CT_RANGE, ensemble=True)
     np.testing.assert_allclose(ensemble, plain, atol=1e-2)
 
 
@@ -131,9 +131,10 @@ def test_eval_of_the_untrained_cnn_equals_lanczos_in_plane():
     ({"inplane_scale": 3}, "one of 1, 2, 4"),
     ({"through_scale": 2.5}, "one of 1, 2, 4"),
     ({"model": "bicubic"}, "option 'model'"),
+    ({"model": "mdrn", "self_ensemble": True}, "model 'cnn' only"),
     ({"self_ensemble": "yes"}, "true or false"),
     ({"self_ensemble": True, "model": "lanczos"}, "model 'cnn' only"),
-    ({"inplane_scale": 1, "through_scale": 1}, "no super-resolution"),
+    ({"inplane_scale": 1, "through_scale": 1}, "no change"),
     ({"target_spacing": 1.0, "through_scale": 2}, "drop option 'through_scale'"),
     ({"scale": 2}, "unknown option"),
 ])
@@ -228,6 +229,7 @@ def _normal(ds) -> np.ndarray:
 
 @pytest.mark.parametrize("options, r_in, r_t", [
     ({"inplane_scale": 2, "through_scale": 2}, 2, 2),
+    ({"inplane_scale": 2, "through_scale": 2, "model": "mdrn"}, 2, 2),
     ({"through_scale": 4}, 1, 4),
     ({"inplane_scale": 4}, 4, 1),
 ])
@@ -243,7 +245,7 @@ def test_cnn_output_geometry_slice_by_slice_and_dciodvfy(tmp_path, options, r_in
         path = out_dir / f"{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert new_dciodvfy_errors(path, paths[0]) == []
-    assert "CNN" in outputs[0].SeriesDescription
+    assert ("MDRN" if options.get("model") == "mdrn" else "CNN") in outputs[0].SeriesDescription
     assert any("inplane" in v or "through" in v for v in outputs[0].ContributingEquipmentSequence[-1].SoftwareVersions)
 
 

@@ -1,0 +1,159 @@
+"""Arbitrary-scale SR: a residual feature trunk with the Meta-Upscale module (Hu et al. 2019, as used in
+Meta-SRGAN, Tan et al. 2020, ``shared/seeds/003_*``).
+
+Trunk (EDSR-style, no batch norm): conv 1->C, ``blocks`` residual blocks (conv-ReLU-conv + skip),
+conv C->C plus a long skip. Meta-Upscale: for output pixel (i, j) at scales (s_h, s_w) the source
+coordinate is ``c = (i + 0.5) / s - 0.5`` (pixel centres aligned, as everywhere in this project); the
+module takes the features of the 3x3 neighbourhood around the nearest LR pixel ``round(c)`` and
+weighs them with a filter that a small network predicts from ``(1/s_h, 1/s_w, d_h, d_w)``,
+``d = c - round(c)`` in [-0.5, 0.5). The paper feeds ``(1/s, d_h, d_w)``; we give each axis its
+own scale so that the same network also upsamples one axis only (the slice axis of a volume).
+
+Filters are predicted only for the distinct sub-pixel phases (offsets quantised to 1/``PHASES``
+of a pixel, so at most ``PHASES`` per axis; the largest error is 1/64 pixel), and applied as a
+convolution on the LR grid: for a factor like 2.5 (5 x 5 phase pairs) this costs less than one
+trunk layer, and no per-output-pixel weights are ever materialised.
+
+Like the other models here, the output is a residual on a Lanczos resampling of the input, and
+the filter predictor's last layer starts at zero: the untrained network is Lanczos.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.lanczos import centres, lanczos_at
+
+META_FILE = "meta_upscale.safetensors"
+PHASES = 32
+MIN_SCALE, MAX_SCALE = 1.0, 4.0
+PHASE_MAP_FLOATS = 2**25  # LR-resolution phase maps computed at once (128 MB float32)
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    channels: int = 32
+    blocks: int = 8
+    hidden: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class ResidualTrunk(nn.Module):
+    """conv 1->C, residual blocks, conv C->C, long skip: LR features (N, C, H, W)."""
+
+    def __init__(self, channels: int, blocks: int):
+        super().__init__()
+        self.head = nn.Conv2d(1, channels, 3, padding=1)
+        self.body = nn.Sequential(*[ResBlock(channels) for _ in range(blocks)])
+        self.tail = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.head(x)
+        return f + self.tail(self.body(f))
+
+
+def axis_plan(n_in: int, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For one axis: (nearest LR index per output sample, phase index per output sample, the
+    distinct quantised offsets)."""
+    nearest = np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.int64)
+    offsets = np.clip(np.round((coords - nearest) * PHASES) / PHASES, -0.5, 0.5)
+    phases, index = np.unique(offsets, return_inverse=True)
+    return nearest, index.astype(np.int64).reshape(-1), phases.astype(np.float32)
+
+
+class MetaUpscale(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.channels = channels
+        self.predict = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 9 * channels))
+        nn.init.zeros_(self.predict[2].weight)
+        nn.init.zeros_(self.predict[2].bias)
+
+    def forward(self, features: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
+                inverse_scales: tuple[float, float]) -> torch.Tensor:
+        """Samples at source coordinates ``rows`` x ``cols``. The predicted 3x3 filter of each phase pair is applied as a convolution on the LR grid
+        (one output channel per phase pair), and every output pixel picks its phase's value at its
+        nearest LR pixel. Row phases go in groups so that the LR-resolution maps stay within
+        ``PHASE_MAP_FLOATS``."""
+        n, c, h, w = features.shape
+        near_r, phase_r, off_r = axis_plan(h, rows)
+        near_c, phase_c, off_c = axis_plan(w, cols)
+        rows, cols = len(rows), len(cols)
+        dev, dtype = features.device, features.dtype
+        grid = torch.stack(torch.meshgrid(torch.from_numpy(off_r), torch.from_numpy(off_c), indexing="ij"), -1)
+        inv = torch.tensor(inverse_scales, dtype=grid.dtype).expand_as(grid)
+        filters = self.predict(torch.cat([inv, grid], dim=-1).to(dev, dtype))  # (Pr, Pc, 9C)
+        pr, pc = len(off_r), len(off_c)
+        group = max(1, PHASE_MAP_FLOATS // (n * pc * h * w))
+        col_index = torch.from_numpy(near_c).to(dev)
+        out = features.new_empty(n, rows, cols)
+        for a0 in range(0, pr, group):
+            a1 = min(a0 + group, pr)
+            maps = F.conv2d(features, filters[a0:a1].reshape(-1, c, 3, 3), padding=1)  # (N, (a1-a0)*Pc, h, w)
+            out_rows = np.nonzero((phase_r >= a0) & (phase_r < a1))[0]
+            channel = (phase_r[out_rows, None] - a0) * pc + phase_c[None, :]  # (r, cols)
+            flat = (torch.from_numpy(channel).to(dev) * h + torch.from_numpy(near_r[out_rows, None]).to(dev)) * w
+            flat = flat + col_index[None, :]
+            out[:, torch.from_numpy(out_rows).to(dev)] = maps.reshape(n, -1)[:, flat.reshape(-1)].view(
+                n, len(out_rows), cols)
+        return out[:, None]
+
+
+class MetaSR(nn.Module):
+    def __init__(self, config: MetaConfig = MetaConfig()):
+        super().__init__()
+        self.config = config
+        self.trunk = ResidualTrunk(config.channels, config.blocks)
+        self.upscale = MetaUpscale(config.channels, config.hidden)
+
+    def forward(self, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """(N, 1, h, w) in [0, 1] -> (N, 1, rows, cols), the whole field of view; factors in [1, 4]."""
+        h, w = x.shape[-2:]
+        return self.sample(x, centres(h, rows), centres(w, cols), (h / rows, w / cols))
+
+    def sample(self, x: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
+               inverse_scales: tuple[float, float]) -> torch.Tensor:
+        """(N, 1, h, w) -> samples at source coordinates ``rows`` x ``cols`` for the factors whose
+        inverses are ``inverse_scales`` (what the filter predictor is told)."""
+        for inverse in inverse_scales:
+            if not 1 / MAX_SCALE - 1e-6 <= inverse <= 1 / MIN_SCALE + 1e-6:
+                raise ValueError(f"Meta-Upscale factor {1 / inverse:.3g} is outside [{MIN_SCALE:g}, {MAX_SCALE:g}]")
+        return lanczos_at(x, rows, cols) + self.upscale(self.trunk(x), rows, cols, inverse_scales)
+
+
+def halo(config: MetaConfig) -> int:
+    """Input rows on each side an output row depends on: the trunk's convs (2 per block + 2), the
+    3x3 Meta filter, the nearest-pixel rounding (the Lanczos base reaches 3), plus one."""
+    return 2 * config.blocks + 2 + 1 + 1 + 1
+
+
+def load_meta(path) -> MetaSR:
+    """The model in ``path``, checked against its model card."""
+    from pipelines import weights
+
+    state, config = weights.load(path)
+    if config.get("model") != "meta":
+        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not a Meta-Upscale model")
+    model = MetaSR(MetaConfig(channels=config["channels"], blocks=config["blocks"], hidden=config["hidden"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,157 @@
+"""Train the 2D SR models that serve every modality: Meta-Upscale (any factor) and MDRN (x2/x3/x4).
+
+    python -m pipelines.train_sr2d meta [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.train_sr2d mdrn [--steps N] [--seed S] [--out weights/]
+
+``srnode train sr2d ...`` runs the same; CUDA is used when present. Patches come a third each from
+chest X-rays (``shared/data/cxr``, its train split, :mod:`pipelines.cxr_data`) and from CT and MR
+slices (the train split of :mod:`pipelines.volume_data`, intensities as there). The degradation is
+the one every evaluation here uses: antialiased cubic downscaling.
+
+Meta-Upscale: one factor per batch, from 1.1 to 4.0 in steps of 0.1 as in the paper; in 30 % of
+batches the factor applies to the rows only (the columns keep theirs), which teaches the same
+network the one-axis upsampling of a volume's slice axis. LR patches are 30 px, so the HR patch is
+exactly ``30 * factor`` px. L1 loss (the adversarial and
+perceptual losses of Meta-SRGAN are not used: the L1 model is the clinical default).
+
+MDRN: one scale of 2, 3, 4 per batch, LR patches of 24 px, L1 loss.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import cxr_data, volume_data, weights
+from pipelines.interpolation import resize
+from pipelines.mdrn import MDRN_FILE, MDRN, MDRNConfig
+from pipelines.mdrn import SCALES as MDRN_SCALES
+from pipelines.meta_sr import META_FILE, MetaConfig, MetaSR, parameter_count
+from pipelines.train_sr3d import PatchSampler, load_training_volumes
+from pipelines.training import Progress, adam_cosine, device, seed_everything
+
+log = logging.getLogger(__name__)
+
+STEPS = {"meta": 20000, "mdrn": 6000}
+BATCH = 16
+META_LR_PATCH, MDRN_LR_PATCH = 30, 24
+META_SCALES = (1.1, 4.0)
+ROWS_ONLY_P = 0.3
+
+
+def cxr_volume(cxr_dir: Path) -> tuple[volume_data.VolumeSource, np.ndarray]:
+    """The CXR train split as a stack of 512 px images, for the patch sampler."""
+    images = [cxr_data.read_image(s.image) for s in cxr_data.load_split(cxr_dir, "train")]
+    size = min(min(im.shape) for im in images)
+    stack = np.stack([im[:size, :size] for im in images]).astype(np.float32)
+    return volume_data.VolumeSource("cxr_train", "CXR", "cxr", "train", False), stack
+
+
+def meta_batch(sampler: PatchSampler, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch at one factor ``k / 10`` (the paper's 0.1 steps): with 30-px LR patches the HR patch is
+    exactly ``3k`` px, and a factor has at most 10 sub-pixel phases, which keeps training cheap."""
+    factor = rng.integers(round(META_SCALES[0] * 10), round(META_SCALES[1] * 10) + 1) / 10
+    rows = int(round(META_LR_PATCH * factor))
+    cols = META_LR_PATCH if rng.random() < ROWS_ONLY_P else rows
+    hr = np.stack([sampler.patch(max(rows, cols))[:rows, :cols] for _ in range(BATCH)])
+    lr = resize(hr, (META_LR_PATCH, META_LR_PATCH), "cubic")
+    return torch.from_numpy(lr)[:, None], torch.from_numpy(np.ascontiguousarray(hr))[:, None]
+
+
+def train(kind: str, data_dir: Path, cxr_dir: Path, out_dir: Path, steps: int, seed: int, lr: float = 5e-4,
+          volumes: list | None = None) -> Path:
+    """Train one model and write it with its card; ``volumes`` replaces the training data (tests)."""
+    seed_everything(seed)
+    dev = device()
+    rng = np.random.default_rng(seed)
+    if volumes is None:
+        volumes = load_training_volumes(data_dir) + [cxr_volume(cxr_dir)]
+    sampler = PatchSampler(volumes, rng)
+    if kind == "meta":
+        config, model, file_name = MetaConfig(), None, META_FILE
+        model = MetaSR(config).to(dev)
+    else:
+        config, file_name = MDRNConfig(), MDRN_FILE
+        model = MDRN(config).to(dev)
+    print(f"{kind}: {parameter_count(model):,} parameters on {dev}", file=sys.stderr)
+    opt, sched = adam_cosine(model.parameters(), lr, steps)
+    progress = Progress(kind, steps, out_dir / "logs" / f"{Path(file_name).stem}.csv", every=50)
+    for step in range(1, steps + 1):
+        if kind == "meta":
+            lr_batch, hr_batch = (t.to(dev) for t in meta_batch(sampler, rng))
+            out = model(lr_batch, hr_batch.shape[-2], hr_batch.shape[-1])
+        else:
+            scale = int(MDRN_SCALES[rng.integers(len(MDRN_SCALES))])
+            lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(BATCH, scale, MDRN_LR_PATCH, 2, blur=False))
+            out = model(lr_batch, scale)
+        loss = F.l1_loss(out, hr_batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.step(step, loss.item())
+    seconds = progress.close()
+    model.cpu()
+    meta = {"model": kind, **config.to_dict()}
+    weights.save(out_dir / file_name, model.state_dict(), meta,
+                 card_text(kind, config, steps, seed, lr, seconds, parameter_count(model), str(dev)))
+    print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
+    return out_dir / file_name
+
+
+def card_text(kind: str, config, steps: int, seed: int, lr: float, seconds: float, params: int, dev: str) -> str:
+    if kind == "meta":
+        what = (f"Meta-Upscale (arbitrary scale 1-4 per axis) on a residual trunk of {config.blocks} blocks x "
+                f"{config.channels} filters; filter predictor Linear(4, {config.hidden})-ReLU-Linear(9x{config.channels})")
+        recipe = (f"one factor per batch in [{META_SCALES[0]}, {META_SCALES[1]}] in steps of 0.1, rows only in "
+                  f"{ROWS_ONLY_P:.0%} of batches; LR patches {META_LR_PATCH} px")
+    else:
+        what = (f"MDRN: {config.blocks} residual blocks x {config.channels} filters without batch norm (the paper "
+                f"uses 80), LR input, tails for x2/x3/x4")
+        recipe = f"one scale of 2/3/4 per batch; LR patches {MDRN_LR_PATCH} px"
+    return f"""# sr2d: {what}
+
+`pipelines/{"meta_sr" if kind == "meta" else "mdrn"}.py`, residual on Lanczos (last layer zero-initialised). {params:,}
+trainable parameters.
+
+## Data
+A third each: chest X-rays (JSRT / Shenzhen train split of `shared/data/cxr`: JSRT / SCR research-only terms apply),
+CT slices and MR slices (train split of `pipelines/volume_data.py`; terms in `shared/data/LICENSES.md`). Held out,
+never trained on: the CXR test split and the sr3d test volumes. Not for clinical use.
+
+## Recipe
+Antialiased cubic downscaling; {recipe}; batch {BATCH}; rotations and flips; L1 loss; Adam {lr:g}, cosine decay
+to {lr / 10:g}; {steps} steps, seed {seed}, on {dev}: {seconds / 60:.1f} min.
+Reproduce: `srnode train sr2d {kind} --steps {steps} --seed {seed}`.
+
+## Known limits
+- Trained to undo antialiased cubic downscaling, not real acquisition blur or noise.
+- A reduced CPU budget; the paper-size models were not trained (no GPU was lent to this task).
+
+## Evaluation
+Written by `srnode eval sr2d --update-cards`.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="srnode train sr2d", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=["meta", "mdrn"])
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
+    parser.add_argument("--cxr-data", type=Path, default=cxr_data.default_data_dir())
+    parser.add_argument("--out", type=Path, default=weights.weights_dir())
+    args = parser.parse_args(argv)
+    train(args.kind, args.data, args.cxr_data, args.out, args.steps or STEPS[args.kind], args.seed, args.lr)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

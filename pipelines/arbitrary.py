@@ -127,11 +127,7 @@ class ArbitraryPipeline:
         return {"scale": scale, "through_scale": through, "target_spacing": target, "model": model}
 
     def not_ready(self) -> str | None:
-        try:
-            load_models(weights.weights_dir())
-        except (weights.WeightsError, KeyError, RuntimeError) as exc:
-            return str(exc)
-        return None
+        return weights.problem(load_models)
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
         opts = self.validate_options(options)

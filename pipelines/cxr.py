@@ -122,11 +122,7 @@ class CxrPipeline:
 
     def not_ready(self) -> str | None:
         """Why the pipeline cannot run here (weights missing or not matching their cards), else None."""
-        try:
-            load_models(weights.weights_dir())
-        except (weights.WeightsError, KeyError, RuntimeError) as exc:
-            return str(exc)
-        return None
+        return weights.problem(load_models)
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
         opts = self.validate_options(options)

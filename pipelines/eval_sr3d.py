@@ -7,7 +7,7 @@
   nearest, linear, cubic, Lanczos and the CNN (x4: the dedicated x4 CNN and the x2 CNN applied
   twice; x2 also with the self-ensemble).
 * 3D (all axes): the isotropic ``test`` volumes are downscaled on all three axes and brought back
-  by the interpolations on all axes, and by the in-plane CNN followed by the through-plane CNN.
+  by the interpolations on all axes, and by the in-plane CNN (or MDRN) followed by the through-plane CNN.
 * PSNR on the fixed intensity window of :mod:`pipelines.volume_data` (CT [-1024, 2976] HU,
   MR the HR volume's 0.5/99.5 percentiles) mapped to [0, 1], over the whole volume; SSIM (11-px
   Gaussian window) averaged over axial slices. Each figure is the mean over the volumes of a
@@ -31,7 +31,8 @@ from pipelines.image_metrics import ssim
 from pipelines.interpolation import METHODS, resize
 from pipelines.sr3d import load_models
 from pipelines.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
-from pipelines.volume_stream import cnn_upsampler, inplane_stream, through_stream
+from pipelines.mdrn import MDRN_FILE, load_mdrn
+from pipelines.volume_stream import cnn_upsampler, inplane_stream, mdrn_images, through_stream
 
 SCALES = (2, 4)
 EVAL_HEADING = "## Evaluation on the held-out volumes"
@@ -46,7 +47,11 @@ def metrics(pred: np.ndarray, target: np.ndarray, window: tuple[float, float]) -
     return {"psnr": 10 * np.log10(1.0 / max(mse, 1e-12)), "ssim": s}
 
 
-def eval_2d(raw: np.ndarray, window, models, scale: int) -> dict[str, dict[str, float]]:
+def _mdrn_upsampler(mdrn, scale: int, window):
+    return lambda images: mdrn_images(mdrn, images, scale, window)
+
+
+def eval_2d(raw: np.ndarray, window, models, scale: int, mdrn=None) -> dict[str, dict[str, float]]:
     hr = volume_data.crop_to(raw, scale, (1, 2))
     lr = volume_data.downscale(hr, scale, (1, 2))
     out = {m: metrics(resize(lr, hr.shape[1:], m), hr, window) for m in METHODS}
@@ -57,11 +62,15 @@ def eval_2d(raw: np.ndarray, window, models, scale: int) -> dict[str, dict[str, 
     if scale == 2:
         ensemble = cnn_upsampler(models.inplane[2], window, ensemble=True)
         out["cnn + self-ensemble"] = metrics(np.stack(list(inplane_stream(lr, 2, ensemble))), hr, window)
+    if mdrn is not None:
+        out["mdrn"] = metrics(np.stack(list(inplane_stream(lr, scale, _mdrn_upsampler(mdrn, scale, window)))), hr, window)
     return out
 
 
-def sr3d_cnn(lr: np.ndarray, window, models, scale: int) -> np.ndarray:
-    stream = inplane_stream(lr, scale, cnn_upsampler(models.inplane[scale], window))
+def sr3d_cnn(lr: np.ndarray, window, models, scale: int, mdrn=None) -> np.ndarray:
+    """The pipeline's 3D path: the in-plane CNN (or MDRN), then the through-plane CNN on both views."""
+    inplane = cnn_upsampler(models.inplane[scale], window) if mdrn is None else _mdrn_upsampler(mdrn, scale, window)
+    stream = inplane_stream(lr, scale, inplane)
     through = cnn_upsampler(models.through, window)
     n = lr.shape[0]
     for _ in range(int(np.log2(scale))):
@@ -70,7 +79,7 @@ def sr3d_cnn(lr: np.ndarray, window, models, scale: int) -> np.ndarray:
     return np.stack(list(stream))
 
 
-def eval_3d(raw: np.ndarray, window, models, scale: int) -> tuple[dict[str, dict[str, float]], float]:
+def eval_3d(raw: np.ndarray, window, models, scale: int, mdrn=None) -> tuple[dict[str, dict[str, float]], float]:
     hr = volume_data.crop_to(raw, scale, (0, 1, 2))
     lr = volume_data.downscale(hr, scale, (0, 1, 2))
     out = {m: metrics(resize(lr, hr.shape, m), hr, window) for m in METHODS}
@@ -78,6 +87,8 @@ def eval_3d(raw: np.ndarray, window, models, scale: int) -> tuple[dict[str, dict
     sr = sr3d_cnn(lr, window, models, scale)
     seconds = time.perf_counter() - start
     out["cnn"] = metrics(sr, hr, window)
+    if mdrn is not None:
+        out["mdrn + through cnn"] = metrics(sr3d_cnn(lr, window, models, scale, mdrn), hr, window)
     return out, seconds
 
 
@@ -87,6 +98,7 @@ def _mean(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]
 
 def evaluate(data_dir: Path, weights_dir: Path) -> dict:
     models = load_models(weights_dir)
+    mdrn = load_mdrn(weights_dir / MDRN_FILE) if (weights_dir / MDRN_FILE).exists() else None
     report: dict = {"2d": {}, "3d": {}, "volumes": {}, "cost": {}}
     per: dict = {"2d": {}, "3d": {}}
     for source in volume_data.sources("test"):
@@ -95,12 +107,12 @@ def evaluate(data_dir: Path, weights_dir: Path) -> dict:
         entry = {"modality": source.modality, "shape": list(raw.shape), "window": [round(w, 2) for w in window]}
         for scale in SCALES:
             print(f"{source.name}: 2D x{scale}", file=sys.stderr, flush=True)
-            result = eval_2d(raw, window, models, scale)
+            result = eval_2d(raw, window, models, scale, mdrn)
             entry[f"2d x{scale}"] = result
             per["2d"].setdefault((source.modality, scale), []).append(result)
             if source.isotropic:
                 print(f"{source.name}: 3D x{scale}", file=sys.stderr, flush=True)
-                result, seconds = eval_3d(raw, window, models, scale)
+                result, seconds = eval_3d(raw, window, models, scale, mdrn)
                 entry[f"3d x{scale}"] = result
                 entry[f"3d x{scale} cnn seconds"] = round(seconds, 2)
                 per["3d"].setdefault((source.modality, scale), []).append(result)
@@ -134,9 +146,12 @@ def markdown(report: dict) -> str:
             for m in methods:
                 cells = [f"{t[m]['psnr']:.2f} | {t[m]['ssim']:.4f}" if m in t else "- | -" for t in by_scale.values()]
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            gains = [f"{t['cnn']['psnr'] - t['lanczos']['psnr']:+.2f} | {t['cnn']['ssim'] - t['lanczos']['ssim']:+.4f}"
-                     for t in by_scale.values()]
-            lines += ["| **cnn - lanczos** | " + " | ".join(gains) + " |", ""]
+            for m in ("cnn", "mdrn", "mdrn + through cnn"):
+                if all(m in t for t in by_scale.values()):
+                    gains = [f"{t[m]['psnr'] - t['lanczos']['psnr']:+.2f} | {t[m]['ssim'] - t['lanczos']['ssim']:+.4f}"
+                             for t in by_scale.values()]
+                    lines.append(f"| **{m} - lanczos** | " + " | ".join(gains) + " |")
+            lines.append("")
     cost = report["cost"]
     lines += [f"### Cost ({cost['device']}, {cost['threads']} threads)", "",
               "| model | parameters |", "|---|---|"]

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +36,16 @@ def weights_dir() -> Path:
     tree = Path(__file__).resolve().parents[1] / "weights"
     cwd = Path.cwd() / "weights"
     return cwd if not tree.is_dir() and cwd.is_dir() else tree
+
+
+def problem(load: Callable[[Path], object]) -> str | None:
+    """Why ``load(weights_dir())`` fails (missing, altered or mismatched weights), else None: what a
+    pipeline's ``not_ready`` reports to ``srnode config check`` and at node start."""
+    try:
+        load(weights_dir())
+    except (WeightsError, KeyError, RuntimeError) as exc:
+        return str(exc)
+    return None
 
 
 def sha256(path: Path) -> str:

@@ -251,12 +251,12 @@ def check_routes(config: Config) -> list[str]:
     for i, route in enumerate(config.routes):
         try:
             pipeline = pipelines.get(route.pipeline)
-            pipeline.validate_options(route.options)
+            options = pipeline.validate_options(route.options)
         except ValueError as exc:
             problems.append(f"routes.{i} ({route.name}): {exc}")
             continue
         not_ready = getattr(pipeline, "not_ready", None)  # models: are their weights installed and intact?
-        reason = not_ready() if not_ready else None
+        reason = not_ready(options) if not_ready else None
         if reason:
             problems.append(f"routes.{i} ({route.name}): pipeline {route.pipeline!r} cannot run: {reason}")
         if SENDER in route.send_to and not any(p.port for p in config.peers):

@@ -126,8 +126,11 @@ class ArbitraryPipeline:
         scale, through, target = geometry(options, "scale", _factor, 2.0)
         return {"scale": scale, "through_scale": through, "target_spacing": target, "model": model}
 
-    def not_ready(self) -> str | None:
-        return weights.problem(load_models)
+    def not_ready(self, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why the network these options need cannot run here, else None; interpolation needs none."""
+        model = (options or {}).get("model", "meta")
+        return {"meta": lambda: weights.problem(load_models),
+                "mdrn": lambda: weights.problem(load_mdrn_once)}.get(model, lambda: None)()
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
         opts = self.validate_options(options)

@@ -60,8 +60,9 @@ class Pipeline(Protocol):
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Return normalised options (defaults filled in); raise ``ValueError`` naming the bad key."""
 
-    def not_ready(self) -> str | None:  # optional
-        """Why this pipeline cannot run on this machine (e.g. its weights are missing), else None."""
+    def not_ready(self, options: Mapping[str, Any]) -> str | None:  # optional
+        """Why this pipeline cannot run with these (validated) options on this machine (e.g. the
+        weights they need are missing), else None."""
 
     def run(
         self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext

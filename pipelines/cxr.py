@@ -120,7 +120,7 @@ class CxrPipeline:
             raise ValueError("options ask for no output: write_sr is false and heads is empty")
         return {"scale": int(scale), "heads": [h for h in HEADS if h in heads], "write_sr": write_sr}
 
-    def not_ready(self) -> str | None:
+    def not_ready(self, options: Mapping[str, Any] | None = None) -> str | None:
         """Why the pipeline cannot run here (weights missing or not matching their cards), else None."""
         return weights.problem(load_models)
 

@@ -123,9 +123,13 @@ class SR3DPipeline:
         return {"inplane_scale": inplane, "through_scale": through, "target_spacing": target,
                 "self_ensemble": ensemble, "model": model}
 
-    def not_ready(self) -> str | None:
-        """Why the CNNs cannot run here (weights missing or not matching their cards), else None."""
-        return weights.problem(load_models)
+    def not_ready(self, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why the networks these options need cannot run here (weights missing or not matching their
+        cards), else None; interpolation needs none."""
+        model = (options or {}).get("model", "cnn")
+        if model in METHODS:
+            return None
+        return weights.problem(load_models) or (weights.problem(load_mdrn_once) if model == "mdrn" else None)
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
         opts = self.validate_options(options)

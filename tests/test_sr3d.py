@@ -174,6 +174,7 @@ def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):
     sr3d.load_models.cache_clear()
     try:
         assert "sr3d_inplane_x2.safetensors is missing" in sr3d.PIPELINE.not_ready()
+        assert sr3d.PIPELINE.not_ready({"model": "lanczos"}) is None  # interpolation needs no weights
         with pytest.raises(weights.WeightsError, match="is missing"):
             list(sr3d.PIPELINE.run(ct_series(2), {"inplane_scale": 2}, CONTEXT))
         for name in (*INPLANE_FILES.values(), THROUGH_FILE):
@@ -181,6 +182,7 @@ def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):
             (tmp_path / name).write_bytes(source.read_bytes())
             weights.card_path(tmp_path / name).write_text(weights.card_path(source).read_text())
         assert sr3d.PIPELINE.not_ready() is None
+        assert "mdrn.safetensors is missing" in sr3d.PIPELINE.not_ready({"model": "mdrn"})
         sr3d.load_models.cache_clear()
         data = bytearray((tmp_path / THROUGH_FILE).read_bytes())
         data[-1] ^= 0xFF

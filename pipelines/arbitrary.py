@@ -35,7 +35,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from pydicom import Dataset
 
 from pipelines import volume_data, weights
 from pipelines.base import Refusal, RunContext
-from pipelines.options import check_keys, geometry
+from pipelines.options import check_keys, geometry, number
 from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
 from pipelines.interpolation import METHODS, resize
 from pipelines.lanczos import centres
@@ -250,14 +249,7 @@ def _meta_through_sampler(model: MetaSR, inverse: float, window):
 
 
 def _factor(options: Mapping[str, Any], key: str) -> float | None:
-    value = options.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"option {key!r} must be a number, got {value!r}")
-    if not 1.0 <= value <= MAX_SCALE:
-        raise ValueError(f"option {key!r} must be between 1 and {MAX_SCALE:g}, got {value!r}")
-    return float(value)
+    return number(options, key, 1.0, MAX_SCALE)
 
 
 def _check(what: str, n: int, n_out: int) -> None:

@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -138,9 +136,7 @@ def markdown(report: dict) -> str:
 def update_cards(weights_dir: Path, section: str) -> None:
     """Replace (or add) the evaluation section of each Hydra model card; the weights are untouched."""
     for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE):
-        card = weights.card_path(weights_dir / name)
-        text = re.split(r"\n## Evaluation on the held-out test split\n", card.read_text())[0].rstrip()
-        card.write_text(text + "\n\n" + section)
+        weights.set_evaluation(weights_dir / name, section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     report["cost"] = eval_cost(models, dev)
     text = markdown(report)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cxr_eval.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / "cxr_eval.md").write_text(text)
+        eval_metrics.write_report(args.out, "cxr_eval", report, text)
     if args.update_cards:
         update_cards(args.weights, text)
     print(text)

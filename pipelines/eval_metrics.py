@@ -1,5 +1,9 @@
-"""Segmentation and classification metrics (numpy), as in the Hydra paper's Tables 2 and 3."""
+"""Segmentation and classification metrics (numpy), as in the Hydra paper's Tables 2 and 3, and how
+every ``srnode eval`` writes its report."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -50,3 +54,10 @@ def segmentation(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     total = pred.sum() + truth.sum()
     return {"iou": float(inter / union) if union else 1.0, "dice": float(2 * inter / total) if total else 1.0,
             "pixel_accuracy": float((pred == truth).mean())}
+
+
+def write_report(out_dir: Path, stem: str, report: dict, markdown: str) -> None:
+    """``<stem>.json`` (numbers) and ``<stem>.md`` (tables) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown)

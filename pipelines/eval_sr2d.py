@@ -14,8 +14,6 @@ fixed-scale models trained for that factor: the Hydra trunk (CXR, x2/x3/x4), the
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
 from fractions import Fraction
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from pipelines import cxr_data, hydra, volume_data, weights
+from pipelines.eval_metrics import write_report
 from pipelines.image_metrics import psnr, ssim
 from pipelines.interpolation import resize
 from pipelines.mdrn import MDRN_FILE, load_mdrn
@@ -138,10 +137,8 @@ def markdown(report: dict) -> str:
 
 def update_cards(weights_dir: Path, section: str) -> None:
     for name in (META_FILE, MDRN_FILE):
-        card = weights.card_path(weights_dir / name)
-        if card.exists():
-            text = re.split(r"\n## Evaluation", card.read_text())[0].rstrip()
-            card.write_text(text + "\n\n" + section)
+        if weights.card_path(weights_dir / name).exists():
+            weights.set_evaluation(weights_dir / name, section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-cards", action="store_true")
     args = parser.parse_args(argv)
     report = evaluate(args.cxr_data, args.data, args.weights)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sr2d_eval.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
-    (args.out / "sr2d_eval.md").write_text(text)
+    write_report(args.out, "sr2d_eval", report, text)
     if args.update_cards:
         update_cards(args.weights, text)
     print(text)

@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from pipelines import volume_data, weights
+from pipelines.eval_metrics import write_report
 from pipelines.image_metrics import ssim
 from pipelines.interpolation import METHODS, resize
 from pipelines.sr3d import load_models
@@ -167,9 +166,7 @@ def markdown(report: dict) -> str:
 def update_cards(weights_dir: Path, section: str) -> None:
     """Replace (or add) the evaluation section of each sr3d model card; the weights are untouched."""
     for name in (*INPLANE_FILES.values(), THROUGH_FILE):
-        card = weights.card_path(weights_dir / name)
-        text = re.split(r"\n## Evaluation", card.read_text())[0].rstrip()
-        card.write_text(text + "\n\n" + section)
+        weights.set_evaluation(weights_dir / name, section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,10 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
     args = parser.parse_args(argv)
     report = evaluate(args.data, args.weights)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sr3d_eval.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     text = markdown(report)
-    (args.out / "sr3d_eval.md").write_text(text)
+    write_report(args.out, "sr3d_eval", report, text)
     if args.update_cards:
         update_cards(args.weights, text)
     print(text)

@@ -146,9 +146,7 @@ def parameter_count(module: nn.Module) -> int:
 def load_trunk(path: Path) -> HydraTrunk:
     from pipelines import weights
 
-    state, config = weights.load(path)
-    if config.get("model") != "hydra-trunk":
-        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not a hydra trunk")
+    state, config = weights.load(path, "hydra-trunk")
     model = HydraTrunk(TrunkConfig(widths=tuple(config["widths"]), channels=config["channels"]))
     model.load_state_dict(state)
     return model.eval()
@@ -180,8 +178,8 @@ def load_models(folder: Path) -> HydraModels:
     trunk = load_trunk(folder / TRUNK_FILE)
     digests = {name: weights.sha256(folder / name) for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE)
                if (folder / name).exists()}
-    lung_state, lung_cfg = weights.load(folder / LUNGS_FILE)
-    abn_state, abn_cfg = weights.load(folder / ABNORMALITY_FILE)
+    lung_state, lung_cfg = weights.load(folder / LUNGS_FILE, "hydra-lungs")
+    abn_state, abn_cfg = weights.load(folder / ABNORMALITY_FILE, "hydra-abnormality")
     for name, cfg in ((LUNGS_FILE, lung_cfg), (ABNORMALITY_FILE, abn_cfg)):
         if cfg.get("recipe", {}).get("trunk_sha256") != digests[TRUNK_FILE]:
             raise weights.WeightsError(f"{name} was trained on another trunk than {TRUNK_FILE}: retrain the heads")

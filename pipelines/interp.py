@@ -40,14 +40,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import numpy as np
 from pydicom import Dataset
 
 from pipelines.base import Refusal, RunContext
-from pipelines.options import check_keys, geometry
+from pipelines.options import check_keys, geometry, number
 from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
 from pipelines.interpolation import (
     METHODS,
@@ -191,14 +190,7 @@ class InterpPipeline:
 
 
 def _factor(options: Mapping[str, Any], key: str) -> float | None:
-    value = options.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"option {key!r} must be a number, got {value!r}")
-    if not 1.0 <= value <= MAX_FACTOR:
-        raise ValueError(f"option {key!r} must be between 1 and {MAX_FACTOR:g}, got {value!r}")
-    return float(value)
+    return number(options, key, 1.0, MAX_FACTOR)
 
 
 def _inplane_plan(shape: tuple[int, ...], spacing: tuple[float, float] | None,

@@ -65,13 +65,9 @@ class MDRN(nn.Module):
 
 def load_mdrn(path) -> MDRN:
     """The model in ``path``, checked against its model card."""
-    from pathlib import Path
-
     from pipelines import weights
 
-    state, config = weights.load(path)
-    if config.get("model") != "mdrn":
-        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not an MDRN model")
+    state, config = weights.load(path, "mdrn")
     model = MDRN(MDRNConfig(channels=config["channels"], blocks=config["blocks"]))
     model.load_state_dict(state)
     return model.eval()

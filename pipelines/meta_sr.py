@@ -20,7 +20,6 @@ the filter predictor's last layer starts at zero: the untrained network is Lancz
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,9 +146,7 @@ def load_meta(path) -> MetaSR:
     """The model in ``path``, checked against its model card."""
     from pipelines import weights
 
-    state, config = weights.load(path)
-    if config.get("model") != "meta":
-        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not a Meta-Upscale model")
+    state, config = weights.load(path, "meta")
     model = MetaSR(MetaConfig(channels=config["channels"], blocks=config["blocks"], hidden=config["hidden"]))
     model.load_state_dict(state)
     return model.eval()

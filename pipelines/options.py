@@ -17,6 +17,18 @@ def check_keys(options: Mapping[str, Any], known: tuple[str, ...]) -> None:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
 
 
+def number(options: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    """Option ``key`` as a float in [low, high], or None when absent."""
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"option {key!r} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"option {key!r} must be between {low:g} and {high:g}, got {value!r}")
+    return float(value)
+
+
 def parse_target_spacing(value: Any) -> list[float | None] | None:
     """``target_spacing`` as [row, col, slice] with None for unset axes: a number is the slice
     spacing, [row, col] the in-plane spacing."""

@@ -79,9 +79,7 @@ class SR3DModels:
 
 
 def load_cnn(path: Path) -> SRCNN:
-    state, config = weights.load(path)
-    if config.get("model") != "sr3d-cnn":
-        raise weights.WeightsError(f"{Path(path).name} holds {config.get('model')!r}, not an sr3d CNN")
+    state, config = weights.load(path, "sr3d-cnn")
     model = SRCNN(CNNConfig(scale=config["scale"], axes=config["axes"], width=config["width"]))
     model.load_state_dict(state)
     return model.eval()

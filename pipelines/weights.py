@@ -86,8 +86,9 @@ def read_card_header(path: Path) -> dict[str, str]:
     return header
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, config) of a weights file whose digest matches its card."""
+def load(path: Path, model: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config) of a weights file whose digest matches its card (and, given ``model``,
+    whose config names that model)."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights file {path} is missing: train it (see its model card) or restore it from the "
@@ -97,4 +98,15 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if expected != actual:
         raise WeightsError(f"{path.name} does not match its model card (sha256 {actual[:12]}..., card says "
                            f"{(expected or 'nothing')[:12]}...): the file was changed or the card is stale")
-    return load_file(str(path)), json.loads(header["config"])
+    config = json.loads(header["config"])
+    if model is not None and config.get("model") != model:
+        raise WeightsError(f"{path.name} holds {config.get('model')!r}, not {model!r}")
+    return load_file(str(path)), config
+
+
+def set_evaluation(path: Path, section: str) -> None:
+    """Replace (or add) the evaluation section (from its "## Evaluation" heading on) of the model
+    card of ``path``; the weights and the card's header are untouched."""
+    card = card_path(path)
+    text = card.read_text().split("\n## Evaluation")[0].rstrip()
+    card.write_text(text + "\n\n" + section)

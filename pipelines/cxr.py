@@ -21,6 +21,10 @@ Options
 scale : 2, 3, 4 or 8 (default 2)
 heads : list of "lungs", "abnormality" (default both; [] for SR only)
 write_sr : bool (default true): write the super-resolved series
+model : "hydra" (default), "mdrn" or "meta": the network of the super-resolved series. ``mdrn``
+    (the deep model, sharpest) and ``meta`` (Meta-Upscale) do scales 2, 3 and 4, on the source
+    image directly (no interpolation first), with the intensity mapping of step 1; the heads
+    still need the Hydra trunk, which then runs once at their scale for them.
 """
 from __future__ import annotations
 
@@ -35,18 +39,20 @@ import torch
 import torch.nn.functional as F
 from pydicom import Dataset
 
-from pipelines import hydra, weights
+from pipelines import arbitrary, hydra, weights
 from pipelines.base import Refusal, RunContext
 from pipelines.options import check_keys
 from pipelines.derived import DerivedSeries, DerivedSlice, series_description, write_derived
 from pipelines.interpolation import resize
+from pipelines.mdrn import SCALES as MDRN_SCALES
 from pipelines.series import Image2D, load_series
 
 logger = logging.getLogger(__name__)
 
 SCALES = (2, 3, 4, 8)
 HEADS = ("lungs", "abnormality")
-OPTION_KEYS = ("scale", "heads", "write_sr")
+MODELS = ("hydra", "mdrn", "meta")
+OPTION_KEYS = ("scale", "heads", "write_sr", "model")
 TILE = 512
 HALO = 16  # > the trunk's receptive-field radius (10 px)
 MAX_OUTPUT_PIXELS = 2**27  # as the interp pipeline: ~0.5 GB float32 per output image
@@ -118,11 +124,21 @@ class CxrPipeline:
             raise ValueError(f"option 'write_sr' must be true or false, got {write_sr!r}")
         if not write_sr and not heads:
             raise ValueError("options ask for no output: write_sr is false and heads is empty")
-        return {"scale": int(scale), "heads": [h for h in HEADS if h in heads], "write_sr": write_sr}
+        model = options.get("model", "hydra")
+        if model not in MODELS:
+            raise ValueError(f"option 'model' must be one of {', '.join(MODELS)}, got {model!r}")
+        if model != "hydra" and scale not in MDRN_SCALES:
+            raise ValueError(f"model {model} does scales {', '.join(map(str, MDRN_SCALES))}; x{scale} needs model hydra")
+        return {"scale": int(scale), "heads": [h for h in HEADS if h in heads], "write_sr": write_sr, "model": model}
 
     def not_ready(self, options: Mapping[str, Any] | None = None) -> str | None:
-        """Why the pipeline cannot run here (weights missing or not matching their cards), else None."""
-        return weights.problem(load_models)
+        """Why the networks these options need cannot run here (weights missing or not matching their
+        cards), else None: the Hydra models for the trunk's SR or any head, MDRN or Meta-Upscale for theirs."""
+        opts = self.validate_options(options or {})
+        hydra_needed = opts["model"] == "hydra" or opts["heads"]
+        sr_network = opts["model"] != "hydra" and opts["write_sr"]
+        return ((weights.problem(load_models) if hydra_needed else None)
+                or (arbitrary.PIPELINE.not_ready({"model": opts["model"]}) if sr_network else None))
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
         opts = self.validate_options(options)
@@ -135,39 +151,56 @@ class CxrPipeline:
             if h * w * opts["scale"] ** 2 > MAX_OUTPUT_PIXELS:
                 raise Refusal(f"a {h}x{w} image at x{opts['scale']} would be a {h * opts['scale']}x"
                               f"{w * opts['scale']} output, too large: choose a smaller scale")
-        models = load_models(weights.weights_dir())
-        return self._outputs(images, opts, context, models)
+        hydra_needed = opts["model"] == "hydra" or opts["heads"]
+        models = load_models(weights.weights_dir()) if hydra_needed else None
+        network = arbitrary.load_network(opts["model"]) if opts["model"] != "hydra" and opts["write_sr"] else None
+        return self._outputs(images, opts, context, models, network)
 
-    def _outputs(self, images: list[Image2D], opts: dict, context: RunContext, models: hydra.HydraModels) -> Iterator[Dataset]:
+    def _outputs(self, images: list[Image2D], opts: dict, context: RunContext, models: hydra.HydraModels | None,
+                 network: arbitrary.Network | None) -> Iterator[Dataset]:
         from pipelines import cxr_outputs
 
         scale = opts["scale"]
         results = []
         for i, image in enumerate(images):
             x, mapping = to_model_input(image.pixels, image.dataset)
-            up = resize(x, (x.shape[0] * scale, x.shape[1] * scale), "cubic")
-            sr, pooled = trunk_tiled(models.trunk, up, models.lungs.grid,
-                                     lambda d, n, i=i: context.report(i * n + d, len(images) * n))
-            if opts["heads"] and scale != models.head_scale:
-                # The heads learnt from features at their own scale (at x4 the x2-trained lung head
-                # loses 0.2 IoU on the test split): one more, cheaper forward for them.
-                head_up = resize(x, (x.shape[0] * models.head_scale, x.shape[1] * models.head_scale), "cubic")
+            h, w = x.shape
+            sr = pooled = None
+            if network is not None:
+                lo, hi, mono1 = mapping
+                sr = network.inplane(image.pixels[None], h * scale, w * scale, (lo, hi), mono1)[0]
+            elif opts["model"] == "hydra" and opts["write_sr"]:
+                up = resize(x, (h * scale, w * scale), "cubic")
+                sr, pooled = trunk_tiled(models.trunk, up, models.lungs.grid,
+                                         lambda d, n, i=i: context.report(i * n + d, len(images) * n))
+                sr = from_model_output(sr, mapping)
+                if scale != models.head_scale:
+                    pooled = None  # the heads learnt from features at their own scale (see below)
+            if opts["heads"] and pooled is None and not _lateral(image):
+                # The heads learnt from features of the source at their own scale (at x4 the x2-trained
+                # lung head loses 0.2 IoU on the test split): one more forward for them.
+                head_up = resize(x, (h * models.head_scale, w * models.head_scale), "cubic")
                 _, pooled = trunk_tiled(models.trunk, head_up, models.lungs.grid)
-            results.append((image, from_model_output(sr, mapping), pooled))
+            results.append((image, sr, pooled))
+            context.report(i + 1, len(images))
         if opts["write_sr"]:
+            if network is None:
+                name, how, version = "Hydra", "the Hydra trunk (srnode cxr) on the cubic upsampled image", \
+                    models.versions[hydra.TRUNK_FILE]
+            else:
+                name = {"mdrn": "MDRN", "meta": "Meta-Upscale"}[network.name]
+                how, version = f"{name} (srnode cxr), residual on Lanczos", network.version
             series = DerivedSeries(
-                description=f"SR x{scale} Hydra (AI)",
-                derivation_description=(f"Super-resolution x{scale} by the Hydra trunk (srnode cxr) on the cubic "
-                                        f"upsampled image; field of view kept"),
-                model_name="Hydra SR trunk", model_version=models.versions[hydra.TRUNK_FILE],
-                key="sr", series_number_offset=SERIES_OFFSETS["sr"],
+                description=f"SR x{scale} {name} (AI)",
+                derivation_description=f"Super-resolution x{scale} by {how}; field of view kept",
+                model_name="Hydra SR trunk" if network is None else f"{name} SR",
+                model_version=version, key="sr", series_number_offset=SERIES_OFFSETS["sr"],
             )
             slices = (DerivedSlice(pixels=pixels, template=image.dataset, sources=[image.dataset], index=i)
                       for i, (image, pixels, _) in enumerate(results))
             yield from write_derived(slices, series, context)
         for i, (image, _, pooled) in enumerate(results):
-            view = str(image.dataset.get("ViewPosition", "")).upper()
-            if view in LATERAL_VIEWS:
+            if _lateral(image):
                 logger.info("image %d is a lateral view: the heads (trained on frontal views) are skipped", i + 1)
                 continue
             sub = context if len(results) == 1 else RunContext(f"{context.uid_seed}\x1fimage{i}", context.version,
@@ -189,6 +222,10 @@ class CxrPipeline:
                     image.dataset, probability, models.threshold, sub, models.versions[hydra.ABNORMALITY_FILE],
                     source_number + SERIES_OFFSETS["abnormality"],
                     series_description("Abnormality Hydra (AI)", context.version))
+
+
+def _lateral(image: Image2D) -> bool:
+    return str(image.dataset.get("ViewPosition", "")).upper() in LATERAL_VIEWS
 
 
 PIPELINE = CxrPipeline()

@@ -63,6 +63,13 @@ class MDRN(nn.Module):
         return base + self.tails[str(scale)](self.trunk(x))
 
 
+def halo(config: MDRNConfig) -> int:
+    """Input pixels on each side an output pixel depends on: the trunk's convs (2 per block + 2),
+    the tail's two convs (the second at the output density, so at most one input pixel), plus one.
+    The Lanczos base (radius 3) lies inside that."""
+    return 2 * config.blocks + 2 + 2 + 1
+
+
 def load_mdrn(path) -> MDRN:
     """The model in ``path``, checked against its model card."""
     from pipelines import weights

@@ -13,6 +13,7 @@ axis (rows x depth, columns x depth), averaged, as in the Georgescu paper (:func
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -21,7 +22,9 @@ import torch
 from pipelines.interpolation import apply_axis, resize, sample_weights
 from pipelines.lanczos import centres, lanczos_at
 from pipelines.mdrn import MDRN
+from pipelines.mdrn import halo as mdrn_halo
 from pipelines.meta_sr import MetaSR
+from pipelines.meta_sr import halo as meta_halo
 from pipelines.sr3d_cnn import SRCNN, halo
 
 BATCH_VOXELS = 2**21  # output pixels per forward batch (x 32 channels x 4 B x a few live tensors ~ 1 GB)
@@ -47,26 +50,68 @@ def _untransform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return torch.rot90(x, -k, dims=(-2, -1))
 
 
+Network = Callable[[torch.Tensor, np.ndarray, np.ndarray], torch.Tensor]
+"""(B, 1, h, w) in [0, 1] and source coordinates (rows, cols) in that input -> (B, 1, len(rows), len(cols))."""
+
+
 @torch.no_grad()
-def residual_images(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, rows: np.ndarray,
-                    cols: np.ndarray, window: tuple[float, float], invert: bool = False,
-                    device: torch.device | str = "cpu") -> np.ndarray:
+def residual_images(network: Network, images: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                    window: tuple[float, float], invert: bool = False, device: torch.device | str = "cpu",
+                    halo: int = 0) -> np.ndarray:
     """A network's output for (N, h, w) images in modality units, sampled at source coordinates
     ``rows`` x ``cols``, back in modality units: ``lanczos(raw) + (network(x) - lanczos(x)) * width``
     with ``x`` the images on ``window`` (inverted for MONOCHROME1: the networks learned bright =
-    dense). ``network`` maps (B, 1, h, w) in [0, 1] to (B, 1, len(rows), len(cols))."""
-    low, high = window
-    sign = -1.0 if invert else 1.0
+    dense). Images whose output exceeds ``BATCH_VOXELS`` pixels (a 2048-px radiograph at x2) go
+    through in tiles read with ``halo`` extra input pixels (the network's receptive-field radius),
+    so memory stays bounded and the result equals one whole-image forward."""
     n = images.shape[0]
     out = np.empty((n, len(rows), len(cols)), np.float32)
-    chunk = max(1, BATCH_VOXELS // (len(rows) * len(cols)))
-    for start in range(0, n, chunk):
-        raw = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk], np.float32))[:, None].to(device)
-        x = ((raw - low) / (high - low)).clamp(0, 1)
-        x = 1.0 - x if invert else x
-        result = lanczos_at(raw, rows, cols) + sign * (network(x) - lanczos_at(x, rows, cols)) * (high - low)
-        out[start:start + chunk] = result[:, 0].cpu().numpy()
+    per_image = len(rows) * len(cols)
+    if per_image <= BATCH_VOXELS:
+        chunk = max(1, BATCH_VOXELS // per_image)
+        for start in range(0, n, chunk):
+            out[start:start + chunk] = _residual(network, images[start:start + chunk], rows, cols, window, invert,
+                                                 device)
+        return out
+    side = max(1, math.isqrt(BATCH_VOXELS))  # output pixels per tile side
+    pad = max(halo, INTERP_PAD)
+    h, w = images.shape[1:]
+    for a in range(0, len(rows), side):
+        r = rows[a:a + side]
+        y0, y1 = max(0, math.floor(r[0]) - pad), min(h, math.ceil(r[-1]) + 1 + pad)
+        for b in range(0, len(cols), side):
+            c = cols[b:b + side]
+            x0, x1 = max(0, math.floor(c[0]) - pad), min(w, math.ceil(c[-1]) + 1 + pad)
+            for i in range(n):
+                out[i, a:a + side, b:b + side] = _residual(network, images[i:i + 1, y0:y1, x0:x1], r - y0, c - x0,
+                                                           window, invert, device)[0]
     return out
+
+
+def _residual(network: Network, images: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+              window: tuple[float, float], invert: bool, device) -> np.ndarray:
+    low, high = window
+    sign = -1.0 if invert else 1.0
+    raw = torch.from_numpy(np.ascontiguousarray(images, np.float32))[:, None].to(device)
+    x = ((raw - low) / (high - low)).clamp(0, 1)
+    x = 1.0 - x if invert else x
+    result = lanczos_at(raw, rows, cols) + sign * (network(x, rows, cols) - lanczos_at(x, rows, cols)) * (high - low)
+    return result[:, 0].cpu().numpy()
+
+
+def grid_network(model: Callable[[torch.Tensor], torch.Tensor], row_scale: int, col_scale: int) -> Network:
+    """A fixed-factor network (output on the grid ``centres(h, h * scale)``) as a :data:`Network`:
+    its whole-grid output, then the samples at the requested coordinates."""
+
+    def network(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        full = model(x)
+        ri = torch.from_numpy(np.rint((rows + 0.5) * row_scale - 0.5).astype(np.int64)).to(full.device)
+        ci = torch.from_numpy(np.rint((cols + 0.5) * col_scale - 0.5).astype(np.int64)).to(full.device)
+        if len(ri) == full.shape[-2] and len(ci) == full.shape[-1]:
+            return full
+        return full.index_select(-2, ri).index_select(-1, ci)
+
+    return network
 
 
 def cnn_images(model: SRCNN, images: np.ndarray, window: tuple[float, float], ensemble: bool = False) -> np.ndarray:
@@ -82,21 +127,22 @@ def cnn_images(model: SRCNN, images: np.ndarray, window: tuple[float, float], en
         return torch.stack(outs).median(dim=0).values
 
     cols = centres(w, w * r) if axes == 2 else np.arange(w, dtype=np.float64)
-    return residual_images(network, images, centres(h, h * r), cols, window, device=_device(model))
+    return residual_images(grid_network(network, r, r if axes == 2 else 1), images, centres(h, h * r), cols, window,
+                           device=_device(model), halo=halo(r))
 
 
 def meta_images(model: MetaSR, images: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                 inverse_scales: tuple[float, float], window: tuple[float, float], invert: bool = False) -> np.ndarray:
     """Meta-Upscale samples of (N, h, w) images in modality units at source coordinates ``rows`` x ``cols``."""
-    return residual_images(lambda x: model.sample(x, rows, cols, inverse_scales), images, rows, cols, window,
-                           invert, _device(model))
+    return residual_images(lambda x, r, c: model.sample(x, r, c, inverse_scales), images, rows, cols, window,
+                           invert, _device(model), meta_halo(model.config))
 
 
 def mdrn_images(model: MDRN, images: np.ndarray, scale: int, window: tuple[float, float],
                 invert: bool = False) -> np.ndarray:
     h, w = images.shape[1:]
-    return residual_images(lambda x: model(x, scale), images, centres(h, h * scale), centres(w, w * scale), window,
-                           invert, _device(model))
+    return residual_images(grid_network(lambda x: model(x, scale), scale, scale), images, centres(h, h * scale),
+                           centres(w, w * scale), window, invert, _device(model), mdrn_halo(model.config))
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -83,6 +83,29 @@ def test_meta_through_plane_slabs_do_not_change_the_result(monkeypatch):
     np.testing.assert_allclose(slabs, whole, atol=1e-2)
 
 
+
+def test_large_images_go_through_in_tiles_with_the_whole_image_result(monkeypatch):
+    """A 2048-px radiograph at x2 would not fit one forward: tiles with the network's halo must
+    give what one whole-image forward gives (here with tiles of 24 output px)."""
+    rng = np.random.default_rng(1)
+    images = rng.normal(1000, 300, (2, 40, 33)).astype(np.float32)
+    torch.manual_seed(0)
+    deep = mdrn.MDRN(mdrn.MDRNConfig(channels=8, blocks=2))
+    for p in deep.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    runs = {
+        "meta": lambda: volume_stream.meta_images(_random_meta(), images, centres(40, 100), centres(33, 71),
+                                                  (40 / 100, 33 / 71), (0.0, 2000.0), invert=True),
+        "mdrn": lambda: volume_stream.mdrn_images(deep.eval(), images, 3, (0.0, 2000.0)),
+    }
+    for name, run in runs.items():
+        monkeypatch.setattr(volume_stream, "BATCH_VOXELS", 2**22)
+        whole = run()
+        monkeypatch.setattr(volume_stream, "BATCH_VOXELS", 24 * 24)
+        tiled = run()
+        assert tiled.shape == whole.shape, name
+        np.testing.assert_allclose(tiled, whole, atol=1e-2, err_msg=name)
+
 @pytest.mark.parametrize("kind", ["meta", "mdrn"])
 def test_training_few_steps_is_reproducible(tmp_path, kind):
     ct = volume_data.VolumeSource("synthetic_ct", "CT", "-", "train", True)

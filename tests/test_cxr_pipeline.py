@@ -40,6 +40,8 @@ def test_tiles_join_without_seams(monkeypatch):
     ({"heads": ["lungs", "heart"]}, ["heads"]),
     ({"write_sr": False, "heads": []}, ["no output"]),
     ({"method": "lanczos"}, ["unknown option", "method"]),
+    ({"model": "srgan"}, ["model", "hydra, mdrn, meta"]),
+    ({"model": "mdrn", "scale": 8}, ["model mdrn", "x8 needs model hydra"]),
 ])
 def test_bad_options_are_named(options, words):
     with pytest.raises(ValueError) as err:
@@ -63,6 +65,52 @@ def test_missing_weights_fail_with_a_clear_reason(tmp_path, monkeypatch):
             list(cxr.PIPELINE.run(cr, {"scale": 2}, RunContext("seed")))
     finally:
         cxr.load_models.cache_clear()
+
+
+def test_sr_by_mdrn_needs_no_hydra_weights_but_the_heads_do(tmp_path, monkeypatch):
+    import shutil
+
+    for name in ("mdrn.safetensors", "mdrn.md"):
+        shutil.copy(weights.weights_dir() / name, tmp_path / name)
+    monkeypatch.setenv("SRNODE_WEIGHTS", str(tmp_path))
+    cxr.load_models.cache_clear()
+    try:
+        assert cxr.PIPELINE.not_ready({"model": "mdrn", "heads": []}) is None
+        assert "cxr_hydra_trunk.safetensors" in cxr.PIPELINE.not_ready({"model": "mdrn"})
+        assert "meta_upscale.safetensors" in cxr.PIPELINE.not_ready({"model": "meta", "heads": []})
+    finally:
+        cxr.load_models.cache_clear()
+
+
+@pytest.mark.parametrize("model", ["mdrn", "meta"])
+def test_mdrn_and_meta_super_resolve_a_real_radiograph_better_than_lanczos(model, tmp_path):
+    """The real CR's centre, downscaled x2 (antialiased cubic), back up x2 by the pipeline: closer
+    to the original than Lanczos (measured: MDRN +0.23 dB, Meta +0.26 dB on this noisy 12-bit CR;
+    +5 dB on JSRT's smooth 8-bit PNGs); a valid derived CR in the source's MONOCHROME."""
+    from pipelines.image_metrics import psnr
+    from pipelines.interpolation import resize
+
+    src = dcmread(make.cr(tmp_path, f"cxr-{model}")[0])
+    full = src.pixel_array.astype(np.float32)
+    cy, cx = full.shape[0] // 2, full.shape[1] // 2
+    truth = full[cy - 192:cy + 192, cx - 192:cx + 192]
+    low = resize(truth, (192, 192), "cubic")
+    src.set_pixel_data(np.clip(np.rint(low), 0, 2 ** int(src.BitsStored) - 1).astype(src.pixel_array.dtype),
+                       src.PhotometricInterpretation, int(src.BitsStored), generate_instance_uid=False)
+    [out] = list(cxr.PIPELINE.run([src], {"model": model, "heads": []}, RunContext(f"cxr-{model}")))
+    assert (out.Rows, out.Columns) == (384, 384)
+    assert out.PhotometricInterpretation == src.PhotometricInterpretation
+    assert {"mdrn": "MDRN", "meta": "Meta-Upscale"}[model] in out.SeriesDescription
+    check_derived([src], [out])
+    path = tmp_path / "out.dcm"
+    out.save_as(path, enforce_file_format=True)
+    src.save_as(tmp_path / "src.dcm", enforce_file_format=True)
+    assert new_dciodvfy_errors(path, tmp_path / "src.dcm") == []
+    top = float(truth.max())
+    as_tensor = lambda a: torch.from_numpy(a / top)[None, None]  # noqa: E731
+    gain = float(psnr(as_tensor(out.pixel_array.astype(np.float32)), as_tensor(truth))
+                 - psnr(as_tensor(resize(low, (384, 384), "lanczos")), as_tensor(truth)))
+    assert gain > 0.15, f"{model} gains {gain:.2f} dB over Lanczos"
 
 
 @pytest.fixture(scope="module")

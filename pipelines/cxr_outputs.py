@@ -86,26 +86,17 @@ def lung_segmentation(source: Dataset, mask: np.ndarray, context: RunContext, mo
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name="srnode Hydra lungs", family=codes.DCM.ArtificialIntelligence, version=model_version),
     )
-    date, time = _content_date_time(source)
     pixel_measures = _pixel_measures(source)
     seg = hd.seg.Segmentation(
         source_images=[source],
         pixel_array=mask.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=context.uid("lungs", "series"),
-        series_number=series_number,
-        sop_instance_uid=context.uid("lungs", "instance", 0),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         manufacturer_model_name="Hydra lung head",
         software_versions=_software_versions(context, model_version),
         device_serial_number=MANUFACTURER,
-        series_description=description,
-        content_date=date,
-        content_time=time,
         pixel_measures=pixel_measures,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        **_series_and_instance(source, context, "lungs", series_number, description),
     )
     if pixel_measures is None:  # else highdicom copies a zero source PixelSpacing
         seg.SharedFunctionalGroupsSequence[0].pop("PixelMeasuresSequence", None)
@@ -146,24 +137,26 @@ def abnormality_report(source: Dataset, probability: float, threshold: float, co
     measurements_at = next(i for i, item in enumerate(root.ContentSequence)
                            if item.ConceptNameCodeSequence[0].CodeValue == IMAGING_MEASUREMENTS)
     root.ContentSequence.insert(measurements_at, _image_library(source))
-    date, time = _content_date_time(source)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=root,
-        series_instance_uid=context.uid("abnormality", "series"),
-        series_number=series_number,
-        sop_instance_uid=context.uid("abnormality", "instance", 0),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=description,
-        content_date=date,
-        content_time=time,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        **_series_and_instance(source, context, "abnormality", series_number, description),
     )
     return _without_clock_values(sr)
+
+
+def _series_and_instance(source: Dataset, context: RunContext, key: str, series_number: int,
+                         description: str) -> dict:
+    """The constructor arguments both outputs share: UIDs from the run context (reruns give the same
+    ones), one instance, the manufacturer, and the source's content date and time."""
+    date, time = _content_date_time(source)
+    return {"series_instance_uid": context.uid(key, "series"), "series_number": series_number,
+            "sop_instance_uid": context.uid(key, "instance", 0), "instance_number": 1,
+            "manufacturer": MANUFACTURER, "series_description": description, "content_date": date,
+            "content_time": time, "transfer_syntax_uid": ExplicitVRLittleEndian}
 
 
 def _content_date_time(source: Dataset) -> tuple[str | None, str | None]:

@@ -133,12 +133,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_cards(weights_dir: Path, section: str) -> None:
-    """Replace (or add) the evaluation section of each Hydra model card; the weights are untouched."""
-    for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE):
-        weights.set_evaluation(weights_dir / name, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srnode eval cxr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,12 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               "sr": eval_sr(models.trunk, images, args.scales, dev)}
     report["lungs"], report["abnormality"] = eval_heads(models, samples, args.head_scales, dev)
     report["cost"] = eval_cost(models, dev)
-    text = markdown(report)
-    if args.out:
-        eval_metrics.write_report(args.out, "cxr_eval", report, text)
-    if args.update_cards:
-        update_cards(args.weights, text)
-    print(text)
+    cards = [args.weights / name for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE)] if args.update_cards else []
+    eval_metrics.publish(args.out, "cxr_eval", report, markdown(report), cards)
     return 0
 
 

@@ -56,8 +56,17 @@ def segmentation(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
             "pixel_accuracy": float((pred == truth).mean())}
 
 
-def write_report(out_dir: Path, stem: str, report: dict, markdown: str) -> None:
-    """``<stem>.json`` (numbers) and ``<stem>.md`` (tables) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown)
+def publish(out_dir: Path | None, stem: str, report: dict, markdown: str, cards: list[Path] = ()) -> None:
+    """``<stem>.json`` (numbers) and ``<stem>.md`` (tables) in ``out_dir`` (when given), the tables
+    as the evaluation section of the model card of each weights file in ``cards`` that has one (the
+    weights are untouched), and the tables on stdout."""
+    from pipelines import weights
+
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+        (out_dir / f"{stem}.md").write_text(markdown)
+    for path in cards:
+        if weights.card_path(path).exists():
+            weights.set_evaluation(path, markdown)
+    print(markdown)

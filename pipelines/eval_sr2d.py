@@ -8,7 +8,9 @@ window (CXR as stored, CT [-1024, 2976] HU, MR 0.5/99.5 percentiles of its volum
 multiple of the factor's numerator p (factor p/q), downscaled to exactly q/p of its size with
 antialiased cubic, and brought back by cubic, Lanczos, Meta-Upscale, and at integer factors by the
 fixed-scale models trained for that factor: the Hydra trunk (CXR, x2/x3/x4), the sr3d in-plane CNN
-(CT/MR, x2/x4) and MDRN (x2/x3/x4) when its weights are present. PSNR on [0, 1] over each image, SSIM
+(CT/MR, x2/x4), MDRN (x2/x3/x4), and ``fixed`` (Meta-Upscale's own trunk with fixed x2/x3/x4 tails,
+trained on the same terms: the comparison that isolates the upsampling module) when their weights
+are present. PSNR on [0, 1] over each image, SSIM
 (11-px window); means over images. Seconds per image are for a 512 px CXR at x2 on this machine.
 """
 from __future__ import annotations
@@ -23,10 +25,10 @@ import numpy as np
 import torch
 
 from pipelines import cxr_data, hydra, volume_data, weights
-from pipelines.eval_metrics import write_report
+from pipelines.eval_metrics import publish
 from pipelines.image_metrics import psnr, ssim
 from pipelines.interpolation import resize
-from pipelines.mdrn import MDRN_FILE, load_mdrn
+from pipelines.mdrn import FIXED_FILE, MDRN_FILE, load_mdrn
 from pipelines.meta_sr import META_FILE, load_meta, parameter_count
 from pipelines.sr3d import load_cnn
 from pipelines.sr3d_cnn import INPLANE_FILES
@@ -45,8 +47,9 @@ def test_images(cxr_dir: Path, data_dir: Path) -> dict[str, list[np.ndarray]]:
 def load_models(folder: Path) -> dict:
     models = {"meta": load_meta(folder / META_FILE), "hydra": hydra.load_trunk(folder / hydra.TRUNK_FILE),
               "cnn": {s: load_cnn(folder / name) for s, name in INPLANE_FILES.items()}}
-    if (folder / MDRN_FILE).exists():
-        models["mdrn"] = load_mdrn(folder / MDRN_FILE)
+    for name, file_name in (("mdrn", MDRN_FILE), ("fixed", FIXED_FILE)):
+        if (folder / file_name).exists():
+            models[name] = load_mdrn(folder / file_name)
     return models
 
 
@@ -61,8 +64,9 @@ def outputs(models: dict, modality: str, lr: np.ndarray, shape: tuple[int, int],
             out[f"hydra x{r}"] = models["hydra"](torch.from_numpy(out["cubic"])[None, None])[0][0, 0].numpy()
         if modality != "CXR" and r in models["cnn"]:
             out[f"sr3d cnn x{r}"] = models["cnn"][r](x)[0][0, 0].numpy()
-        if "mdrn" in models and r in (2, 3, 4):
-            out[f"mdrn x{r}"] = models["mdrn"](x, r)[0, 0].numpy()
+        for name in ("mdrn", "fixed"):
+            if name in models and r in (2, 3, 4):
+                out[f"{name} x{r}"] = models[name](x, r)[0, 0].numpy()
     return out
 
 
@@ -88,8 +92,8 @@ def evaluate(cxr_dir: Path, data_dir: Path, weights_dir: Path) -> dict:
                   f"{report['factors'][modality][text]['lanczos']['psnr']:.2f} dB", file=sys.stderr, flush=True)
         report["count"] = {**report.get("count", {}), modality: len(images)}
     report["cost"] = cost(models)
-    report["versions"] = {name: f"sha256:{weights.sha256(weights_dir / name)[:12]}" for name in (META_FILE, MDRN_FILE)
-                          if (weights_dir / name).exists()}
+    report["versions"] = {name: f"sha256:{weights.sha256(weights_dir / name)[:12]}"
+                          for name in (META_FILE, MDRN_FILE, FIXED_FILE) if (weights_dir / name).exists()}
     return report
 
 
@@ -99,10 +103,11 @@ def cost(models: dict, size: int = 512, repeats: int = 3) -> dict:
     runs = {"meta x2": lambda: models["meta"](x, size, size),
             "hydra x2": lambda: models["hydra"](torch.rand(1, 1, size, size)),
             "sr3d cnn x2": lambda: models["cnn"][2](x)}
-    if "mdrn" in models:
-        runs["mdrn x2"] = lambda: models["mdrn"](x, 2)
+    for name in ("mdrn", "fixed"):
+        if name in models:
+            runs[f"{name} x2"] = lambda name=name: models[name](x, 2)
     params = {"meta x2": models["meta"], "hydra x2": models["hydra"], "sr3d cnn x2": models["cnn"][2],
-              "mdrn x2": models.get("mdrn")}
+              "mdrn x2": models.get("mdrn"), "fixed x2": models.get("fixed")}
     out = {}
     for name, fn in runs.items():
         fn()
@@ -127,18 +132,17 @@ def markdown(report: dict) -> str:
             cells = [f"{t[m]['psnr']:.2f} / {t[m]['ssim']:.4f}" if m in t else "-" for t in by_factor.values()]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         gains = [f"{t['meta']['psnr'] - t['lanczos']['psnr']:+.2f}" for t in by_factor.values()]
-        lines += ["| **meta - lanczos (dB)** | " + " | ".join(gains) + " |", ""]
+        lines.append("| **meta - lanczos (dB)** | " + " | ".join(gains) + " |")
+        fixed = [f"{t['meta']['psnr'] - t[k]['psnr']:+.2f}" if (k := f"fixed x{f}") in t else "-"
+                 for f, t in by_factor.items()]
+        if any(v != "-" for v in fixed):
+            lines.append("| **meta - fixed, same trunk (dB)** | " + " | ".join(fixed) + " |")
+        lines.append("")
     lines += [f"### Cost ({report['cost']['threads']} CPU threads, 512 px output at x2)", "",
               "| model | parameters | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {v['parameters']:,} | {v['seconds']} |" for name, v in report["cost"].items()
               if isinstance(v, dict)]
     return "\n".join(lines) + "\n"
-
-
-def update_cards(weights_dir: Path, section: str) -> None:
-    for name in (META_FILE, MDRN_FILE):
-        if weights.card_path(weights_dir / name).exists():
-            weights.set_evaluation(weights_dir / name, section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-cards", action="store_true")
     args = parser.parse_args(argv)
     report = evaluate(args.cxr_data, args.data, args.weights)
-    text = markdown(report)
-    write_report(args.out, "sr2d_eval", report, text)
-    if args.update_cards:
-        update_cards(args.weights, text)
-    print(text)
+    cards = [args.weights / name for name in (META_FILE, MDRN_FILE, FIXED_FILE)] if args.update_cards else []
+    publish(args.out, "sr2d_eval", report, markdown(report), cards)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines import volume_data, weights
-from pipelines.eval_metrics import write_report
+from pipelines.eval_metrics import publish
 from pipelines.image_metrics import ssim
 from pipelines.interpolation import METHODS, resize
 from pipelines.sr3d import load_models
@@ -163,12 +163,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_cards(weights_dir: Path, section: str) -> None:
-    """Replace (or add) the evaluation section of each sr3d model card; the weights are untouched."""
-    for name in (*INPLANE_FILES.values(), THROUGH_FILE):
-        weights.set_evaluation(weights_dir / name, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srnode eval sr3d", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
@@ -177,11 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
     args = parser.parse_args(argv)
     report = evaluate(args.data, args.weights)
-    text = markdown(report)
-    write_report(args.out, "sr3d_eval", report, text)
-    if args.update_cards:
-        update_cards(args.weights, text)
-    print(text)
+    cards = [args.weights / name for name in (*INPLANE_FILES.values(), THROUGH_FILE)] if args.update_cards else []
+    publish(args.out, "sr3d_eval", report, markdown(report), cards)
     return 0
 
 

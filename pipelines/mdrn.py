@@ -23,6 +23,7 @@ from pipelines.meta_sr import ResidualTrunk
 
 MDRN_FILE = "mdrn.safetensors"
 SCALES = (2, 3, 4)
+FIXED_FILE = "sr2d_fixed.safetensors"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class MDRNConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def fixed_config() -> "MDRNConfig":
+    """Meta-Upscale's trunk (:class:`pipelines.meta_sr.MetaConfig`) with this module's fixed x2/x3/x4
+    sub-pixel tails: the fixed-scale counterpart the Meta-SR paper compares Meta-Upscale with
+    (same trunk, same data and steps). An evaluation baseline (``FIXED_FILE``); no pipeline uses it."""
+    from pipelines.meta_sr import MetaConfig
+
+    meta = MetaConfig()
+    return MDRNConfig(channels=meta.channels, blocks=meta.blocks)
 
 
 class Tail(nn.Module):

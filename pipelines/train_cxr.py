@@ -8,8 +8,8 @@ with a model card (``pipelines.weights``) and a CSV of its losses next to them. 
 on a frozen trunk (the one in ``--out``), as in the paper.
 
 Reduced CPU budget (the defaults, documented in the model cards): the trunk at reduced width,
-900 steps of 4 crops of 144 px x 4 scales; the heads 400 steps (lungs) and 300 epochs
-(abnormality) on features computed once at x2.
+7000 steps of 4 crops of 72 px x 4 scales (Adam 1e-3); the heads 800 steps (lungs) and 300
+epochs (abnormality) on features computed once at x2.
 """
 from __future__ import annotations
 
@@ -32,18 +32,20 @@ from pipelines.training import Progress, adam_cosine, device, seed_everything
 log = logging.getLogger(__name__)
 
 TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE = hydra.TRUNK_FILE, hydra.LUNGS_FILE, hydra.ABNORMALITY_FILE
+TRUNK_STEPS, LUNG_STEPS = 7000, 800
 HEAD_SCALE = 2  # heads learn from the trunk's features of a source upsampled x2
-CROP = 144  # a multiple of every training scale (2, 3, 4, 8)
+CROP = 72  # a multiple of every training scale (2, 3, 4, 8), over 3x the trunk's 21-px receptive field
 
 
 # -- trunk ------------------------------------------------------------------------------------
-def trunk_batch(images: list[np.ndarray], rng: np.random.Generator, crops: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``crops`` random HR crops, each degraded at every scale: (inputs, targets), (crops*4, 1, CROP, CROP)."""
+def trunk_batch(images: list[np.ndarray], rng: np.random.Generator, crops: int,
+                size: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``crops`` random HR crops, each degraded at every scale: (inputs, targets), (crops*4, 1, size, size)."""
     hr = []
     for _ in range(crops):
         img = images[rng.integers(len(images))]
-        y, x = rng.integers(0, img.shape[0] - CROP + 1), rng.integers(0, img.shape[1] - CROP + 1)
-        crop = img[y:y + CROP, x:x + CROP]
+        y, x = rng.integers(0, img.shape[0] - size + 1), rng.integers(0, img.shape[1] - size + 1)
+        crop = img[y:y + size, x:x + size]
         hr.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
     hr = np.stack(hr)
     inputs = np.concatenate([cxr_data.degrade(hr, s) for s in cxr_data.SCALES])
@@ -73,7 +75,7 @@ def validate_trunk(model: hydra.HydraTrunk, val: list[np.ndarray], dev: torch.de
 
 
 def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: int, seed: int,
-                crops: int = 4, lr: float = 3e-4) -> Path:
+                crops: int = 4, lr: float = 1e-3, crop: int = CROP) -> Path:
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     dev = device()
@@ -85,7 +87,7 @@ def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: i
     progress = Progress("trunk", steps, out_dir / "logs" / "cxr_hydra_trunk.csv")
     best, best_state = -math.inf, None
     for step in range(1, steps + 1):
-        inputs, targets = trunk_batch(train, rng, crops)
+        inputs, targets = trunk_batch(train, rng, crops, crop)
         out, _ = model(inputs.to(dev))
         loss = sr_loss(out, targets.to(dev))
         opt.zero_grad()
@@ -100,7 +102,7 @@ def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: i
         progress.step(step, loss.item(), val_gain)
     seconds = progress.close()
     recipe = {
-        "steps": steps, "seed": seed, "batch": crops * len(cxr_data.SCALES), "crop": CROP,
+        "steps": steps, "seed": seed, "batch": crops * len(cxr_data.SCALES), "crop": crop,
         "scales": list(cxr_data.SCALES), "optimizer": f"Adam {lr}, cosine to 10%",
         "loss": "0.6 MAE + 0.4 (1 - MS-SSIM, 3 levels, 7-px window)",
         "degradation": "antialiased cubic down (Keys a=-0.5), cubic up", "device": str(dev),
@@ -126,8 +128,27 @@ the JSRT / SCR terms apply (research, no redistribution of the images, no clinic
 ```json
 {json.dumps(recipe, indent=1, sort_keys=True)}
 ```
-Evaluation on the held-out test split: `srnode eval cxr` (tables below when filled in by it).
+Crops of {recipe["crop"]} px: the trunk's receptive field is 21 px, so small crops lose little context and
+buy many more steps per CPU minute than the full 512-px images would.
+
+## Data and split
+{DATA_SPLIT}
+
+## Known limits
+{"Reduced" if list(config.widths) != list(hydra.PAPER_WIDTHS) else "Paper"} width, trained for \
+{recipe["seconds"] / 60:.0f} min on {recipe["device"]}; the paper-width model on a GPU is the next step. Training images
+are JSRT display PNGs; DICOM input is mapped linearly (0.5-99.5 percentiles) before the trunk (`pipelines/cxr.py`).
+Where it stands against the project's targets: the evaluation below.
+
+## Evaluation
+Written by `srnode eval cxr --update-cards` (held-out test split).
 """
+
+
+DATA_SPLIT = """159 training images (JSRT `train` rows of `shared/data/cxr/manifest.csv` except every 7th, plus 10
+Shenzhen normals), 25 validation images (every 7th JSRT `train` row, for the best checkpoint and the
+abnormality threshold), 22 test images (the manifest's `val` rows; never trained on or used for selection).
+512x512 8-bit PNGs, 0.70 mm pixels; lung masks from JSRT/SCR."""
 
 
 # -- heads ------------------------------------------------------------------------------------
@@ -189,7 +210,8 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
               "best_val_grid_iou": round(best, 4), "seconds": round(seconds), "trunk_sha256": trunk_digest}
     config = {"model": "hydra-lungs", "channels": channels, "grid": grid,
               "decoder_dilations": list(hydra.DECODER_DILATIONS), "recipe": recipe}
-    weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, hydra.parameter_count(head)))
+    weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, hydra.parameter_count(head),
+                                                                  HEAD_NOTES["lungs"]))
 
 
 @torch.no_grad()
@@ -246,22 +268,41 @@ def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: in
     config = {"model": "hydra-abnormality", "channels": channels, "threshold": round(float(threshold), 4),
               "recipe": recipe}
     weights.save(out_dir / ABNORMALITY_FILE, state, config,
-                 head_card("abnormality (JSRT nodule vs no nodule)", recipe, hydra.parameter_count(head)))
+                 head_card("abnormality (JSRT nodule vs no nodule)", recipe, hydra.parameter_count(head),
+                           HEAD_NOTES["abnormality"]))
 
 
-def head_card(task: str, recipe: dict, params: int) -> str:
+HEAD_NOTES = {
+    "lungs": """Features: the frozen trunk's 6th conv on the image upsampled x2 (cubic), averaged onto a
+128-px grid; target: the mask averaged onto the same grid. Decoder dilations 1-2-4-8-16-1 (context).
+Trained on x2 features only: the `cxr` pipeline always feeds the heads a x2 forward.""",
+    "abnormality": """Label: JSRT nodule (abnormal) vs no nodule (normal); the 10 Shenzhen normals are in training.
+Input: the globally averaged 6th-conv features of the x2 forward, standardised with the training split's
+mean and std (stored in the weights). Threshold: Youden's J on the validation split. The test split has 22
+images (13 abnormal), so its AUC has a wide uncertainty (roughly +-0.18 at 95%).""",
+}
+
+
+def head_card(task: str, recipe: dict, params: int, notes: str) -> str:
     return f"""# Hydra head: {task} ({params:,} parameters)
 
 A head on the frozen Hydra trunk (`cxr_hydra_trunk.safetensors`, sha256 in the recipe), our PyTorch
 implementation (`pipelines/hydra.py`), trained by `python -m pipelines.train_cxr heads`.
 
 **Research use only; not a medical device.** Trained on JSRT chest radiographs (and 10 Shenzhen normals) from
-`shared/data/cxr`: the JSRT / SCR terms apply.
+`shared/data/cxr`: the JSRT / SCR terms apply. The abnormality finding is written UNVERIFIED.
 
 ## Recipe
 ```json
 {json.dumps(recipe, indent=1, sort_keys=True)}
 ```
+
+## Data and split
+{DATA_SPLIT}
+{notes}
+
+## Evaluation
+Written by `srnode eval cxr --update-cards` (held-out test split).
 """
 
 
@@ -272,16 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=cxr_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir())
     parser.add_argument("--width", choices=["reduced", "paper"], default="reduced")
-    parser.add_argument("--steps", type=int, help="trunk: 900, heads (lungs): 400")
+    parser.add_argument("--steps", type=int, help=f"trunk: {TRUNK_STEPS}, heads (lungs): {LUNG_STEPS}")
     parser.add_argument("--epochs", type=int, default=300, help="abnormality head epochs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.what == "trunk":
         widths = hydra.REDUCED_WIDTHS if args.width == "reduced" else hydra.PAPER_WIDTHS
-        train_trunk(args.data, args.out, widths, args.steps or 900, args.seed)
+        train_trunk(args.data, args.out, widths, args.steps or TRUNK_STEPS, args.seed)
     else:
-        train_heads(args.data, args.out, args.steps or 400, args.seed, epochs=args.epochs)
+        train_heads(args.data, args.out, args.steps or LUNG_STEPS, args.seed, epochs=args.epochs)
     return 0
 
 

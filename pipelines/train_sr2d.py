@@ -2,6 +2,7 @@
 
     python -m pipelines.train_sr2d meta [--steps N] [--seed S] [--out weights/]
     python -m pipelines.train_sr2d mdrn [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.train_sr2d fixed [--steps N] [--seed S] [--out weights/]
 
 ``srnode train sr2d ...`` runs the same; CUDA is used when present. Patches come a third each from
 chest X-rays (``shared/data/cxr``, its train split, :mod:`pipelines.cxr_data`) and from CT and MR
@@ -15,6 +16,10 @@ exactly ``30 * factor`` px. L1 loss (the adversarial and
 perceptual losses of Meta-SRGAN are not used: the L1 model is the clinical default).
 
 MDRN: one scale of 2, 3, 4 per batch, LR patches of 24 px, L1 loss.
+
+fixed: the evaluation baseline of ``mdrn.fixed_config`` (Meta-Upscale's trunk with fixed x2/x3/x4
+tails), trained as MDRN but on Meta-Upscale's patch size, batch, rate and steps, so that
+``srnode eval sr2d`` compares the two upsampling modules on equal terms.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 
 from pipelines import cxr_data, volume_data, weights
 from pipelines.interpolation import resize
-from pipelines.mdrn import MDRN_FILE, MDRN, MDRNConfig
+from pipelines.mdrn import FIXED_FILE, MDRN_FILE, MDRN, MDRNConfig, fixed_config
 from pipelines.mdrn import SCALES as MDRN_SCALES
 from pipelines.meta_sr import META_FILE, MetaConfig, MetaSR, parameter_count
 from pipelines.train_sr3d import PatchSampler, load_training_volumes
@@ -37,7 +42,7 @@ from pipelines.training import Progress, adam_cosine, device, seed_everything
 
 log = logging.getLogger(__name__)
 
-STEPS = {"meta": 20000, "mdrn": 6000}
+STEPS = {"meta": 20000, "mdrn": 6000, "fixed": 20000}
 BATCH = 16
 META_LR_PATCH, MDRN_LR_PATCH = 30, 24
 META_SCALES = (1.1, 4.0)
@@ -76,8 +81,9 @@ def train(kind: str, data_dir: Path, cxr_dir: Path, out_dir: Path, steps: int, s
         config, model, file_name = MetaConfig(), None, META_FILE
         model = MetaSR(config).to(dev)
     else:
-        config, file_name = MDRNConfig(), MDRN_FILE
+        config, file_name = (MDRNConfig(), MDRN_FILE) if kind == "mdrn" else (fixed_config(), FIXED_FILE)
         model = MDRN(config).to(dev)
+    lr_patch = MDRN_LR_PATCH if kind == "mdrn" else META_LR_PATCH
     print(f"{kind}: {parameter_count(model):,} parameters on {dev}", file=sys.stderr)
     opt, sched = adam_cosine(model.parameters(), lr, steps)
     progress = Progress(kind, steps, out_dir / "logs" / f"{Path(file_name).stem}.csv", every=50)
@@ -87,7 +93,7 @@ def train(kind: str, data_dir: Path, cxr_dir: Path, out_dir: Path, steps: int, s
             out = model(lr_batch, hr_batch.shape[-2], hr_batch.shape[-1])
         else:
             scale = int(MDRN_SCALES[rng.integers(len(MDRN_SCALES))])
-            lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(BATCH, scale, MDRN_LR_PATCH, 2, blur=False))
+            lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(BATCH, scale, lr_patch, 2, blur=False))
             out = model(lr_batch, scale)
         loss = F.l1_loss(out, hr_batch)
         opt.zero_grad(set_to_none=True)
@@ -97,7 +103,7 @@ def train(kind: str, data_dir: Path, cxr_dir: Path, out_dir: Path, steps: int, s
         progress.step(step, loss.item())
     seconds = progress.close()
     model.cpu()
-    meta = {"model": kind, **config.to_dict()}
+    meta = {"model": "meta" if kind == "meta" else "mdrn", **config.to_dict()}
     weights.save(out_dir / file_name, model.state_dict(), meta,
                  card_text(kind, config, steps, seed, lr, seconds, parameter_count(model), str(dev)))
     print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
@@ -110,10 +116,14 @@ def card_text(kind: str, config, steps: int, seed: int, lr: float, seconds: floa
                 f"{config.channels} filters; filter predictor Linear(4, {config.hidden})-ReLU-Linear(9x{config.channels})")
         recipe = (f"one factor per batch in [{META_SCALES[0]}, {META_SCALES[1]}] in steps of 0.1, rows only in "
                   f"{ROWS_ONLY_P:.0%} of batches; LR patches {META_LR_PATCH} px")
-    else:
+    elif kind == "mdrn":
         what = (f"MDRN: {config.blocks} residual blocks x {config.channels} filters without batch norm (the paper "
                 f"uses 80), LR input, tails for x2/x3/x4")
         recipe = f"one scale of 2/3/4 per batch; LR patches {MDRN_LR_PATCH} px"
+    else:
+        what = (f"fixed-scale baseline for Meta-Upscale: its trunk ({config.blocks} blocks x {config.channels} "
+                "filters) with sub-pixel tails for x2/x3/x4 (evaluation only; no pipeline uses it)")
+        recipe = f"one scale of 2/3/4 per batch; LR patches {META_LR_PATCH} px (Meta-Upscale's steps, batch and rate)"
     return f"""# sr2d: {what}
 
 `pipelines/{"meta_sr" if kind == "meta" else "mdrn"}.py`, residual on Lanczos (last layer zero-initialised). {params:,}
@@ -140,7 +150,7 @@ Written by `srnode eval sr2d --update-cards`.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srnode train sr2d", description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=["meta", "mdrn"])
+    parser.add_argument("kind", choices=["meta", "mdrn", "fixed"])
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-4)

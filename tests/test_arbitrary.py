@@ -106,7 +106,8 @@ def test_large_images_go_through_in_tiles_with_the_whole_image_result(monkeypatc
         assert tiled.shape == whole.shape, name
         np.testing.assert_allclose(tiled, whole, atol=1e-2, err_msg=name)
 
-@pytest.mark.parametrize("kind", ["meta", "mdrn"])
+
+@pytest.mark.parametrize("kind", ["meta", "mdrn", "fixed"])
 def test_training_few_steps_is_reproducible(tmp_path, kind):
     ct = volume_data.VolumeSource("synthetic_ct", "CT", "-", "train", True)
     rng = np.random.default_rng(3)
@@ -115,8 +116,11 @@ def test_training_few_steps_is_reproducible(tmp_path, kind):
     again = train_sr2d.train(kind, tmp_path, tmp_path, tmp_path / "b", steps=2, seed=4, volumes=[(ct, vol)])
     a, config = weights.load(first)
     b, _ = weights.load(again)
-    assert config["model"] == kind and all(torch.equal(a[k], b[k]) for k in a)
+    assert config["model"] == ("meta" if kind == "meta" else "mdrn") and all(torch.equal(a[k], b[k]) for k in a)
     assert "seed 4" in weights.card_path(first).read_text()
+    if kind == "fixed":  # Meta-Upscale's trunk, loadable as an MDRN
+        assert (config["channels"], config["blocks"]) == (meta_sr.MetaConfig().channels, meta_sr.MetaConfig().blocks)
+        assert mdrn.load_mdrn(first)(torch.rand(1, 1, 8, 8), 3).shape == (1, 1, 24, 24)
 
 
 # ---- pipeline ------------------------------------------------------------------------------------

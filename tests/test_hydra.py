@@ -109,7 +109,8 @@ def test_trunk_training_is_reproducible_with_a_seed(trained, tmp_path):
 
 def test_eval_reports_every_table(trained, tmp_path):
     data, out = trained
-    assert eval_cxr.main(["--data", str(data), "--weights", str(out), "--out", str(tmp_path), "--head-scales", "2"]) == 0
+    assert eval_cxr.main(["--data", str(data), "--weights", str(out), "--out", str(tmp_path), "--head-scales", "2",
+                          "--update-cards"]) == 0
     report = json.loads((tmp_path / "cxr_eval.json").read_text())
     assert set(report["sr"]) == {"x2", "x3", "x4", "x8"}
     assert set(report["sr"]["x2"]) == {"hydra", "cubic", "lanczos"}
@@ -117,6 +118,10 @@ def test_eval_reports_every_table(trained, tmp_path):
     assert report["abnormality"]["x2"]["n"] == 4
     assert report["cost"]["params"]["trunk"] == 71_139
     assert "gain over Lanczos" in (tmp_path / "cxr_eval.md").read_text()
+    for name in (train_cxr.TRUNK_FILE, train_cxr.LUNGS_FILE, train_cxr.ABNORMALITY_FILE):
+        card = weights.card_path(out / name).read_text()
+        assert "## Data and split" in card and card.count("## Evaluation") == 1 and "gain over Lanczos" in card
+        weights.load(out / name)  # the weights and the card's header are untouched
 
 
 def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_path):

@@ -1,6 +1,6 @@
 """CXR pipeline speed: one Hydra trunk forward for SR + both heads vs three separate models.
 
-    python benchmarks/cxr_speed.py [--size 2048] [--scale 2] [--repeats 1]
+    python benchmarks/cxr_speed.py [--size 2048] [--scale 2] [--repeats 1] [--models mdrn meta]
 
 Input: pydicom-data's real CR (RG1_UNCR.dcm) resampled to SIZE x SIZE and written as a CR. Measured in
 one run, on whatever device torch picks (CUDA when present):
@@ -8,6 +8,8 @@ one run, on whatever device torch picks (CUDA when present):
   * `cxr` pipeline, all outputs (SR series + lung SEG + abnormality SR), DICOM encoding included;
   * the traditional approach with the same models: three separate forwards (SR; trunk + lung head;
     trunk + abnormality head), as three independent networks of this size would cost;
+  * the pipeline with ``model: mdrn`` / ``meta`` (that network's SR series, tiled, plus the trunk
+    forward the heads need), all outputs;
 and prints seconds and ratios. On a GPU it also prints images per second for the pipeline.
 """
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--scale", type=int, default=2, choices=cxr.SCALES)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--models", nargs="*", default=["mdrn", "meta"], choices=["mdrn", "meta"],
+                        help="also time the pipeline with these SR networks (scales 2-4)")
     args = parser.parse_args()
     ds = square_cr(args.size)
     models = cxr.load_models(weights.weights_dir())
@@ -87,6 +91,10 @@ def main() -> int:
     print(f"  Hydra pipeline: one forward, 3 DICOM outputs written {one:8.2f} s   = {one / cubic:6.1f} x cubic")
     print(f"  three separate models (forwards only, no DICOM)    {three:8.2f} s   = {three / cubic:6.1f} x cubic")
     print(f"  ratio three separate / Hydra                       {three / one:8.2f}")
+    for name in args.models if args.scale in (2, 3, 4) else []:
+        t = timed(lambda name=name: run_pipeline([ds], "cxr", {"scale": args.scale, "model": name}, out_dir),
+                  args.repeats)
+        print(f"  pipeline with model: {name:<5} (+ trunk for the heads) {t:8.2f} s   = {t / cubic:6.1f} x cubic")
     if torch.cuda.is_available():
         print(f"  images per second (pipeline)                       {1 / one:8.2f}")
     return 0

@@ -205,19 +205,11 @@ class ArbitraryPipeline:
         elif through:
             stream = resample_stream(stream, n, coords, _meta_through_sampler(network.module, n / n_out, window),
                                      halo(network.module.config), True)
-        ascending = vol.instance_numbers_ascending
 
         def slices() -> Iterator[DerivedSlice]:
             for j, pixels in enumerate(stream):
                 k = float(coords[j]) if through else float(j)
-                yield DerivedSlice(
-                    pixels=pixels,
-                    template=vol.datasets[min(max(int(math.floor(k + 0.5)), 0), n - 1)],
-                    sources=vol.sources_at(k),
-                    index=j if ascending else n_out - 1 - j,
-                    position=vol.position(k, new_spacing, from_source=not through),
-                    slice_location=vol.slice_location(k) if through else None,
-                )
+                yield vol.output_slice(pixels, k, j, n_out, new_spacing, through)
                 context.report(j + 1, n_out)
 
         return write_derived(slices(), series, context)

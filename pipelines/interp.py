@@ -38,7 +38,6 @@ support) and yielded one by one.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -159,7 +158,6 @@ class InterpPipeline:
         weights_y = resize_weights(rows, rows_out, method)
         weights_x = resize_weights(cols, cols_out, method)
         slab = max(1, SLAB_VOXELS // (rows_out * cols_out))
-        ascending = vol.instance_numbers_ascending
 
         def slices() -> Iterator[DerivedSlice]:
             for start in range(0, n_out, slab):
@@ -176,14 +174,7 @@ class InterpPipeline:
                     block = apply_axis(block, 2, weights_x)
                 for j in range(start, stop):
                     k = float(centres[j])
-                    yield DerivedSlice(
-                        pixels=block[j - start],
-                        template=vol.datasets[min(int(math.floor(k + 0.5)), n - 1)],
-                        sources=vol.sources_at(k),
-                        index=j if ascending else n_out - 1 - j,
-                        position=vol.position(k, new_spacing, from_source=not through),
-                        slice_location=vol.slice_location(k) if through else None,
-                    )
+                    yield vol.output_slice(block[j - start], k, j, n_out, new_spacing, through)
                     context.report(j + 1, n_out)
 
         return write_derived(slices(), series, context)

@@ -187,19 +187,11 @@ class SR3DPipeline:
         elif r_t > 1:
             for step in range(int(math.log2(r_t))):
                 stream = through_stream(stream, n * 2 ** step, up_t, scale=2)
-        ascending = vol.instance_numbers_ascending
 
         def slices() -> Iterator[DerivedSlice]:
             for j, pixels in enumerate(stream):
                 k = (j + 0.5) / r_t - 0.5
-                yield DerivedSlice(
-                    pixels=pixels,
-                    template=vol.datasets[min(max(int(math.floor(k + 0.5)), 0), n - 1)],
-                    sources=vol.sources_at(k),
-                    index=j if ascending else n_out - 1 - j,
-                    position=vol.position(k, new_spacing, from_source=r_t == 1),
-                    slice_location=vol.slice_location(k) if r_t > 1 else None,
-                )
+                yield vol.output_slice(pixels, k, j, n_out, new_spacing, through=r_t > 1)
                 context.report(j + 1, n_out)
 
         return write_derived(slices(), series, context)

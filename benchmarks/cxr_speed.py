@@ -78,7 +78,7 @@ def main() -> int:
         _, pooled = cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # segmentation model's encoder
         models.lungs(pooled)
         _, pooled = cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # classification model's encoder
-        models.abnormality((pooled.mean(dim=(2, 3)) - models.feature_mean) / models.feature_std)
+        models.abnormality(pooled.mean(dim=(2, 3)))
 
     cubic = timed(lambda: resize(x, (args.size * args.scale,) * 2, "cubic"), args.repeats)
     one = timed(pipeline, args.repeats)

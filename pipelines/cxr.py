@@ -216,8 +216,7 @@ class CxrPipeline:
                     source_number + SERIES_OFFSETS["lungs"], series_description("Lungs Hydra (AI)", context.version))
             if "abnormality" in opts["heads"]:
                 with torch.no_grad():
-                    gap = (pooled.mean(dim=(2, 3)) - models.feature_mean) / models.feature_std
-                    probability = float(hydra.abnormal_probability(models.abnormality(gap))[0])
+                    probability = float(hydra.abnormal_probability(models.abnormality(pooled.mean(dim=(2, 3))))[0])
                 yield cxr_outputs.abnormality_report(
                     image.dataset, probability, models.threshold, sub, models.versions[hydra.ABNORMALITY_FILE],
                     source_number + SERIES_OFFSETS["abnormality"],

@@ -65,8 +65,7 @@ def eval_heads(models: hydra.HydraModels, samples, scales, dev) -> tuple[dict, d
             prob = F.interpolate(prob, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
             if sample.mask is not None:
                 seg_rows.append(eval_metrics.segmentation(prob >= 0.5, cxr_data.read_mask(sample.mask)))
-            gap = (pooled.mean(dim=(2, 3)) - models.feature_mean) / models.feature_std
-            scores.append(hydra.abnormal_probability(abnormality(gap)).item())
+            scores.append(hydra.abnormal_probability(abnormality(pooled.mean(dim=(2, 3)))).item())
             labels.append(sample.abnormal)
         seg[f"x{s}"] = {k: round(float(np.mean([r[k] for r in seg_rows])), 4) for k in seg_rows[0]} | {"n": len(seg_rows)}
         cls[f"x{s}"] = {k: round(v, 4) if isinstance(v, float) else v

@@ -10,10 +10,15 @@ Heads tap the 6th conv, so one trunk forward gives the SR image and the features
   * lungs: decoder convs 128-64-32-16-8-1 and a sigmoid (BCE). It runs on the features averaged
     onto an analysis grid (``grid`` px on the long side). At full output resolution its receptive
     field (about 30 px) is far too small to tell lung from air outside the body. Its dilations
-    (1, 2, 4, 8, 16, 1) give it about half the grid as context without adding parameters.
+    (1, 2, 4, 8, 16, 1) give it about half the grid as context without adding parameters. Two
+    more input channels carry each cell's row and column position in [-1, 1]: convolutions cannot
+    tell where in the image they are, and lungs always lie in the same region of a PA film.
   * abnormality: global average pooling, a fully connected layer, dropout and a two-way softmax
     (cross-entropy).
-Both heads train with the trunk frozen, as in the paper.
+Both heads train with the trunk frozen, as in the paper, and standardise the features they get
+with the training split's per-channel mean and std (buffers saved with their weights): a trunk
+trained for SR gives small activations (at most about 0.03 here) on few live channels, and
+unscaled they stall a head's training (lung grid IoU 0.75 against 0.86 after 400 steps).
 """
 from __future__ import annotations
 
@@ -77,13 +82,40 @@ class HydraTrunk(nn.Module):
         return x + self.out(feats), feats
 
 
+class Standardise(nn.Module):
+    """Per-channel (x - mean) / std with the training split's statistics, kept as buffers."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
+
+    def fit(self, features: torch.Tensor, dims: tuple[int, ...]) -> None:
+        """Set the statistics from training features; dead channels (std ~ 0) map to ~0, not noise."""
+        self.feature_mean.copy_(features.mean(dim=dims))
+        self.feature_std.copy_(features.std(dim=dims).clamp_min(1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.feature_mean.view(shape)) / self.feature_std.view(shape)
+
+
+def position_channels(n: int, height: int, width: int, device=None) -> torch.Tensor:
+    """(n, 2, height, width): each cell's row and column position, -1 at one edge to 1 at the other."""
+    rows = torch.linspace(-1, 1, height, device=device).view(1, 1, height, 1).expand(n, 1, height, width)
+    cols = torch.linspace(-1, 1, width, device=device).view(1, 1, 1, width).expand(n, 1, height, width)
+    return torch.cat([rows, cols], dim=1)
+
+
 class LungHead(nn.Module):
-    """Decoder 128-64-32-16-8-1 on trunk features pooled to the analysis grid; returns logits."""
+    """Decoder 128-64-32-16-8-1 on standardised trunk features pooled to the analysis grid, plus
+    the two position channels; returns logits."""
 
     def __init__(self, in_channels: int, grid: int = 128):
         super().__init__()
         self.grid = grid
-        layers, previous = [], in_channels
+        self.standardise = Standardise(in_channels)
+        layers, previous = [], in_channels + 2
         for width, dilation in zip(DECODER_WIDTHS, DECODER_DILATIONS):
             layers += [nn.Conv2d(previous, width, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
             previous = width
@@ -91,21 +123,23 @@ class LungHead(nn.Module):
         self.decoder = nn.Sequential(*layers)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.decoder(pooled)
+        n, _, h, w = pooled.shape
+        return self.decoder(torch.cat([self.standardise(pooled), position_channels(n, h, w, pooled.device)], dim=1))
 
 
 class AbnormalityHead(nn.Module):
-    """GAP -> FC -> ReLU -> dropout -> FC -> (softmax in :func:`abnormal_probability`)."""
+    """Standardise -> FC -> ReLU -> dropout -> FC -> (softmax in :func:`abnormal_probability`)."""
 
     def __init__(self, in_channels: int, hidden: int = 64, dropout: float = 0.5):
         super().__init__()
+        self.standardise = Standardise(in_channels)
         self.fc = nn.Linear(in_channels, hidden)
         self.dropout = nn.Dropout(dropout)
         self.classify = nn.Linear(hidden, 2)  # (normal, abnormal)
 
     def forward(self, gap: torch.Tensor) -> torch.Tensor:
         """Logits (N, 2) from globally averaged features (N, C)."""
-        return self.classify(self.dropout(F.relu(self.fc(gap))))
+        return self.classify(self.dropout(F.relu(self.fc(self.standardise(gap)))))
 
 
 def analysis_grid(height: int, width: int, grid: int) -> tuple[int, int]:
@@ -157,16 +191,13 @@ class HydraModels:
     trunk: HydraTrunk
     lungs: LungHead
     abnormality: AbnormalityHead
-    feature_mean: torch.Tensor  # the abnormality head's input normalisation (train split statistics)
-    feature_std: torch.Tensor
     threshold: float  # operating point on the abnormal probability (chosen on the validation split)
     head_scale: int  # the heads learnt from the trunk's features of a source upsampled by this factor
     versions: dict[str, str]  # file name -> "sha256:<first 12 hex digits>"
 
     def to(self, device) -> "HydraModels":
         return HydraModels(self.trunk.to(device), self.lungs.to(device), self.abnormality.to(device),
-                           self.feature_mean.to(device), self.feature_std.to(device), self.threshold,
-                           self.head_scale, self.versions)
+                           self.threshold, self.head_scale, self.versions)
 
 
 def load_models(folder: Path) -> HydraModels:
@@ -185,12 +216,10 @@ def load_models(folder: Path) -> HydraModels:
             raise weights.WeightsError(f"{name} was trained on another trunk than {TRUNK_FILE}: retrain the heads")
     lungs = LungHead(lung_cfg["channels"], lung_cfg["grid"])
     lungs.load_state_dict(lung_state)
-    mean, std = abn_state.pop("feature_mean"), abn_state.pop("feature_std")
     abnormality = AbnormalityHead(abn_cfg["channels"])
     abnormality.load_state_dict(abn_state)
     versions = {name: f"sha256:{digest[:12]}" for name, digest in digests.items()}
     scales = {cfg["recipe"].get("trunk_scale", 2) for cfg in (lung_cfg, abn_cfg)}
     if len(scales) != 1:
         raise weights.WeightsError(f"the heads were trained at different trunk scales {sorted(scales)}: retrain them")
-    return HydraModels(trunk, lungs.eval(), abnormality.eval(), mean, std, float(abn_cfg["threshold"]),
-                       scales.pop(), versions)
+    return HydraModels(trunk, lungs.eval(), abnormality.eval(), float(abn_cfg["threshold"]), scales.pop(), versions)

@@ -8,7 +8,7 @@ with a model card (``pipelines.weights``) and a CSV of its losses next to them. 
 on a frozen trunk (the one in ``--out``), as in the paper.
 
 Reduced CPU budget (the defaults, documented in the model cards): the trunk at reduced width,
-7000 steps of 4 crops of 72 px x 4 scales (Adam 1e-3); the heads 800 steps (lungs) and 300
+7000 steps of 4 crops of 72 px x 4 scales (Adam 1e-3); the heads 1600 steps (lungs) and 300
 epochs (abnormality) on features computed once at x2.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipelines.training import Progress, adam_cosine, device, seed_everything
 log = logging.getLogger(__name__)
 
 TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE = hydra.TRUNK_FILE, hydra.LUNGS_FILE, hydra.ABNORMALITY_FILE
-TRUNK_STEPS, LUNG_STEPS = 7000, 800
+TRUNK_STEPS, LUNG_STEPS = 7000, 1600
 HEAD_SCALE = 2  # heads learn from the trunk's features of a source upsampled x2
 CROP = 72  # a multiple of every training scale (2, 3, 4, 8), over 3x the trunk's 21-px receptive field
 
@@ -186,7 +186,9 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
                  dev: torch.device, batch: int = 8, lr: float = 1e-3) -> None:
     feats, masks, _ = data["train"]
     with_mask = [i for i in range(len(feats)) if masks[i].sum() > 0]
-    head = hydra.LungHead(channels, grid).to(dev)
+    head = hydra.LungHead(channels, grid)
+    head.standardise.fit(feats, dims=(0, 2, 3))
+    head = head.to(dev)
     opt, sched = adam_cosine(head.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     progress = Progress("lungs", steps, out_dir / "logs" / "cxr_hydra_lungs.csv")
@@ -231,13 +233,13 @@ def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: in
 
     gap = {name: feats.mean(dim=(2, 3)) for name, (feats, _, _) in data.items()}
     labels = {name: lab for name, (_, _, lab) in data.items()}
-    mean, std = gap["train"].mean(0), gap["train"].std(0).clamp_min(1e-6)
-    head = hydra.AbnormalityHead(channels).to(dev)
+    head = hydra.AbnormalityHead(channels)
+    head.standardise.fit(gap["train"], dims=(0,))
+    head = head.to(dev)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     progress = Progress("abnormality", epochs, out_dir / "logs" / "cxr_hydra_abnormality.csv", every=25)
-    x_train, y_train = ((gap["train"] - mean) / std).to(dev), labels["train"].to(dev)
-    x_val = ((gap["val"] - mean) / std).to(dev)
+    x_train, y_train, x_val = gap["train"].to(dev), labels["train"].to(dev), gap["val"].to(dev)
     best, best_state = -math.inf, None
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(x_train), generator=gen)
@@ -260,21 +262,22 @@ def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: in
     with torch.no_grad():
         val_prob = hydra.abnormal_probability(head(x_val)).cpu().numpy()
     threshold = youden_threshold(val_prob, labels["val"].numpy())
-    state = {**best_state, "feature_mean": mean, "feature_std": std}
     recipe = {"epochs": epochs, "seed": seed, "batch": batch, "optimizer": f"Adam {lr}",
               "loss": "cross-entropy (normal, abnormal)", "trunk_scale": HEAD_SCALE,
               "best_val_auc": round(best, 4), "threshold_from": "Youden's J on the validation split",
               "seconds": round(seconds), "trunk_sha256": trunk_digest}
     config = {"model": "hydra-abnormality", "channels": channels, "threshold": round(float(threshold), 4),
               "recipe": recipe}
-    weights.save(out_dir / ABNORMALITY_FILE, state, config,
+    weights.save(out_dir / ABNORMALITY_FILE, best_state, config,
                  head_card("abnormality (JSRT nodule vs no nodule)", recipe, hydra.parameter_count(head),
                            HEAD_NOTES["abnormality"]))
 
 
 HEAD_NOTES = {
     "lungs": """Features: the frozen trunk's 6th conv on the image upsampled x2 (cubic), averaged onto a
-128-px grid; target: the mask averaged onto the same grid. Decoder dilations 1-2-4-8-16-1 (context).
+128-px grid and standardised per channel (training-split mean and std, stored in the weights), plus two
+channels of row/column position; target: the mask averaged onto the same grid. Decoder dilations
+1-2-4-8-16-1 (context).
 Trained on x2 features only: the `cxr` pipeline always feeds the heads a x2 forward.""",
     "abnormality": """Label: JSRT nodule (abnormal) vs no nodule (normal); the 10 Shenzhen normals are in training.
 Input: the globally averaged 6th-conv features of the x2 forward, standardised with the training split's

@@ -33,6 +33,28 @@ def test_heads_take_the_sixth_conv_and_the_lung_head_keeps_the_grid():
     assert probs.shape == (1,) and 0 <= probs.item() <= 1
 
 
+def test_heads_standardise_with_stored_statistics_and_the_lung_head_gets_position():
+    feats = torch.rand(4, 8, 16, 12) * 0.03
+    feats[:, 3] = 0.0  # a dead channel stays at zero, not amplified noise
+    lungs = hydra.LungHead(8, grid=16)
+    lungs.standardise.fit(feats, dims=(0, 2, 3))
+    z = lungs.standardise(feats)
+    live = [0, 1, 2, 4, 5, 6, 7]
+    assert torch.allclose(z[:, live].mean(dim=(0, 2, 3)), torch.zeros(7), atol=1e-5)
+    assert torch.allclose(z[:, live].std(dim=(0, 2, 3)), torch.ones(7), atol=1e-4)
+    assert torch.all(z[:, 3] == 0)
+    restored = hydra.LungHead(8, grid=16)
+    restored.load_state_dict(lungs.state_dict())  # the statistics travel with the weights
+    assert torch.equal(restored(feats), lungs(feats))
+    assert lungs.decoder[0].in_channels == 8 + 2
+    pos = hydra.position_channels(1, 16, 12)
+    assert pos[0, 0, 0, 0] == -1 and pos[0, 0, -1, 0] == 1 and pos[0, 1, 0, 0] == -1 and pos[0, 1, 0, -1] == 1
+    gap = feats.mean(dim=(2, 3))
+    abnormality = hydra.AbnormalityHead(8).eval()
+    abnormality.standardise.fit(gap, dims=(0,))
+    assert set(abnormality.state_dict()) >= {"standardise.feature_mean", "standardise.feature_std"}
+
+
 def test_metrics_on_known_cases():
     x = torch.rand(1, 1, 192, 192)
     assert ssim(x, x).item() == pytest.approx(1.0) and ms_ssim(x, x).item() == pytest.approx(1.0)

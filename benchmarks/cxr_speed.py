@@ -1,13 +1,16 @@
-"""CXR pipeline speed: one Hydra trunk forward for SR + both heads vs three separate models.
+"""CXR pipeline speed: the Hydra trunk shared by SR and both heads vs three separate models.
 
     python benchmarks/cxr_speed.py [--size 2048] [--scale 2] [--repeats 1] [--models mdrn meta]
 
 Input: pydicom-data's real CR (RG1_UNCR.dcm) resampled to SIZE x SIZE and written as a CR. Measured in
 one run, on whatever device torch picks (CUDA when present):
   * reference: cubic upsampling of the image alone (the interpolation every SR output starts from);
-  * `cxr` pipeline, all outputs (SR series + lung SEG + abnormality SR), DICOM encoding included;
+  * `cxr` pipeline, all outputs (SR series + lung SEG + abnormality SR), DICOM encoding included:
+    one trunk forward for a 512-px film at x2, else the SR forward plus the heads' 1024-px forward
+    (the geometry they were trained on, ``cxr.heads_input``);
   * the traditional approach with the same models: three separate forwards (SR; trunk + lung head;
-    trunk + abnormality head), as three independent networks of this size would cost;
+    trunk + abnormality head, each head's encoder at the heads' geometry), as three independent
+    networks of this size would cost;
   * the pipeline with ``model: mdrn`` / ``meta`` (that network's SR series, tiled, plus the trunk
     forward the heads need), all outputs;
 and prints seconds and ratios. On a GPU it also prints images per second for the pipeline.
@@ -68,6 +71,7 @@ def main() -> int:
     models = cxr.load_models(weights.weights_dir())
     x, _ = cxr.to_model_input(decode(ds), ds)
     up = resize(x, (args.size * args.scale,) * 2, "cubic")
+    head_up = cxr.heads_input(x, models.head_scale)
     out_dir = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
 
     def pipeline():
@@ -75,9 +79,9 @@ def main() -> int:
 
     def three_models():
         cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # SR model
-        _, pooled = cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # segmentation model's encoder
+        _, pooled = cxr.trunk_tiled(models.trunk, head_up, models.lungs.grid)  # segmentation model's encoder
         models.lungs(pooled)
-        _, pooled = cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # classification model's encoder
+        _, pooled = cxr.trunk_tiled(models.trunk, head_up, models.lungs.grid)  # classification model's encoder
         models.abnormality(pooled.mean(dim=(2, 3)))
 
     cubic = timed(lambda: resize(x, (args.size * args.scale,) * 2, "cubic"), args.repeats)
@@ -88,7 +92,8 @@ def main() -> int:
     print(f"cxr pipeline, {args.size}x{args.size} CR at x{args.scale}, {dev}, trunk "
           f"{hydra.parameter_count(models.trunk):,} parameters, mean of {args.repeats}")
     print(f"  cubic upsampling alone (reference)                 {cubic:8.2f} s")
-    print(f"  Hydra pipeline: one forward, 3 DICOM outputs written {one:8.2f} s   = {one / cubic:6.1f} x cubic")
+    shared = "one forward" if up.shape == head_up.shape else "SR + heads forward"
+    print(f"  Hydra pipeline ({shared}), 3 DICOM outputs  {one:8.2f} s   = {one / cubic:6.1f} x cubic")
     print(f"  three separate models (forwards only, no DICOM)    {three:8.2f} s   = {three / cubic:6.1f} x cubic")
     print(f"  ratio three separate / Hydra                       {three / one:8.2f}")
     for name in args.models if args.scale in (2, 3, 4) else []:

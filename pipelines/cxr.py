@@ -1,5 +1,5 @@
 """The ``cxr`` pipeline: Hydra super-resolution of chest radiographs, lung segmentation and an
-abnormality finding, from one trunk forward per image.
+abnormality finding (one trunk forward per image for a 512-px film at x2).
 
 For each projection image of the series (CR, DX or SC):
   1. modality values -> model input: linear, the 0.5-99.5 percentiles to [0, 1] without clipping,
@@ -10,8 +10,12 @@ For each projection image of the series (CR, DX or SC):
      margin: the trunk's receptive field is 21 px, so tiles join without seams and the result
      equals one whole-image forward. Each tile's 6th-conv features are averaged onto the heads'
      analysis grid as it goes, so the full-resolution feature map is never held in memory.
-     The heads learnt from features of the source upsampled x2: at ``scale: 2`` the SR forward
-     serves them too; at other scales they get their own x2 forward.
+     The heads learnt from features of 512-px films upsampled x2 (a 1024-px trunk input). They
+     get the trunk's features of the film resampled to that size (:func:`heads_input`): on a
+     512-px film at ``scale: 2`` that is the SR forward itself, otherwise one more, small forward.
+     Fed a 1955-px CR at its own resolution the lung head outlined the abdomen and merged the
+     lungs; resampled, it finds both lungs (checked by eye on the two real PA chests of
+     ``shared/data/cxr_dicom``, which have no reference masks).
   3. outputs: the super-resolved derived series (same SOP class, spacing updated), a BINARY DICOM
      SEG of the lungs on the source matrix (the grid mask resampled back), and a TID 1500 SR with
      the abnormality probability and the finding at the model's stated operating threshold.
@@ -36,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydicom import Dataset
 
 from pipelines import arbitrary, hydra, weights
@@ -80,6 +83,19 @@ def to_model_input(pixels: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[f
 def from_model_output(x: np.ndarray, mapping: tuple[float, float, bool]) -> np.ndarray:
     lo, hi, mono1 = mapping
     return ((1.0 - x) if mono1 else x) * (hi - lo) + lo
+
+
+def heads_shape(h: int, w: int, head_scale: int) -> tuple[int, int]:
+    """The trunk input the heads learnt from: the film with its long side at ``hydra.HEAD_FILM`` px,
+    upsampled by ``head_scale``."""
+    f = hydra.HEAD_FILM * head_scale / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def heads_input(x: np.ndarray, head_scale: int) -> np.ndarray:
+    """The model input ``x`` resampled (antialiased cubic) to :func:`heads_shape`; on a 512-px film
+    that is the x2 cubic upsampling the heads were trained on, exactly."""
+    return resize(x, heads_shape(*x.shape, head_scale), "cubic")
 
 
 @torch.no_grad()
@@ -174,13 +190,12 @@ class CxrPipeline:
                 sr, pooled = trunk_tiled(models.trunk, up, models.lungs.grid,
                                          lambda d, n, i=i: context.report(i * n + d, len(images) * n))
                 sr = from_model_output(sr, mapping)
-                if scale != models.head_scale:
-                    pooled = None  # the heads learnt from features at their own scale (see below)
+                if up.shape != heads_shape(h, w, models.head_scale):
+                    pooled = None  # not the features the heads learnt from (see below)
             if opts["heads"] and pooled is None and not _lateral(image):
-                # The heads learnt from features of the source at their own scale (at x4 the x2-trained
-                # lung head loses 0.2 IoU on the test split): one more forward for them.
-                head_up = resize(x, (h * models.head_scale, w * models.head_scale), "cubic")
-                _, pooled = trunk_tiled(models.trunk, head_up, models.lungs.grid)
+                # The heads only work on features at their training geometry (fed a x4 forward of the
+                # test films, the x2-trained lung head falls from 0.93 to 0.18 IoU): one more forward.
+                _, pooled = trunk_tiled(models.trunk, heads_input(x, models.head_scale), models.lungs.grid)
             results.append((image, sr, pooled))
             context.report(i + 1, len(images))
         if opts["write_sr"]:
@@ -207,10 +222,7 @@ class CxrPipeline:
                                                                context.software_version)
             source_number = int(image.dataset.get("SeriesNumber") or 0)
             if "lungs" in opts["heads"]:
-                with torch.no_grad():
-                    prob = torch.sigmoid(models.lungs(pooled))
-                    prob = F.interpolate(prob, size=image.pixels.shape, mode="bilinear", align_corners=False)
-                mask = prob[0, 0].cpu().numpy() >= 0.5
+                mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape)
                 yield cxr_outputs.lung_segmentation(
                     image.dataset, mask, sub, models.versions[hydra.LUNGS_FILE],
                     source_number + SERIES_OFFSETS["lungs"], series_description("Lungs Hydra (AI)", context.version))

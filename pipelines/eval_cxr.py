@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipelines import cxr_data, eval_metrics, hydra, weights
 from pipelines.cxr import trunk_tiled
@@ -61,10 +60,9 @@ def eval_heads(models: hydra.HydraModels, samples, scales, dev) -> tuple[dict, d
         for sample in samples:
             img = cxr_data.read_image(sample.image)
             _, pooled = trunk_tiled(trunk, cxr_data.upsample(img, s), lungs.grid)
-            prob = torch.sigmoid(lungs(pooled))
-            prob = F.interpolate(prob, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
             if sample.mask is not None:
-                seg_rows.append(eval_metrics.segmentation(prob >= 0.5, cxr_data.read_mask(sample.mask)))
+                mask = hydra.lung_mask(lungs, pooled, img.shape)
+                seg_rows.append(eval_metrics.segmentation(mask, cxr_data.read_mask(sample.mask)))
             scores.append(hydra.abnormal_probability(abnormality(pooled.mean(dim=(2, 3)))).item())
             labels.append(sample.abnormal)
         seg[f"x{s}"] = {k: round(float(np.mean([r[k] for r in seg_rows])), 4) for k in seg_rows[0]} | {"n": len(seg_rows)}

@@ -25,8 +25,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 PAPER_WIDTHS = (8, 16, 32, 64, 128, 256)
@@ -34,6 +36,7 @@ REDUCED_WIDTHS = (8, 16, 32, 32, 64, 64)  # 71K parameters, ~3.7x faster on CPU 
 DILATIONS = (1, 1, 1, 2, 2, 2)
 DECODER_WIDTHS = (128, 64, 32, 16, 8)
 DECODER_DILATIONS = (1, 2, 4, 8, 16, 1)
+HEAD_FILM = 512  # px on the long side of the films the heads learnt from (JSRT); see cxr.heads_input
 TRUNK_FILE = "cxr_hydra_trunk.safetensors"
 LUNGS_FILE = "cxr_hydra_lungs.safetensors"
 ABNORMALITY_FILE = "cxr_hydra_abnormality.safetensors"
@@ -166,6 +169,28 @@ def pool_features(feats: torch.Tensor, grid: int) -> torch.Tensor:
     gh, gw = analysis_grid(h, w, grid)
     rows, cols = pool_matrix(h, gh, feats.device), pool_matrix(w, gw, feats.device)
     return torch.einsum("gh,nchw,kw->ncgk", rows, feats, cols)
+
+
+MIN_LUNG_PART = 0.05  # a connected piece under this fraction of the largest one is a speck, not lung
+
+
+@torch.no_grad()
+def lung_mask(head: LungHead, pooled: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """The lung mask on a (rows, cols) matrix from pooled features (1, C, g, g'): the head's
+    probabilities resampled bilinearly, at least 0.5, then :func:`clean_lung_mask`."""
+    prob = F.interpolate(torch.sigmoid(head(pooled)), size=shape, mode="bilinear", align_corners=False)
+    return clean_lung_mask(prob[0, 0].cpu().numpy() >= 0.5)
+
+
+def clean_lung_mask(mask: np.ndarray) -> np.ndarray:
+    """Lungs as a reader expects them: at most the two largest connected pieces (each at least
+    ``MIN_LUNG_PART`` of the largest), holes filled; specks elsewhere on the film are dropped."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = [i + 1 for i in np.argsort(sizes)[::-1][:2] if sizes[i] >= MIN_LUNG_PART * sizes.max()]
+    return ndimage.binary_fill_holes(np.isin(labels, keep))
 
 
 def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:

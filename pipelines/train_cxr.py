@@ -8,7 +8,7 @@ with a model card (``pipelines.weights``) and a CSV of its losses next to them. 
 on a frozen trunk (the one in ``--out``), as in the paper.
 
 Reduced CPU budget (the defaults, documented in the model cards): the trunk at reduced width,
-7000 steps of 4 crops of 72 px x 4 scales (Adam 1e-3); the heads 1600 steps (lungs) and 300
+7000 steps of 4 crops of 72 px x 4 scales (Adam 1e-3); the heads 2400 steps (lungs) and 300
 epochs (abnormality) on features computed once at x2.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ from pipelines.training import Progress, adam_cosine, device, seed_everything
 log = logging.getLogger(__name__)
 
 TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE = hydra.TRUNK_FILE, hydra.LUNGS_FILE, hydra.ABNORMALITY_FILE
-TRUNK_STEPS, LUNG_STEPS = 7000, 1600
+TRUNK_STEPS, LUNG_STEPS = 7000, 2400
+LUNG_SHIFT = 8  # grid cells (32 source px on a 512-px film): the lung head's shift augmentation
 HEAD_SCALE = 2  # heads learn from the trunk's features of a source upsampled x2
 CROP = 72  # a multiple of every training scale (2, 3, 4, 8), over 3x the trunk's 21-px receptive field
 
@@ -195,7 +196,8 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
     best, best_state = -math.inf, None
     for step in range(1, steps + 1):
         idx = torch.tensor(with_mask)[torch.randint(len(with_mask), (batch,), generator=gen)]
-        loss = F.binary_cross_entropy_with_logits(head(feats[idx].to(dev)), masks[idx].to(dev))
+        x, target = shifted(feats[idx], masks[idx], gen)
+        loss = F.binary_cross_entropy_with_logits(head(x.to(dev)), target.to(dev))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -208,12 +210,30 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
         progress.step(step, loss.item(), val)
     seconds = progress.close()
     recipe = {"steps": steps, "seed": seed, "batch": batch, "optimizer": f"Adam {lr}, cosine to 10%",
-              "loss": "BCE on the lung mask averaged onto the grid", "trunk_scale": HEAD_SCALE,
+              "loss": "BCE on the lung mask averaged onto the grid",
+              "augmentation": f"batch shifted by up to {LUNG_SHIFT} grid cells each way, edges replicated",
+              "trunk_scale": HEAD_SCALE,
               "best_val_grid_iou": round(best, 4), "seconds": round(seconds), "trunk_sha256": trunk_digest}
     config = {"model": "hydra-lungs", "channels": channels, "grid": grid,
               "decoder_dilations": list(hydra.DECODER_DILATIONS), "recipe": recipe}
     weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, hydra.parameter_count(head),
                                                                   HEAD_NOTES["lungs"]))
+
+
+def shifted(feats: torch.Tensor, masks: torch.Tensor, gen: torch.Generator,
+            limit: int = LUNG_SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and masks moved together by a random whole number of grid cells (up to ``limit``
+    each way), edges replicated: patients do not all stand in the same place, and the head's
+    position channels should not learn one placement. Convolutions commute with whole-cell shifts, so
+    this equals recomputing the trunk on a shifted film, away from the edges."""
+    dy, dx = (int(v) for v in torch.randint(-limit, limit + 1, (2,), generator=gen))
+    h, w = feats.shape[-2:]
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, (limit,) * 4, mode="replicate")
+        return padded[..., limit + dy:limit + dy + h, limit + dx:limit + dx + w]
+
+    return move(feats), move(masks)
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 64
 LR_PATCH = {2: 24, 4: 16}
-STEPS = {("inplane", 2): 6000, ("inplane", 4): 3000, ("through", 2): 5000}
+STEPS = {("inplane", 2): 6000, ("inplane", 4): 3000, ("through", 2): 10000}
 FLAT_STD = 0.01
 FLAT_KEEP = 0.25
 BLUR_P, BLUR_MAX_SIGMA = 0.5, 0.5

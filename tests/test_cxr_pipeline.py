@@ -192,3 +192,12 @@ def test_a_cr_through_the_node_reaches_orthanc_as_three_series(make_node, orthan
     assert modalities == sorted([src.Modality, "SEG", "SR"])
     instance = orthanc.instances_of_series(src.StudyInstanceUID, series[0]["0020000E"]["Value"][0])[0]
     assert dcmread(io.BytesIO(orthanc.get_instance_file(instance["00080018"]["Value"][0])))
+
+
+def test_heads_see_the_film_at_their_training_geometry():
+    from pipelines import cxr_data
+
+    film = np.random.default_rng(1).random((512, 512), dtype=np.float32)
+    assert np.array_equal(cxr.heads_input(film, 2), cxr_data.upsample(film, 2))  # the training path, exactly
+    assert cxr.heads_shape(1955, 1841, 2) == (1024, 964)  # a real CR: long side 1024, aspect kept
+    assert cxr.heads_shape(300, 400, 2) == (768, 1024)

@@ -159,3 +159,39 @@ def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_pat
     copy.write_bytes(copy.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(weights.WeightsError, match="does not match its model card"):
         weights.load(copy)
+
+
+def test_lung_augmentation_moves_features_and_mask_together():
+    from pipelines.train_cxr import shifted
+
+    feats = torch.arange(2 * 3 * 20 * 24, dtype=torch.float32).view(2, 3, 20, 24)
+    masks = (feats[:, :1] % 7 == 0).float()
+    seen = set()
+    for seed in range(20):
+        x, m = shifted(feats, masks, torch.Generator().manual_seed(seed), limit=3)
+        assert x.shape == feats.shape and m.shape == masks.shape
+        # locate the shift from the features' interior and check the mask moved by the same amount
+        dy, dx = [(a, b) for a in range(-3, 4) for b in range(-3, 4)
+                  if torch.equal(x[..., 3:-3, 3:-3], feats[..., 3 + a:17 + a, 3 + b:21 + b])][0]
+        assert torch.equal(m[..., 3:-3, 3:-3], masks[..., 3 + dy:17 + dy, 3 + dx:21 + dx])
+        seen.add((dy, dx))
+    assert len(seen) > 5
+
+
+def test_lung_masks_keep_the_two_lungs_without_specks_or_holes():
+    import numpy as np
+
+    mask = np.zeros((100, 100), bool)
+    mask[20:80, 10:40] = True  # right lung, with a hole
+    mask[50:55, 20:25] = False
+    mask[20:70, 60:90] = True  # left lung
+    mask[5:8, 5:8] = True  # speck
+    mask[90:95, 45:50] = True  # another speck
+    clean = hydra.clean_lung_mask(mask)
+    assert clean[52, 22] and not clean[6, 6] and not clean[92, 47]
+    assert clean.sum() == 60 * 30 + 50 * 30
+    one = np.zeros((50, 50), bool)
+    one[10:40, 5:20] = True
+    one[10:12, 30:32] = True  # 4 px: under MIN_LUNG_PART of the piece
+    assert hydra.clean_lung_mask(one).sum() == 30 * 15
+    assert not hydra.clean_lung_mask(np.zeros((8, 8), bool)).any()

@@ -7,12 +7,13 @@
   nearest, linear, cubic, Lanczos and the CNN (x4: the dedicated x4 CNN and the x2 CNN applied
   twice; x2 also with the self-ensemble).
 * 3D (all axes): the isotropic ``test`` volumes are downscaled on all three axes and brought back
-  by the interpolations on all axes, and by the in-plane CNN (or MDRN) followed by the through-plane CNN.
+  by the interpolations on all axes, and by the in-plane CNN (or MDRN) followed by the through-plane CNN
+  (x2 also with both CNN stages as a self-ensemble).
 * PSNR on the fixed intensity window of :mod:`pipelines.volume_data` (CT [-1024, 2976] HU,
   MR the HR volume's 0.5/99.5 percentiles) mapped to [0, 1], over the whole volume; SSIM (11-px
   Gaussian window) averaged over axial slices. Each figure is the mean over the volumes of a
   modality. The CNN runs exactly as in the pipeline (:mod:`pipelines.volume_stream`).
-* Cost: parameters, and seconds per volume for the 3D CNN on this machine.
+* Cost: parameters, and seconds per volume for the 3D CNN (plain and self-ensemble) on this machine.
 """
 from __future__ import annotations
 
@@ -66,11 +67,13 @@ def eval_2d(raw: np.ndarray, window, models, scale: int, mdrn=None) -> dict[str,
     return out
 
 
-def sr3d_cnn(lr: np.ndarray, window, models, scale: int, mdrn=None) -> np.ndarray:
-    """The pipeline's 3D path: the in-plane CNN (or MDRN), then the through-plane CNN on both views."""
-    inplane = cnn_upsampler(models.inplane[scale], window) if mdrn is None else _mdrn_upsampler(mdrn, scale, window)
+def sr3d_cnn(lr: np.ndarray, window, models, scale: int, mdrn=None, ensemble: bool = False) -> np.ndarray:
+    """The pipeline's 3D path: the in-plane CNN (or MDRN), then the through-plane CNN on both views;
+    ``ensemble``: both CNN stages as a self-ensemble (the pipeline's ``self_ensemble``)."""
+    inplane = (cnn_upsampler(models.inplane[scale], window, ensemble) if mdrn is None
+               else _mdrn_upsampler(mdrn, scale, window))
     stream = inplane_stream(lr, scale, inplane)
-    through = cnn_upsampler(models.through, window)
+    through = cnn_upsampler(models.through, window, ensemble)
     n = lr.shape[0]
     for _ in range(int(np.log2(scale))):
         stream = through_stream(stream, n, through, scale=2)
@@ -78,14 +81,18 @@ def sr3d_cnn(lr: np.ndarray, window, models, scale: int, mdrn=None) -> np.ndarra
     return np.stack(list(stream))
 
 
-def eval_3d(raw: np.ndarray, window, models, scale: int, mdrn=None) -> tuple[dict[str, dict[str, float]], float]:
+def eval_3d(raw: np.ndarray, window, models, scale: int,
+            mdrn=None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(metrics per method, seconds per CNN method) for 3D SR of ``raw`` downscaled on every axis."""
     hr = volume_data.crop_to(raw, scale, (0, 1, 2))
     lr = volume_data.downscale(hr, scale, (0, 1, 2))
     out = {m: metrics(resize(lr, hr.shape, m), hr, window) for m in METHODS}
-    start = time.perf_counter()
-    sr = sr3d_cnn(lr, window, models, scale)
-    seconds = time.perf_counter() - start
-    out["cnn"] = metrics(sr, hr, window)
+    seconds = {}
+    for name, ensemble in [("cnn", False)] + ([("cnn + self-ensemble", True)] if scale == 2 else []):
+        start = time.perf_counter()
+        sr = sr3d_cnn(lr, window, models, scale, ensemble=ensemble)
+        seconds[name] = time.perf_counter() - start
+        out[name] = metrics(sr, hr, window)
     if mdrn is not None:
         out["mdrn + through cnn"] = metrics(sr3d_cnn(lr, window, models, scale, mdrn), hr, window)
     return out, seconds
@@ -113,7 +120,7 @@ def evaluate(data_dir: Path, weights_dir: Path) -> dict:
                 print(f"{source.name}: 3D x{scale}", file=sys.stderr, flush=True)
                 result, seconds = eval_3d(raw, window, models, scale, mdrn)
                 entry[f"3d x{scale}"] = result
-                entry[f"3d x{scale} cnn seconds"] = round(seconds, 2)
+                entry[f"3d x{scale} seconds"] = {k: round(v, 2) for k, v in seconds.items()}
                 per["3d"].setdefault((source.modality, scale), []).append(result)
         report["volumes"][source.name] = entry
     for dim in ("2d", "3d"):
@@ -155,11 +162,11 @@ def markdown(report: dict) -> str:
     lines += [f"### Cost ({cost['device']}, {cost['threads']} threads)", "",
               "| model | parameters |", "|---|---|"]
     lines += [f"| {name} | {n:,} |" for name, n in cost["parameters"].items()]
-    lines += ["", "| volume | 3D x2 CNN s | 3D x4 CNN s |", "|---|---|---|"]
+    lines += ["", "| volume | 3D x2 CNN s | 3D x2 CNN self-ensemble s | 3D x4 CNN s |", "|---|---|---|---|"]
     for name, v in report["volumes"].items():
-        if "3d x2 cnn seconds" in v:
-            lines.append(f"| {name} ({'x'.join(map(str, v['shape']))}) | {v['3d x2 cnn seconds']} | "
-                         f"{v['3d x4 cnn seconds']} |")
+        if "3d x2 seconds" in v:
+            lines.append(f"| {name} ({'x'.join(map(str, v['shape']))}) | {v['3d x2 seconds']['cnn']} | "
+                         f"{v['3d x2 seconds']['cnn + self-ensemble']} | {v['3d x4 seconds']['cnn']} |")
     return "\n".join(lines) + "\n"
 
 

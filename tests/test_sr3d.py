@@ -122,7 +122,8 @@ def test_eval_of_the_untrained_cnn_equals_lanczos_in_plane():
     assert table["cnn"]["psnr"] == pytest.approx(table["lanczos"]["psnr"], abs=1e-3)
     assert table["lanczos"]["psnr"] > table["nearest"]["psnr"]
     table3d, seconds = eval_sr3d.eval_3d(_phantom(n=16, size=32), volume_data.CT_RANGE, models, 2)
-    assert table3d["cnn"]["psnr"] == pytest.approx(table3d["lanczos"]["psnr"], abs=0.5) and seconds > 0
+    assert table3d["cnn"]["psnr"] == pytest.approx(table3d["lanczos"]["psnr"], abs=0.5) and seconds["cnn"] > 0
+    assert "cnn + self-ensemble" in table3d and seconds["cnn + self-ensemble"] > 0
 
 
 # ---- pipeline: options and refusals -------------------------------------------------------------

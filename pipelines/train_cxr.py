@@ -298,7 +298,8 @@ HEAD_NOTES = {
 128-px grid and standardised per channel (training-split mean and std, stored in the weights), plus two
 channels of row/column position; target: the mask averaged onto the same grid. Decoder dilations
 1-2-4-8-16-1 (context).
-Trained on x2 features only: the `cxr` pipeline always feeds the heads a x2 forward.""",
+Trained on x2 features of 512-px films only: the `cxr` pipeline always feeds the heads that geometry
+(the film resampled to a 512-px long side, then x2; `cxr.heads_input`).""",
     "abnormality": """Label: JSRT nodule (abnormal) vs no nodule (normal); the 10 Shenzhen normals are in training.
 Input: the globally averaged 6th-conv features of the x2 forward, standardised with the training split's
 mean and std (stored in the weights). Threshold: Youden's J on the validation split. The test split has 22

@@ -207,8 +207,7 @@ def load_trunk(path: Path) -> HydraTrunk:
 
     state, config = weights.load(path, "hydra-trunk")
     model = HydraTrunk(TrunkConfig(widths=tuple(config["widths"]), channels=config["channels"]))
-    model.load_state_dict(state)
-    return model.eval()
+    return weights.restore(model, state, path).eval()
 
 
 @dataclass(frozen=True)
@@ -239,10 +238,8 @@ def load_models(folder: Path) -> HydraModels:
     for name, cfg in ((LUNGS_FILE, lung_cfg), (ABNORMALITY_FILE, abn_cfg)):
         if cfg.get("recipe", {}).get("trunk_sha256") != digests[TRUNK_FILE]:
             raise weights.WeightsError(f"{name} was trained on another trunk than {TRUNK_FILE}: retrain the heads")
-    lungs = LungHead(lung_cfg["channels"], lung_cfg["grid"])
-    lungs.load_state_dict(lung_state)
-    abnormality = AbnormalityHead(abn_cfg["channels"])
-    abnormality.load_state_dict(abn_state)
+    lungs = weights.restore(LungHead(lung_cfg["channels"], lung_cfg["grid"]), lung_state, folder / LUNGS_FILE)
+    abnormality = weights.restore(AbnormalityHead(abn_cfg["channels"]), abn_state, folder / ABNORMALITY_FILE)
     versions = {name: f"sha256:{digest[:12]}" for name, digest in digests.items()}
     scales = {cfg["recipe"].get("trunk_scale", 2) for cfg in (lung_cfg, abn_cfg)}
     if len(scales) != 1:

@@ -87,8 +87,7 @@ def load_mdrn(path) -> MDRN:
 
     state, config = weights.load(path, "mdrn")
     model = MDRN(MDRNConfig(channels=config["channels"], blocks=config["blocks"]))
-    model.load_state_dict(state)
-    return model.eval()
+    return weights.restore(model, state, path).eval()
 
 
 @dataclass(frozen=True)

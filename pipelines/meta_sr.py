@@ -148,8 +148,7 @@ def load_meta(path) -> MetaSR:
 
     state, config = weights.load(path, "meta")
     model = MetaSR(MetaConfig(channels=config["channels"], blocks=config["blocks"], hidden=config["hidden"]))
-    model.load_state_dict(state)
-    return model.eval()
+    return weights.restore(model, state, path).eval()
 
 
 def parameter_count(model: nn.Module) -> int:

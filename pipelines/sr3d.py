@@ -81,8 +81,7 @@ class SR3DModels:
 def load_cnn(path: Path) -> SRCNN:
     state, config = weights.load(path, "sr3d-cnn")
     model = SRCNN(CNNConfig(scale=config["scale"], axes=config["axes"], width=config["width"]))
-    model.load_state_dict(state)
-    return model.eval()
+    return weights.restore(model, state, path).eval()
 
 
 @lru_cache(maxsize=2)

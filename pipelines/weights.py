@@ -86,6 +86,18 @@ def read_card_header(path: Path) -> dict[str, str]:
     return header
 
 
+def restore(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
+    """``module`` with ``state`` loaded; a file written for another version of the model (missing,
+    extra or reshaped tensors) is a :class:`WeightsError` naming the file, not a bare torch error."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise WeightsError(f"{Path(path).name} does not fit this version of its model ({first[:200]}): "
+                           f"retrain it (see its model card)") from err
+    return module
+
+
 def load(path: Path, model: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, config) of a weights file whose digest matches its card (and, given ``model``,
     whose config names that model)."""

@@ -161,6 +161,17 @@ def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_pat
         weights.load(copy)
 
 
+def test_a_head_file_of_an_earlier_version_is_refused_with_the_reason(tmp_path):
+    # the lung head before it standardised its input and took position channels: 64 decoder inputs, no statistics
+    old = {k: v for k, v in hydra.LungHead(64).state_dict().items() if not k.startswith("standardise.")}
+    old["decoder.0.weight"] = old["decoder.0.weight"][:, :64].clone()
+    path = tmp_path / hydra.LUNGS_FILE
+    weights.save(path, old, {"model": "hydra-lungs", "channels": 64, "grid": 128}, "# old lung head")
+    state, config = weights.load(path, "hydra-lungs")
+    with pytest.raises(weights.WeightsError, match=f"{hydra.LUNGS_FILE} does not fit this version.*retrain"):
+        weights.restore(hydra.LungHead(config["channels"], config["grid"]), state, path)
+
+
 def test_lung_augmentation_moves_features_and_mask_together():
     from pipelines.train_cxr import shifted
 

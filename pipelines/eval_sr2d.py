@@ -16,6 +16,7 @@ are present. PSNR on [0, 1] over each image, SSIM
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from fractions import Fraction
@@ -92,8 +93,10 @@ def evaluate(cxr_dir: Path, data_dir: Path, weights_dir: Path) -> dict:
                   f"{report['factors'][modality][text]['lanczos']['psnr']:.2f} dB", file=sys.stderr, flush=True)
         report["count"] = {**report.get("count", {}), modality: len(images)}
     report["cost"] = cost(models)
-    report["versions"] = {name: f"sha256:{weights.sha256(weights_dir / name)[:12]}"
-                          for name in (META_FILE, MDRN_FILE, FIXED_FILE) if (weights_dir / name).exists()}
+    present = [name for name in (META_FILE, MDRN_FILE, FIXED_FILE) if (weights_dir / name).exists()]
+    report["versions"] = {name: f"sha256:{weights.sha256(weights_dir / name)[:12]}" for name in present}
+    report["steps"] = {name: json.loads(weights.read_card_header(weights_dir / name)["config"]).get("steps")
+                       for name in present}
     return report
 
 
@@ -136,7 +139,9 @@ def markdown(report: dict) -> str:
         fixed = [f"{t['meta']['psnr'] - t[k]['psnr']:+.2f}" if (k := f"fixed x{f}") in t else "-"
                  for f, t in by_factor.items()]
         if any(v != "-" for v in fixed):
-            lines.append("| **meta - fixed, same trunk (dB)** | " + " | ".join(fixed) + " |")
+            steps = report.get("steps", {})
+            budget = f"meta {steps.get(META_FILE) or '?'} steps, fixed {steps.get(FIXED_FILE) or '?'} steps"
+            lines.append(f"| **meta - fixed, same trunk ({budget}; dB)** | " + " | ".join(fixed) + " |")
         lines.append("")
     lines += [f"### Cost ({report['cost']['threads']} CPU threads, 512 px output at x2)", "",
               "| model | parameters | seconds |", "|---|---|---|"]

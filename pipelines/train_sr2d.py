@@ -18,8 +18,9 @@ perceptual losses of Meta-SRGAN are not used: the L1 model is the clinical defau
 MDRN: one scale of 2, 3, 4 per batch, LR patches of 24 px, L1 loss.
 
 fixed: the evaluation baseline of ``mdrn.fixed_config`` (Meta-Upscale's trunk with fixed x2/x3/x4
-tails), trained as MDRN but on Meta-Upscale's patch size, batch, rate and steps, so that
-``srnode eval sr2d`` compares the two upsampling modules on equal terms.
+tails), trained as MDRN but on Meta-Upscale's patch size, batch and rate, so that
+``srnode eval sr2d`` compares the two upsampling modules on the same trunk. Every file records its
+steps (config ``steps``), and the evaluation prints both models' steps next to the difference.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def train(kind: str, data_dir: Path, cxr_dir: Path, out_dir: Path, steps: int, s
         progress.step(step, loss.item())
     seconds = progress.close()
     model.cpu()
-    meta = {"model": "meta" if kind == "meta" else "mdrn", **config.to_dict()}
+    meta = {"model": "meta" if kind == "meta" else "mdrn", **config.to_dict(), "steps": steps}
     weights.save(out_dir / file_name, model.state_dict(), meta,
                  card_text(kind, config, steps, seed, lr, seconds, parameter_count(model), str(dev)))
     print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
@@ -123,7 +124,7 @@ def card_text(kind: str, config, steps: int, seed: int, lr: float, seconds: floa
     else:
         what = (f"fixed-scale baseline for Meta-Upscale: its trunk ({config.blocks} blocks x {config.channels} "
                 "filters) with sub-pixel tails for x2/x3/x4 (evaluation only; no pipeline uses it)")
-        recipe = f"one scale of 2/3/4 per batch; LR patches {META_LR_PATCH} px (Meta-Upscale's steps, batch and rate)"
+        recipe = f"one scale of 2/3/4 per batch; LR patches {META_LR_PATCH} px (Meta-Upscale's batch and rate)"
     return f"""# sr2d: {what}
 
 `pipelines/{"meta_sr" if kind == "meta" else "mdrn"}.py`, residual on Lanczos (last layer zero-initialised). {params:,}

@@ -123,7 +123,6 @@ def test_training_few_steps_is_reproducible(tmp_path, kind):
         assert mdrn.load_mdrn(first)(torch.rand(1, 1, 8, 8), 3).shape == (1, 1, 24, 24)
 
 
-
 @pytest.mark.parametrize("name", [META_FILE, mdrn.MDRN_FILE, mdrn.FIXED_FILE])
 def test_shipped_sr2d_weights_match_their_cards(name):
     """The shipped file's digest is the card's, and the steps it records are the ones its recipe states
@@ -133,6 +132,7 @@ def test_shipped_sr2d_weights_match_their_cards(name):
     loaded = meta_sr.load_meta(path) if name == META_FILE else mdrn.load_mdrn(path)
     assert set(loaded.state_dict()) == set(state)
     assert f"; {config['steps']} steps, seed" in weights.card_path(path).read_text()
+
 
 # ---- pipeline ------------------------------------------------------------------------------------
 

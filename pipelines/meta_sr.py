@@ -16,6 +16,12 @@ trunk layer, and no per-output-pixel weights are ever materialised.
 
 Like the other models here, the output is a residual on a Lanczos resampling of the input, and
 the filter predictor's last layer starts at zero: the untrained network is Lanczos.
+
+Two things the paper leaves out make the predictor learn as fast as a fixed-scale tail (measured
+in the model card): the offsets reach it also as sines and cosines of ``k * pi * d`` (k = 1 to
+``frequencies``), so that neighbouring phases get distinct hidden codes (a plain ReLU layer of
+(1/s, d) gives nearly the same code to every phase), and its last layer trains at a small fraction
+of the trunk's learning rate (``pipelines.train_sr2d.FILTER_LR_SCALE``).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class MetaConfig:
     channels: int = 32
     blocks: int = 8
     hidden: int = 256
+    frequencies: int = 4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,13 +83,28 @@ def axis_plan(n_in: int, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return nearest, index.astype(np.int64).reshape(-1), phases.astype(np.float32)
 
 
+class PhaseEncoding(nn.Module):
+    """(1/s_h, 1/s_w, d_h, d_w) -> the same plus sin and cos of ``k * pi * d`` for k = 1..``frequencies``."""
+
+    def __init__(self, frequencies: int):
+        super().__init__()
+        self.register_buffer("k", torch.arange(1, frequencies + 1, dtype=torch.float32) * np.pi, persistent=False)
+        self.width = 4 + 4 * frequencies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = (x[..., 2:, None] * self.k.to(x.dtype)).flatten(-2)
+        return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
 class MetaUpscale(nn.Module):
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, frequencies: int):
         super().__init__()
         self.channels = channels
-        self.predict = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 9 * channels))
-        nn.init.zeros_(self.predict[2].weight)
-        nn.init.zeros_(self.predict[2].bias)
+        encoding = PhaseEncoding(frequencies)
+        self.predict = nn.Sequential(encoding, nn.Linear(encoding.width, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 9 * channels))
+        nn.init.zeros_(self.predict[-1].weight)
+        nn.init.zeros_(self.predict[-1].bias)
 
     def forward(self, features: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
                 inverse_scales: tuple[float, float]) -> torch.Tensor:
@@ -119,7 +141,7 @@ class MetaSR(nn.Module):
         super().__init__()
         self.config = config
         self.trunk = ResidualTrunk(config.channels, config.blocks)
-        self.upscale = MetaUpscale(config.channels, config.hidden)
+        self.upscale = MetaUpscale(config.channels, config.hidden, config.frequencies)
 
     def forward(self, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """(N, 1, h, w) in [0, 1] -> (N, 1, rows, cols), the whole field of view; factors in [1, 4]."""
@@ -147,7 +169,8 @@ def load_meta(path) -> MetaSR:
     from pipelines import weights
 
     state, config = weights.load(path, "meta")
-    model = MetaSR(MetaConfig(channels=config["channels"], blocks=config["blocks"], hidden=config["hidden"]))
+    model = MetaSR(MetaConfig(channels=config["channels"], blocks=config["blocks"], hidden=config["hidden"],
+                              frequencies=config.get("frequencies", 0)))
     return weights.restore(model, state, path).eval()
 
 

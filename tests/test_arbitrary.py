@@ -107,6 +107,20 @@ def test_large_images_go_through_in_tiles_with_the_whole_image_result(monkeypatc
         np.testing.assert_allclose(tiled, whole, atol=1e-2, err_msg=name)
 
 
+def test_meta_filter_predictor_trains_slowly_and_tells_phases_apart():
+    """The predictor's last layer is the only slow group; its hidden codes differ between phases."""
+    model = MetaSR(MetaConfig(channels=8, blocks=1, hidden=16))
+    groups = train_sr2d.parameter_groups(model, 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert [p is q for p, q in zip(groups[1]["params"], model.upscale.predict[-1].parameters())] == [True, True]
+    assert groups[1]["lr"] == pytest.approx(1e-3 * train_sr2d.FILTER_LR_SCALE) and "lr" not in groups[0]
+    assert len(train_sr2d.parameter_groups(mdrn.MDRN(mdrn.MDRNConfig(channels=8, blocks=1)), 1e-3)) == 1
+    codes = model.upscale.predict[0](torch.tensor([[0.5, 0.5, -0.25, -0.25], [0.5, 0.5, 0.25, 0.25]]))
+    assert codes.shape == (2, 4 + 4 * MetaConfig().frequencies)
+    assert torch.allclose(codes[:, :4], torch.tensor([[0.5, 0.5, -0.25, -0.25], [0.5, 0.5, 0.25, 0.25]]))
+    assert torch.cosine_similarity(codes[0], codes[1], dim=0) < 0.5
+
+
 @pytest.mark.parametrize("kind", ["meta", "mdrn", "fixed"])
 def test_training_few_steps_is_reproducible(tmp_path, kind):
     ct = volume_data.VolumeSource("synthetic_ct", "CT", "-", "train", True)

@@ -17,8 +17,8 @@ trunk layer, and no per-output-pixel weights are ever materialised.
 Like the other models here, the output is a residual on a Lanczos resampling of the input, and
 the filter predictor's last layer starts at zero: the untrained network is Lanczos.
 
-Two things the paper leaves out make the predictor learn as fast as a fixed-scale tail (measured
-in the model card): the offsets reach it also as sines and cosines of ``k * pi * d`` (k = 1 to
+Two things the paper leaves out make the predictor learn as fast as a fixed-scale tail (measured:
+the README's sr2d training notes): the offsets reach it also as sines and cosines of ``k * pi * d`` (k = 1 to
 ``frequencies``), so that neighbouring phases get distinct hidden codes (a plain ReLU layer of
 (1/s, d) gives nearly the same code to every phase), and its last layer trains at a small fraction
 of the trunk's learning rate (``pipelines.train_sr2d.FILTER_LR_SCALE``).

@@ -55,8 +55,9 @@ ROWS_ONLY_P = 0.3
 INTEGER_P = 0.5
 # Adam moves each weight of the filter predictor's last layer by about the learning rate, and the
 # ~250 hidden units' moves add up in every predicted filter: at the trunk's rate the filters jump
-# about. At this fraction of it they move like a free filter at ~0.1x the rate, which is what a
-# per-phase filter table needed to learn as fast as a fixed-scale tail (measured: the README).
+# about. At this fraction of it they move like a free filter at ~0.1x the rate, the rate at which a
+# per-phase filter table learned as fast as a fixed-scale tail (1500-step probes on the CXR
+# validation split, x2: 42.79 dB at the trunk's rate, 43.82 dB at 0.002x, no phase encoding).
 FILTER_LR_SCALE = 0.002
 
 

@@ -126,6 +126,14 @@ def test_eval_of_the_untrained_cnn_equals_lanczos_in_plane():
     assert "cnn + self-ensemble" in table3d and seconds["cnn + self-ensemble"] > 0
 
 
+def test_eval_markdown_gives_each_volume_its_own_gain():
+    row = lambda cnn, lanczos: {"cnn": {"psnr": cnn, "ssim": 0.9}, "lanczos": {"psnr": lanczos, "ssim": 0.8}}  # noqa: E731
+    volumes = {"brain": {"modality": "MR", "2d x2": row(25.5, 24.3), "3d x2": row(24.3, 23.0)},
+               "sag": {"modality": "MR", "2d x2": row(31.0, 28.0)}}
+    lines = eval_sr3d.per_volume_gains(volumes)
+    assert "| brain (MR) | +1.20 | +1.30 |" in lines and "| sag (MR) | +3.00 | - |" in lines
+
+
 # ---- pipeline: options and refusals -------------------------------------------------------------
 
 @pytest.mark.parametrize("options, words", [

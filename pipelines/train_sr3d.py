@@ -1,7 +1,7 @@
 """Train the two-stage 3D SR CNNs on the CT and MR volumes of ``shared/data``: seeded, with progress and a loss log.
 
-    python -m pipelines.train_sr3d inplane [--scale 2|4] [--steps N] [--seed S] [--out weights/]
-    python -m pipelines.train_sr3d through [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.train_sr3d inplane [--scale 2|4] [--recipe cpu|paper] [--steps N | --epochs E] [--seed S] [--out weights/]
+    python -m pipelines.train_sr3d through [--recipe cpu|paper] [--steps N | --epochs E] [--seed S] [--out weights/]
 
 ``srnode train sr3d ...`` runs the same. CUDA is used when present. One model serves CT and MR:
 each batch draws CT and MR patches half and half, from the ``train`` split of
@@ -16,15 +16,18 @@ slices teach the same one-axis task (the SMORE observation in ``shared/notes/sr-
 Random 90-degree rotations and flips; patches with almost no structure (air) are kept at a
 quarter of their rate so the model still learns that flat stays flat.
 
-Reduced CPU budget (the defaults, stated in the model cards): batch 64 of 24-px LR patches (16 px
-at x4), Adam 1e-3 decayed along a cosine to 1e-4, in-plane x2 and through-plane x2 ``STEPS``
-steps each, the x4 model fewer.
+Two recipes, named in the model card. ``cpu`` (the default, the shipped weights): batch 64 of
+24-px LR patches (16 px at x4), Adam 1e-3 decayed along a cosine to 1e-4, ``STEPS`` steps.
+``paper`` (for a GPU): the paper's batch 128 of 7-px LR patches, Adam 1e-4 and 1e-5 for the
+second half, 40 epochs, an epoch being as many patches as the training slices hold side by side
+(about 263,000 steps at x2 on the train split: hours, not minutes).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +44,35 @@ from pipelines.sr3d_cnn import (
     lanczos_up,
     parameter_count,
 )
-from pipelines.training import Progress, adam_cosine, device, seed_everything
+from pipelines.training import Progress, adam_cosine, adam_step_decay, device, seed_everything
 
 log = logging.getLogger(__name__)
 
-BATCH = 64
-LR_PATCH = {2: 24, 4: 16}
 STEPS = {("inplane", 2): 6000, ("inplane", 4): 3000, ("through", 2): 10000}
+PAPER_EPOCHS = 40
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    batch: int
+    lr_patch: dict[int, int]  # LR patch side per scale
+    lr: float
+    decay: str  # "cosine" to lr/10, or "step": lr/10 for the second half
+
+    def optimiser(self, params, lr: float, steps: int):
+        return (adam_cosine if self.decay == "cosine" else adam_step_decay)(params, lr, steps)
+
+    def describe(self, lr: float) -> str:
+        decay = (f"cosine decay to {lr / 10:g}" if self.decay == "cosine"
+                 else f"{lr / 10:g} for the second half of the steps")
+        return f"Adam {lr:g}, {decay}"
+
+
+RECIPES = {
+    "cpu": Recipe("cpu", 64, {2: 24, 4: 16}, 1e-3, "cosine"),
+    "paper": Recipe("paper", 128, {2: 7, 4: 7}, 1e-4, "step"),
+}
 FLAT_STD = 0.01
 FLAT_KEEP = 0.25
 BLUR_P, BLUR_MAX_SIGMA = 0.5, 0.5
@@ -87,6 +112,15 @@ class PatchSampler:
             patch = np.rot90(patch, self.rng.integers(4))
             return np.ascontiguousarray(patch[:, ::-1] if self.rng.random() < 0.5 else patch)
 
+    def patches_per_epoch(self, size: int) -> int:
+        """How many ``size``-px patches the training slices hold side by side, in the directions sampled."""
+        total = 0
+        for source, vol in sampler_volumes(self):
+            for axis in (range(3) if source.isotropic else (0,)):
+                depth, h, w = np.moveaxis(vol, axis, 0).shape
+                total += depth * (h // size) * (w // size)
+        return total
+
     def batch(self, n: int, scale: int, lr_patch: int, axes: int, blur: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(LR inputs, HR targets) as (n, 1, h, w) tensors."""
         hr = np.stack([self.patch(lr_patch * scale) for _ in range(n)])
@@ -119,9 +153,12 @@ def check_batch_gain(model: SRCNN, batch: tuple[torch.Tensor, torch.Tensor], dev
     return float((psnr(out.clamp(0, 1), hr) - psnr(base.clamp(0, 1), hr)).mean())
 
 
-def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int, seed: int, lr: float = 1e-3,
-          volumes: list[tuple[volume_data.VolumeSource, np.ndarray]] | None = None) -> Path:
-    """Train one model and write it with its card; ``volumes`` replaces the training split (tests)."""
+def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | None, seed: int,
+          lr: float | None = None, volumes: list[tuple[volume_data.VolumeSource, np.ndarray]] | None = None,
+          recipe: str = "cpu", epochs: float | None = None) -> Path:
+    """Train one model and write it with its card. ``steps`` None: ``STEPS`` for the cpu recipe, ``epochs``
+    (default ``PAPER_EPOCHS``) for the paper's; ``lr`` None: the recipe's; ``volumes`` replaces the
+    training split (tests)."""
     seed_everything(seed)
     dev = device()
     axes = 2 if kind == "inplane" else 1
@@ -134,14 +171,23 @@ def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int, seed
     print(f"{kind} x{scale}: {parameter_count(model):,} parameters on {dev}; loading volumes", file=sys.stderr)
     rng = np.random.default_rng(seed)
     sampler = PatchSampler(volumes if volumes is not None else load_training_volumes(data_dir), rng)
-    lr_patch = LR_PATCH[scale]
+    plan = RECIPES[recipe]
+    lr = plan.lr if lr is None else lr
+    lr_patch = plan.lr_patch[scale]
+    if steps is None and recipe == "cpu":
+        steps = STEPS[(kind, scale)]
+    elif steps is None:
+        epochs = PAPER_EPOCHS if epochs is None else epochs
+        per_epoch = sampler.patches_per_epoch(lr_patch * scale)
+        steps = max(1, round(epochs * per_epoch / plan.batch))
+        print(f"{recipe} recipe: {per_epoch:,} patches per epoch, {epochs:g} epochs = {steps:,} steps", file=sys.stderr)
     check = PatchSampler(sampler_volumes(sampler), np.random.default_rng(seed + 1)).batch(
         256, scale, lr_patch, axes, blur=False)
-    opt, sched = adam_cosine(model.parameters(), lr, steps)
+    opt, sched = plan.optimiser(model.parameters(), lr, steps)
     file_name = INPLANE_FILES[scale] if kind == "inplane" else THROUGH_FILE
     progress = Progress(f"{kind} x{scale}", steps, out_dir / "logs" / f"{Path(file_name).stem}.csv", every=50)
     for step in range(1, steps + 1):
-        lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(BATCH, scale, lr_patch, axes))
+        lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(plan.batch, scale, lr_patch, axes))
         out, mid = model(lr_batch)
         loss = intermediate_l1(out, mid, hr_batch)
         opt.zero_grad(set_to_none=True)
@@ -152,7 +198,7 @@ def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int, seed
         progress.step(step, loss.item(), gain)
     seconds = progress.close()
     model.cpu()
-    card = card_text(kind, config, steps, seed, lr, seconds, parameter_count(model), str(dev))
+    card = card_text(kind, config, plan, steps, seed, lr, seconds, parameter_count(model), str(dev))
     meta = {"model": "sr3d-cnn", **config.to_dict()}
     weights.save(out_dir / file_name, model.state_dict(), meta, card)
     print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
@@ -163,8 +209,8 @@ def sampler_volumes(sampler: PatchSampler) -> list:
     return [item for items in sampler.by_modality.values() for item in items]
 
 
-def card_text(kind: str, config: CNNConfig, steps: int, seed: int, lr: float, seconds: float, params: int,
-              dev: str) -> str:
+def card_text(kind: str, config: CNNConfig, plan: Recipe, steps: int, seed: int, lr: float, seconds: float,
+              params: int, dev: str) -> str:
     what = (f"In-plane x{config.scale}" if kind == "inplane" else "Through-plane x2 (one axis)")
     train_names = ", ".join(s.name for s in volume_data.sources("train"))
     test_names = ", ".join(s.name for s in volume_data.sources("test"))
@@ -183,9 +229,9 @@ TotalSegmentator, dcm_qa_ct; MR: studyforrest PDDL, MNI template, IXI CC BY-SA 3
 Intensities: CT HU clipped to [-1024, 2976] -> [0, 1]; MR clipped per volume at the 0.5/99.5 percentiles.
 Degradation: 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half the samples, then antialiased cubic downscaling
 by {config.scale} on {"both image axes" if config.axes == 2 else "the rows (the depth axis of a view)"}.
-Batch {BATCH} patches of {LR_PATCH[config.scale]} px (LR), rotations and flips, flat (air) patches at a quarter
-of their rate. Loss L1(output) + L1(sub-pixel output). Adam {lr:g}, cosine decay to {lr / 10:g}, {steps} steps,
-seed {seed}, on {dev}: {seconds / 60:.1f} min. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""} --steps {steps} --seed {seed}`.
+Recipe `{plan.name}`: batch {plan.batch} patches of {plan.lr_patch[config.scale]} px (LR), rotations and flips, flat
+(air) patches at a quarter of their rate. Loss L1(output) + L1(sub-pixel output). {plan.describe(lr)},
+{steps} steps, seed {seed}, on {dev}: {seconds / 60:.1f} min. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""}{" --recipe " + plan.name if plan.name != "cpu" else ""} --steps {steps} --seed {seed}{f" --lr {lr:g}" if lr != plan.lr else ""}`.
 
 ## Known limits
 - Trained to undo antialiased cubic downscaling (plus mild blur), not a scanner's slice profile or noise:
@@ -202,14 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srnode train sr3d", description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=["inplane", "through"])
     parser.add_argument("--scale", type=int, default=2)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
+                        help="cpu: the shipped reduced budget; paper: Georgescu et al.'s configuration (for a GPU)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--epochs", type=float, help=f"paper recipe only (default {PAPER_EPOCHS})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, help="default: the recipe's (cpu 1e-3, paper 1e-4)")
     parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir())
     args = parser.parse_args(argv)
-    steps = args.steps or STEPS[(args.kind, args.scale)]
-    train(args.kind, args.scale, args.data, args.out, steps, args.seed, args.lr)
+    if args.epochs is not None and args.recipe != "paper":
+        parser.error("--epochs sets the paper recipe's budget; the cpu recipe counts --steps")
+    train(args.kind, args.scale, args.data, args.out, args.steps, args.seed, args.lr, recipe=args.recipe,
+          epochs=args.epochs)
     return 0
 
 

@@ -55,3 +55,10 @@ def adam_cosine(params, lr: float, steps: int):
     """Adam with the learning rate decayed along a cosine to 10% over ``steps``."""
     opt = torch.optim.Adam(params, lr=lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+
+
+def adam_step_decay(params, lr: float, steps: int):
+    """Adam at ``lr``, then at a tenth of it for the second half of ``steps`` (Georgescu et al.: 1e-4, 1e-5
+    after epoch 20 of 40)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if i < steps // 2 else 0.1)

@@ -114,6 +114,29 @@ def test_training_few_steps_is_reproducible_and_loadable(tmp_path, kind, scale):
     assert "held out" in card.lower() and "seed 5" in card
 
 
+def test_paper_recipe_counts_epochs_in_patches_and_names_itself_in_the_card(tmp_path):
+    # 14-px HR patches side by side: the isotropic CT (16x64x64) in all three directions
+    # 16*4*4 + 64*1*4 + 64*1*4 = 768, the MR (8x64x64) axially 8*4*4 = 128; one epoch = 896 / 128 = 7 steps
+    path = train_sr3d.train("inplane", 2, tmp_path, tmp_path, steps=None, seed=1, volumes=_synthetic_volumes(),
+                            recipe="paper", epochs=1)
+    card = weights.card_path(path).read_text()
+    assert "Recipe `paper`: batch 128 patches of 7 px" in card
+    assert "Adam 0.0001, 1e-05 for the second half of the steps,\n7 steps" in card
+    assert "--recipe paper --steps 7 --seed 1`" in card
+    with pytest.raises(SystemExit):
+        train_sr3d.main(["inplane", "--epochs", "1"])  # epochs are the paper recipe's budget only
+
+
+def test_paper_schedule_drops_the_rate_tenfold_at_half_time():
+    opt, sched = train_sr3d.RECIPES["paper"].optimiser([torch.zeros(1, requires_grad=True)], 1e-4, 10)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([1e-4] * 5 + [1e-5] * 5)
+
+
 def test_eval_of_the_untrained_cnn_equals_lanczos_in_plane():
     models = sr3d.SR3DModels({2: SRCNN(CNNConfig(2, 2)).eval(), 4: SRCNN(CNNConfig(4, 2)).eval()},
                              SRCNN(CNNConfig(2, 1)).eval(), {})

@@ -64,6 +64,7 @@ class MDRN(nn.Module):
         self.config = config
         self.trunk = ResidualTrunk(config.channels, config.blocks)
         self.tails = nn.ModuleDict({str(s): Tail(config.channels, s) for s in SCALES})
+        self.to(memory_format=torch.channels_last)  # 1.2x faster on the CPU: see SRCNN
 
     def forward(self, x: torch.Tensor, scale: int) -> torch.Tensor:
         """(N, 1, h, w) in [0, 1] -> (N, 1, h*scale, w*scale)."""

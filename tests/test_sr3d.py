@@ -55,6 +55,21 @@ def test_paper_parameter_count_and_untrained_network_is_lanczos():
     assert through(x)[0].shape == (2, 1, 18, 11)  # one axis only
 
 
+def test_nhwc_layout_changes_neither_the_weights_file_nor_the_output(tmp_path):
+    """The models run their convs in NHWC (faster on the CPU); re-saving the shipped weights gives the
+    same file, and the output equals the plain NCHW network's."""
+    shipped = weights.weights_dir() / INPLANE_FILES[2]
+    model = sr3d.load_cnn(shipped)
+    assert model.before[1].weight.is_contiguous(memory_format=torch.channels_last)
+    state, config = weights.load(shipped)
+    assert weights.save(tmp_path / shipped.name, model.state_dict(), config, "card") == weights.sha256(shipped)
+    x = torch.rand(2, 1, 33, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nhwc = model(x)[0]
+        nchw = model.to(memory_format=torch.contiguous_format)(x)[0]
+    assert torch.allclose(nhwc, nchw, atol=1e-5)
+
+
 def test_lanczos_base_is_the_interpolation_baseline():
     x = np.random.default_rng(1).random((3, 10, 14)).astype(np.float32)
     ours = lanczos_up(torch.from_numpy(x)[:, None], 2, 2)[:, 0].numpy()

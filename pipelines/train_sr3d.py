@@ -154,19 +154,28 @@ def check_batch_gain(model: SRCNN, batch: tuple[torch.Tensor, torch.Tensor], dev
     return float((psnr(out.clamp(0, 1), hr) - psnr(base.clamp(0, 1), hr)).mean())
 
 
+def check_arguments(kind: str, scale: int, recipe: str, steps: int | None, epochs: float | None) -> None:
+    """ValueError naming what is wrong with a training request, before any data is read."""
+    if kind == "through" and scale != 2:
+        raise ValueError("the through-plane model is trained at x2 (x4 applies it twice, as in the paper)")
+    if kind == "inplane" and scale not in INPLANE_FILES:
+        raise ValueError(f"in-plane scales: {sorted(INPLANE_FILES)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipes: {', '.join(sorted(RECIPES))}")
+    if epochs is not None and (recipe != "paper" or steps is not None):
+        raise ValueError("epochs set the paper recipe's budget (instead of steps); the cpu recipe counts steps")
+
+
 def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | None, seed: int,
           lr: float | None = None, volumes: list[tuple[volume_data.VolumeSource, np.ndarray]] | None = None,
           recipe: str = "cpu", epochs: float | None = None) -> Path:
     """Train one model and write it with its card. ``steps`` None: ``STEPS`` for the cpu recipe, ``epochs``
     (default ``PAPER_EPOCHS``) for the paper's; ``lr`` None: the recipe's; ``volumes`` replaces the
     training split (tests)."""
+    check_arguments(kind, scale, recipe, steps, epochs)
     seed_everything(seed)
     dev = device()
     axes = 2 if kind == "inplane" else 1
-    if kind == "through" and scale != 2:
-        raise ValueError("the through-plane model is trained at x2 (x4 applies it twice, as in the paper)")
-    if kind == "inplane" and scale not in INPLANE_FILES:
-        raise ValueError(f"in-plane scales: {sorted(INPLANE_FILES)}")
     config = CNNConfig(scale=scale, axes=axes)
     model = SRCNN(config).to(dev)
     print(f"{kind} x{scale}: {parameter_count(model):,} parameters on {dev}; loading volumes", file=sys.stderr)
@@ -259,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir())
     args = parser.parse_args(argv)
-    if args.epochs is not None and args.recipe != "paper":
-        parser.error("--epochs sets the paper recipe's budget; the cpu recipe counts --steps")
+    try:
+        check_arguments(args.kind, args.scale, args.recipe, args.steps, args.epochs)
+    except ValueError as err:
+        parser.error(str(err))
     train(args.kind, args.scale, args.data, args.out, args.steps, args.seed, args.lr, recipe=args.recipe,
           epochs=args.epochs)
     return 0

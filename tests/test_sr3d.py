@@ -140,6 +140,10 @@ def test_paper_recipe_counts_epochs_in_patches_and_names_itself_in_the_card(tmp_
     assert "--recipe paper --steps 7 --seed 1`" in card
     with pytest.raises(SystemExit):
         train_sr3d.main(["inplane", "--epochs", "1"])  # epochs are the paper recipe's budget only
+    for kwargs in ({"epochs": 1}, {"recipe": "paper", "epochs": 1, "steps": 5}, {"recipe": "paper", "scale": 3}):
+        args = {"kind": "inplane", "scale": 2, "steps": None, "recipe": "cpu", **kwargs}
+        with pytest.raises(ValueError, match="epochs|scales"):  # refused before any data is read
+            train_sr3d.train(data_dir=tmp_path / "absent", out_dir=tmp_path, seed=1, **args)
 
 
 def test_paper_schedule_drops_the_rate_tenfold_at_half_time():

@@ -76,8 +76,8 @@ class SRCNN(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         # NHWC weights make every conv run in NHWC (a one-channel input is both layouts): on the
-        # 2-core CPU 1.1x faster to train, 1.5x to run (benchmarks/sr3d_speed.py). Saved weights are contiguous, so
-        # files do not change.
+        # 2-core CPU 1.1x faster to train, 1.5x to run (benchmarks/sr3d_speed.py). Saved weights
+        # are contiguous, so the files do not change.
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,7 @@ class HydraTrunk(nn.Module):
         # Start as the identity (the interpolation it improves on): the residual branch begins at zero.
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.to(memory_format=torch.channels_last)  # 1.3x faster on the CPU: see sr3d_cnn.SRCNN
 
     @property
     def feature_channels(self) -> int:

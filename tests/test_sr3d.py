@@ -61,7 +61,7 @@ def test_nhwc_layout_changes_neither_the_weights_file_nor_the_output(tmp_path):
     shipped = weights.weights_dir() / INPLANE_FILES[2]
     model = sr3d.load_cnn(shipped)
     assert model.before[1].weight.is_contiguous(memory_format=torch.channels_last)
-    state, config = weights.load(shipped)
+    _, config = weights.load(shipped)
     assert weights.save(tmp_path / shipped.name, model.state_dict(), config, "card") == weights.sha256(shipped)
     x = torch.rand(2, 1, 33, 40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

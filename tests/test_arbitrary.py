@@ -51,22 +51,29 @@ def test_untrained_meta_and_mdrn_are_lanczos():
     assert torch.allclose(model(x, 3), torch.from_numpy(resize(x.numpy(), (60, 51), "lanczos")), atol=1e-5)
 
 
-def test_meta_filters_per_phase_equal_the_per_pixel_definition():
+@pytest.mark.parametrize("h, out_rows, map_floats", [
+    (12, 30, meta_sr.PHASE_MAP_FLOATS),  # x2.5: 5 row phases of 6 rows, convolved on the whole map
+    (40, 53, meta_sr.PHASE_MAP_FLOATS),  # x1.33: 33 row phases of 1-2 rows, on their 3-row strips only
+    (12, 30, 2 * 10 * 4),  # bands of 4 LR rows (N * column phases * w floats a row)
+    (40, 53, 1),  # one strip at a time
+])
+def test_meta_filters_per_phase_equal_the_per_pixel_definition(monkeypatch, h, out_rows, map_floats):
+    monkeypatch.setattr(meta_sr, "PHASE_MAP_FLOATS", map_floats)
     model = _random_meta()
-    x = torch.rand(1, 1, 12, 10)
-    rows, cols = centres(12, 30), centres(10, 10)
+    x = torch.rand(2, 1, h, 10)
+    rows, cols = centres(h, out_rows), centres(10, 10)
     with torch.no_grad():
-        out = model.sample(x, rows, cols, (12 / 30, 1.0))
+        out = model.sample(x, rows, cols, (h / out_rows, 1.0))
     feats = model.trunk(x).detach()
-    unfolded = torch.nn.functional.unfold(feats, 3, padding=1).view(1, -1, 12, 10)
-    base = torch.from_numpy(resize(x.numpy(), (30, 10), "lanczos"))
-    for i, j in ((0, 0), (7, 3), (29, 9)):
+    unfolded = torch.nn.functional.unfold(feats, 3, padding=1).view(2, -1, h, 10)
+    base = torch.from_numpy(resize(x.numpy(), (out_rows, 10), "lanczos"))
+    for b, i, j in ((0, 0, 0), (1, 7, 3), (0, out_rows // 2, 5), (1, out_rows - 1, 9)):
         near_r, near_c = int(np.floor(rows[i] + 0.5)), int(np.floor(cols[j] + 0.5))
         offsets = [round((rows[i] - near_r) * meta_sr.PHASES) / meta_sr.PHASES, cols[j] - near_c]
         with torch.no_grad():
-            filt = model.upscale.predict(torch.tensor([12 / 30, 1.0, *offsets], dtype=torch.float32))
-        expected = base[0, 0, i, j] + (unfolded[0, :, near_r, near_c] * filt).sum()
-        assert float(out[0, 0, i, j]) == pytest.approx(float(expected), abs=1e-5)
+            filt = model.upscale.predict(torch.tensor([h / out_rows, 1.0, *offsets], dtype=torch.float32))
+        expected = base[b, 0, i, j] + (unfolded[b, :, near_r, near_c] * filt).sum()
+        assert float(out[b, 0, i, j]) == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_meta_through_plane_slabs_do_not_change_the_result(monkeypatch):

@@ -13,17 +13,14 @@ and prints seconds, output slices per second and the ratio to Lanczos.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.sr3d_speed import ct_volume, timed  # noqa: E402
-from node.jobs import run_pipeline  # noqa: E402
+from benchmarks.sr3d_speed import ct_volume, pipeline_seconds, print_against_lanczos  # noqa: E402
 from pipelines import arbitrary, weights  # noqa: E402
 
 RUNS = (("in-plane x2", {"scale": 2}, 1.0), ("in-plane x1.4", {"scale": 1.4}, 1.0),
@@ -40,14 +37,9 @@ def main() -> int:
     print(f"arbitrary pipeline, 512x512x{args.slices} CT, {dev}; DICOM outputs written")
     for label, geometry, through in RUNS:
         n_out = arbitrary.output_length(args.slices, through)
-        seconds = {}
-        for model in ("lanczos", "meta"):
-            out = Path(tempfile.mkdtemp(prefix="arbitrary-bench-"))
-            seconds[model] = timed(lambda: run_pipeline(volume, "arbitrary", {**geometry, "model": model}, out))
-            shutil.rmtree(out, ignore_errors=True)
-        for model, s in seconds.items():
-            ratio = "" if model == "lanczos" else f"   = {s / seconds['lanczos']:6.1f} x lanczos"
-            print(f"  {label:14s} {model:8s} {s:8.1f} s  {n_out / s:7.2f} output slices/s{ratio}")
+        seconds = {model: pipeline_seconds(volume, "arbitrary", {**geometry, "model": model})
+                   for model in ("lanczos", "meta")}
+        print_against_lanczos(label, seconds, n_out)
     return 0
 
 

@@ -67,6 +67,21 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def pipeline_seconds(volume: list, pipeline: str, options: dict) -> float:
+    """Seconds for ``pipeline`` on ``volume`` with every output written to a temporary folder."""
+    out = Path(tempfile.mkdtemp(prefix=f"{pipeline}-bench-"))
+    try:
+        return timed(lambda: run_pipeline(volume, pipeline, options, out))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def print_against_lanczos(label: str, seconds: dict[str, float], n_out: int) -> None:
+    for model, s in seconds.items():
+        ratio = "" if model == "lanczos" else f"   = {s / seconds['lanczos']:6.1f} x lanczos"
+        print(f"  {label:14s} {model:13s} {s:8.1f} s  {n_out / s:7.2f} output slices/s{ratio}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=100)
@@ -85,12 +100,8 @@ def main() -> int:
             options = {**geometry, "model": "cnn" if model.startswith("cnn") else model}
             if model == "cnn+ensemble":
                 options["self_ensemble"] = True
-            out = Path(tempfile.mkdtemp(prefix="sr3d-bench-"))
-            seconds[model] = timed(lambda: run_pipeline(volume, "sr3d", options, out))
-            shutil.rmtree(out, ignore_errors=True)
-        for model, s in seconds.items():
-            ratio = "" if model == "lanczos" else f"   = {s / seconds['lanczos']:6.1f} x lanczos"
-            print(f"  {label:14s} {model:13s} {s:8.1f} s  {n_out / s:7.2f} output slices/s{ratio}")
+            seconds[model] = pipeline_seconds(volume, "sr3d", options)
+        print_against_lanczos(label, seconds, n_out)
     return 0
 
 

@@ -217,6 +217,18 @@ def _drop_stale(out: Dataset) -> None:
             del out[keyword]
 
 
+def _to_little_endian(out: Dataset) -> None:
+    """Re-declare a big-endian source's copy as little endian (pydicom will not switch the byte
+    order on save, as it cannot know which raw values are words). Every element is decoded first;
+    numeric values are then order-free, and the raw words of OW/OL/OF/OD/OV values are swapped.
+    The pixel data is not: it is replaced."""
+    for elem in out.iterall():
+        size = WORD_BYTES.get(elem.VR)
+        if size and elem.keyword != "PixelData" and isinstance(elem.value, bytes):
+            elem.value = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
+    out.set_original_encoding(False, True)
+
+
 def _update_geometry(out: Dataset, src: Dataset, item: DerivedSlice, series: DerivedSeries) -> None:
     rows, cols = item.pixels.shape
     row_factor = rows / int(src.Rows)  # >1 when upsampling
@@ -335,7 +347,13 @@ def _set_derivation(out: Dataset, sources: Sequence[Dataset], series: DerivedSer
     out.ContributingEquipmentSequence = DicomSequence([*previous, equipment])
 
 
+#: Bytes per word of the binary VRs whose raw value depends on the byte order.
+WORD_BYTES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
 def _set_file_meta(out: Dataset) -> None:
+    if out.original_encoding[1] is False:
+        _to_little_endian(out)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = out.SOPClassUID
     meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID

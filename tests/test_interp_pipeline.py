@@ -204,6 +204,24 @@ def test_single_slice_mr_inplane(tmp_path: Path) -> None:
         _run([src], {"through_scale": 2})
 
 
+def test_big_endian_source_gives_the_little_endian_output(tmp_path: Path) -> None:
+    """Explicit VR Big Endian (retired, but the SCP accepts it from old modalities) is written as
+    Explicit VR Little Endian with the same values as from the same image in little endian."""
+    little, big = read_testdata("MR_small.dcm"), read_testdata("MR_small_bigendian.dcm")
+    lut = pydicom.Dataset()
+    lut.LUTDescriptor = [4, 0, 16]
+    lut.add_new(0x00283006, "OW", np.array([0, 1000, 30000, 65535], ">u2").tobytes())  # LUTData: raw words
+    big.VOILUTSequence = [lut]
+    (expected,) = _run([little], {"scale": 2, "method": "cubic"})
+    (out,) = _run([big], {"scale": 2, "method": "cubic"})
+    (path,), (written,) = _round_trip([out], tmp_path)
+    assert written.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    np.testing.assert_array_equal(written.pixel_array, expected.pixel_array)
+    assert np.frombuffer(written.VOILUTSequence[0].LUTData, "<u2").tolist() == [0, 1000, 30000, 65535]
+    check_derived([big], [written])
+    assert new_dciodvfy_errors(path, little.filename) == []
+
+
 # ---- projection images -------------------------------------------------------------------------
 
 def test_cr_monochrome1_keeps_sop_class_and_photometric(tmp_path: Path) -> None:

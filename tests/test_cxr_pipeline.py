@@ -194,6 +194,40 @@ def test_a_cr_through_the_node_reaches_orthanc_as_three_series(make_node, orthan
     assert dcmread(io.BytesIO(orthanc.get_instance_file(instance["00080018"]["Value"][0])))
 
 
+def _resized_cr(folder, seed: str, long_side: int):
+    """The real CR with its long side at ``long_side`` px (as a smaller film would come)."""
+    from pipelines.interpolation import resize
+
+    src = dcmread(make.cr(folder, seed)[0])
+    h, w = src.pixel_array.shape
+    f = long_side / max(h, w)
+    pixels = resize(src.pixel_array.astype(np.float32), (round(h * f), round(w * f)), "cubic")
+    src.set_pixel_data(np.clip(np.rint(pixels), 0, 2 ** int(src.BitsStored) - 1).astype(np.uint16),
+                       src.PhotometricInterpretation, int(src.BitsStored), generate_instance_uid=False)
+    return src
+
+
+def test_heads_skip_small_films_and_lateral_views_and_say_why(tmp_path, caplog):
+    small = _resized_cr(tmp_path / "small", "cxr-small", cxr.HEADS_MIN_FILM - 1)
+    with caplog.at_level("WARNING", logger="pipelines.cxr"):
+        outputs = list(cxr.PIPELINE.run([small], {"scale": 2}, RunContext("cxr-small")))
+    assert [o.SOPClassUID for o in outputs] == [small.SOPClassUID]  # the SR image only
+    assert f"smaller than their {cxr.HEADS_MIN_FILM} px minimum" in caplog.text
+    with pytest.raises(Refusal, match=f"write_sr is false and the heads skip a {cxr.HEADS_MIN_FILM - 1}x"):
+        list(cxr.PIPELINE.run([small], {"write_sr": False}, RunContext("cxr-small")))
+    small.ViewPosition = "LL"
+    with pytest.raises(Refusal, match="write_sr is false and the heads skip a lateral view"):
+        list(cxr.PIPELINE.run([small], {"write_sr": False}, RunContext("cxr-small")))
+
+
+def test_a_film_at_the_heads_minimum_gets_them_numbered_within_the_is_range(tmp_path):
+    film = _resized_cr(tmp_path, "cxr-minimum", cxr.HEADS_MIN_FILM)
+    film.SeriesNumber = 2**31 - 1  # + an offset would leave the IS range: the offset alone is used
+    outputs = list(cxr.PIPELINE.run([film], {"write_sr": False}, RunContext("cxr-minimum")))
+    assert sorted((o.SOPClassUID, int(o.SeriesNumber)) for o in outputs) == [
+        (SEG_CLASS, cxr.SERIES_OFFSETS["lungs"]), (COMPREHENSIVE_3D_SR, cxr.SERIES_OFFSETS["abnormality"])]
+
+
 def test_heads_see_the_film_at_their_training_geometry():
     from pipelines import cxr_data
 

@@ -163,8 +163,10 @@ class ArbitraryPipeline:
                     context: RunContext) -> Iterator[Dataset]:
         images = sorted(images, key=lambda im: (int(im.dataset.get("InstanceNumber") or 0), im.dataset.SOPInstanceUID))
         plans = [_inplane_plan(im.pixels.shape, im.pixel_spacing, opts) for im in images]
+        if all(plan == im.pixels.shape for im, plan in zip(images, plans, strict=True)):
+            raise Refusal("the options leave the image unchanged")
         h, w = images[0].pixels.shape
-        series = self._series(opts, network, f"x{plans[0][0] / h:.4g}", _text(h, w, plans[0]))
+        series = self._series(opts, network, _inplane_label(h, w, plans[0]), _text(h, w, plans[0]))
 
         def slices() -> Iterator[DerivedSlice]:
             for i, (image, (rows, cols)) in enumerate(zip(images, plans, strict=True)):
@@ -194,7 +196,8 @@ class ArbitraryPipeline:
         new_spacing = (h * vol.pixel_spacing[0] / rows, w * vol.pixel_spacing[1] / cols)
         through = n_out != n
         text = _text(h, w, (rows, cols)) + (f", {n} -> {n_out} slices" if through else "")
-        label = ", ".join(([f"x{rows / h:.4g}"] if rows != h else []) + ([f"slices x{n_out / n:.4g}"] if through else []))
+        label = ", ".join(([_inplane_label(h, w, (rows, cols))] if (rows, cols) != (h, w) else [])
+                          + ([f"slices x{n_out / n:.4g}"] if through else []))
         series = self._series(opts, network, label, text,
                               spacing_between_slices=n * vol.slice_spacing / n_out if through else None,
                               images_in_acquisition=n_out if through else None)
@@ -245,9 +248,11 @@ def _factor(options: Mapping[str, Any], key: str) -> float | None:
 
 
 def _check(what: str, n: int, n_out: int) -> None:
-    if not n <= n_out <= n * MAX_SCALE + FACTOR_EPS:
-        raise Refusal(f"{what}: {n} -> {n_out} is a factor {n_out / n:.3g}; arbitrary upsamples by 1 to "
-                      f"{MAX_SCALE:g} (use interp to downsample)")
+    factor = f"{what}: {n} -> {n_out} is a factor {n_out / n:.4g}"
+    if n_out < n:
+        raise Refusal(f"{factor}; arbitrary does not downsample (use interp)")
+    if n_out > n * MAX_SCALE + FACTOR_EPS:
+        raise Refusal(f"{factor}, above arbitrary's largest, {MAX_SCALE:g} (ask for a coarser target, or use interp)")
 
 
 def _inplane_plan(shape, spacing, opts) -> tuple[int, int]:
@@ -277,9 +282,15 @@ def _through_plan(vol: Volume, opts) -> int:
     return n_out
 
 
+def _inplane_label(h: int, w: int, out: tuple[int, int]) -> str:
+    """``x1.5``, or ``rows x1.5 cols x3`` when the two factors differ by more than the rounding of
+    the output lengths does."""
+    rows, cols = out[0] / h, out[1] / w
+    return f"x{rows:.4g}" if abs(rows - cols) <= 0.5 / h + 0.5 / w else f"rows x{rows:.4g} cols x{cols:.4g}"
+
+
 def _text(h: int, w: int, out: tuple[int, int]) -> str:
-    factor = out[0] / h
-    return f"x{factor:.4g} ({h}x{w} -> {out[0]}x{out[1]})" if out != (h, w) else "in-plane unchanged"
+    return f"{_inplane_label(h, w, out)} ({h}x{w} -> {out[0]}x{out[1]})" if out != (h, w) else "in-plane unchanged"
 
 
 PIPELINE = ArbitraryPipeline()

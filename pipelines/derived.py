@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from fractions import Fraction
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -244,6 +245,8 @@ def _update_geometry(out: Dataset, src: Dataset, item: DerivedSlice, series: Der
             out[keyword].value = [ds_value(row_mm / row_factor), ds_value(col_mm / col_factor)]
         else:  # zero means unknown and is invalid; absence says unknown correctly
             del out[keyword]
+    if "PixelAspectRatio" in src and row_factor != col_factor:
+        _set_aspect_ratio(out, src, row_factor, col_factor)
     for keyword, kinds in PIXEL_COORDINATES.items():
         if keyword in src and src[keyword].VM:
             scaled = _scale_coordinates(src, keyword, kinds, row_factor, col_factor)
@@ -259,6 +262,21 @@ def _update_geometry(out: Dataset, src: Dataset, item: DerivedSlice, series: Der
         out.SpacingBetweenSlices = ds_value(series.spacing_between_slices)
     if series.images_in_acquisition is not None and "ImagesInAcquisition" in src:
         out.ImagesInAcquisition = series.images_in_acquisition
+
+
+def _set_aspect_ratio(out: Dataset, src: Dataset, row_factor: float, col_factor: float) -> None:
+    """PixelAspectRatio (vertical : horizontal pixel size, integers) after resampling rows and columns
+    by different factors; dropped when the source's is unreadable (it is needed only without a
+    pixel spacing, C.7.6.3.1.7)."""
+    try:
+        vertical, horizontal = (int(v) for v in src.PixelAspectRatio)
+        ratio = Fraction(vertical, horizontal) * Fraction(col_factor).limit_denominator(10**4) \
+            / Fraction(row_factor).limit_denominator(10**4)
+    except (TypeError, ValueError, ZeroDivisionError):
+        del out.PixelAspectRatio
+        return
+    ratio = ratio.limit_denominator(10**4)
+    out.PixelAspectRatio = [ratio.numerator, ratio.denominator]
 
 
 def _scale_coordinates(src: Dataset, keyword: str, kinds: tuple[str, ...], row_factor: float,

@@ -230,8 +230,29 @@ def test_downsampling_and_slice_factors_on_images_are_refused():
         list(arbitrary.PIPELINE.run([read_testdata("RG1_UNCR.dcm")], {"through_scale": 2}, CONTEXT))
     src = _ct_slice(64)
     coarse = float(src.PixelSpacing[0]) * 2
-    with pytest.raises(Refusal, match="use interp to downsample"):
+    with pytest.raises(Refusal, match="a factor 0.5; arbitrary does not downsample"):
         list(arbitrary.PIPELINE.run([src], {"target_spacing": [coarse, coarse]}, CONTEXT))
+    spacing = float(src.PixelSpacing[0])
+    with pytest.raises(Refusal, match="64 -> 257 is a factor 4.016, above arbitrary's largest, 4"):
+        list(arbitrary.PIPELINE.run([src], {"target_spacing": [spacing / 4.01] * 2}, CONTEXT))
+    cr = read_testdata("RG1_UNCR.dcm")
+    cr.PixelSpacing = [0.2, 0.2]
+    with pytest.raises(Refusal, match="leave the image unchanged"):
+        list(arbitrary.PIPELINE.run([cr], {"target_spacing": [0.2, 0.2]}, CONTEXT))
+
+
+def test_anisotropic_factors_are_named_and_the_aspect_ratio_follows():
+    src = _ct_slice(64)
+    src.PixelAspectRatio = [1, 1]
+    spacing = float(src.PixelSpacing[0])
+    [out] = arbitrary.PIPELINE.run([src], {"target_spacing": [spacing / 1.5, spacing / 3], "model": "lanczos"},
+                                   CONTEXT)
+    assert (out.Rows, out.Columns) == (96, 192)
+    assert out.PixelAspectRatio == [2, 1]  # pixels now twice as tall as wide, as PixelSpacing says
+    assert out.SeriesDescription.startswith("SR rows x1.5 cols x3 lanczos")
+    assert "rows x1.5 cols x3 (64x64 -> 96x192)" in out.DerivationDescription
+    [out] = arbitrary.PIPELINE.run([src], {"target_spacing": [spacing / 2.5] * 2, "model": "lanczos"}, CONTEXT)
+    assert out.SeriesDescription.startswith("SR x2.5 lanczos")
 
 
 def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):

@@ -146,6 +146,8 @@ class SR3DPipeline:
         if max(rows, cols) * r_in > MAX_MATRIX:
             raise Refusal(f"output matrix {rows * r_in}x{cols * r_in} is larger than {MAX_MATRIX}")
         method, version = opts["model"], None
+        if method == "mdrn" and r_in == 1:
+            method = "cnn"  # MDRN is in-plane only: this is the CNN's through-plane stage alone, and says so
         up_in: Upsampler | None = None
         up_t: Upsampler | None = None
         if method in ("cnn", "mdrn"):

@@ -285,6 +285,7 @@ def _normal(ds) -> np.ndarray:
     ({"inplane_scale": 2, "through_scale": 2, "model": "mdrn"}, 2, 2),
     ({"through_scale": 4}, 1, 4),
     ({"inplane_scale": 4}, 4, 1),
+    ({"through_scale": 2, "model": "mdrn"}, 1, 2),  # no in-plane stage: MDRN does not run, nor is named
 ])
 def test_cnn_output_geometry_slice_by_slice_and_dciodvfy(tmp_path, options, r_in, r_t):
     paths = make.ct_volume(tmp_path / "in", f"sr3d-{r_in}-{r_t}", 3)
@@ -298,7 +299,9 @@ def test_cnn_output_geometry_slice_by_slice_and_dciodvfy(tmp_path, options, r_in
         path = out_dir / f"{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert new_dciodvfy_errors(path, paths[0]) == []
-    assert ("MDRN" if options.get("model") == "mdrn" else "CNN") in outputs[0].SeriesDescription
+    named = "MDRN" if options.get("model") == "mdrn" and r_in > 1 else "CNN"
+    assert named in outputs[0].SeriesDescription and named in outputs[0].DerivationDescription
+    assert ("MDRN" in outputs[0].SeriesDescription) == (named == "MDRN")
     assert any("inplane" in v or "through" in v for v in outputs[0].ContributingEquipmentSequence[-1].SoftwareVersions)
 
 

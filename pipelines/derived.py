@@ -21,15 +21,18 @@ does not say).
 Dropped from the copy because they would be wrong or stale: private elements (vendor data about
 the original slice), group lengths, overlay and curve groups (60xx/50xx, sized to the old matrix),
 Smallest/Largest pixel values, encapsulation leftovers and trailing padding.
+Pixel padding: where an output pixel's nearest source pixel is padding (PixelPaddingValue, see
+:func:`pipelines.series.padding_mask`), it gets the padding value back; :func:`pipelines.series.decode`
+has already given padding the darkest real value for the resampling.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
-from fractions import Fraction
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from pydicom import Dataset
@@ -40,6 +43,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
+from pipelines.series import padding_mask, stored_values
 
 logger = logging.getLogger(__name__)
 
@@ -337,8 +341,32 @@ def _set_pixels(out: Dataset, src: Dataset, pixels: np.ndarray) -> None:
     if (ts in LOSSY_SYNTAXES and declared != "01") or (ts in MAYBE_LOSSY_SYNTAXES and declared is None):
         out.LossyImageCompression = "01"
         out.LossyImageCompressionMethod = {**LOSSY_SYNTAXES, **MAYBE_LOSSY_SYNTAXES}[ts]
-    out.set_pixel_data(to_stored(pixels, src), str(src.PhotometricInterpretation), int(src.BitsStored),
-                       generate_instance_uid=False)
+    stored = to_stored(pixels, src)
+    if "PixelPaddingValue" in src:
+        padding = _source_padding(src)
+        if padding is not None:
+            stored[_nearest(padding, stored.shape)] = int(src.PixelPaddingValue)
+    out.set_pixel_data(stored, str(src.PhotometricInterpretation), int(src.BitsStored), generate_instance_uid=False)
+
+
+_last_padding: tuple[str, np.ndarray | None] = ("", None)
+
+
+def _source_padding(src: Dataset) -> np.ndarray | None:
+    """The template's padding mask (:func:`pipelines.series.padding_mask`); consecutive output
+    slices mostly share a template, so the last one is kept."""
+    global _last_padding
+    uid = str(src.get("SOPInstanceUID", ""))
+    if not uid or _last_padding[0] != uid:
+        _last_padding = (uid, padding_mask(src, stored_values(src)))
+    return _last_padding[1]
+
+
+def _nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``mask`` resampled to ``shape`` by nearest neighbour, pixel centres aligned."""
+    rows = np.clip(np.floor((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]), 0, mask.shape[0] - 1)
+    cols = np.clip(np.floor((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]), 0, mask.shape[1] - 1)
+    return mask[np.ix_(rows.astype(np.intp), cols.astype(np.intp))]
 
 
 def _set_derivation(out: Dataset, sources: Sequence[Dataset], series: DerivedSeries, context: RunContext) -> None:

@@ -217,17 +217,41 @@ def decode(ds: Dataset) -> np.ndarray:
     """
     if "ModalityLUTSequence" in ds:
         raise Refusal("a Modality LUT Sequence is not supported (only linear rescale)")
-    ts = _transfer_syntax(ds) or UID("")
-    try:
-        arr, _ = get_decoder(ts).as_array(ds)
-    except Exception as exc:  # decoder errors have no common base class
-        raise Refusal(f"pixel data could not be decoded ({ts.name}): {exc}") from exc
+    arr = stored_values(ds)
     out = arr.astype(np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1 or intercept != 0:
         out = out * np.float32(slope) + np.float32(intercept)
+    padding = padding_mask(ds, arr)
+    if padding is not None and padding.any() and not padding.all():
+        # Padding (e.g. -3024 HU outside a CT's reconstruction circle) takes the smallest real value,
+        # so that resampling does not ring off its step into real pixels; the derived writer puts
+        # the padding value back where the output samples padding.
+        out[padding] = out[~padding].min()
     return out
+
+
+def stored_values(ds: Dataset) -> np.ndarray:
+    """The stored pixel values of a single-frame instance, decoded without caching them on ``ds``."""
+    ts = _transfer_syntax(ds) or UID("")
+    try:
+        arr, _ = get_decoder(ts).as_array(ds)
+    except Exception as exc:  # decoder errors have no common base class
+        raise Refusal(f"pixel data could not be decoded ({ts.name}): {exc}") from exc
+    return arr
+
+
+def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Where ``stored`` holds padding (PixelPaddingValue, up to PixelPaddingRangeLimit, C.7.5.1.1.2);
+    None when the instance declares none."""
+    try:
+        value = int(ds.PixelPaddingValue)
+        limit = int(ds.get("PixelPaddingRangeLimit", value))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    lo, hi = min(value, limit), max(value, limit)
+    return (stored >= lo) & (stored <= hi)
 
 
 def display_array(pixels: np.ndarray, ds: Dataset) -> np.ndarray:

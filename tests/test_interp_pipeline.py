@@ -222,6 +222,31 @@ def test_big_endian_source_gives_the_little_endian_output(tmp_path: Path) -> Non
     assert new_dciodvfy_errors(path, little.filename) == []
 
 
+def test_pixel_padding_stays_out_of_the_resampling_and_is_written_back(tmp_path: Path) -> None:
+    """A CT whose first 6 columns are padding (-3024 HU, PixelPaddingValue, as outside a scanner's
+    reconstruction circle) gives the same real pixels as one whose columns hold the slice's darkest
+    real value, and padding exactly where the output samples padding (cubic would otherwise ring
+    off the 2000 HU step into real pixels)."""
+    def edited(padding: bool) -> list[pydicom.Dataset]:
+        series = sorted(ct_series(3), key=lambda ds: int(ds.InstanceNumber))
+        for ds in series:
+            pixels = ds.pixel_array.copy()
+            pixels[:, :6] = -2000 if padding else pixels[:, 6:].min()
+            ds.set_pixel_data(pixels, "MONOCHROME2", 16, generate_instance_uid=False)
+            if padding:
+                ds.PixelPaddingValue = -2000
+        return series
+
+    options = {"scale": 2, "through_scale": 2, "method": "cubic"}
+    padded, plain = _run(edited(True), options), _run(edited(False), options)
+    paths, written = _round_trip(padded, tmp_path)
+    for out, reference in zip(written, plain, strict=True):
+        assert out.PixelPaddingValue == -2000
+        assert np.all(out.pixel_array[:, :12] == -2000)  # output columns 0-11 sample source columns 0-5
+        np.testing.assert_array_equal(out.pixel_array[:, 12:], reference.pixel_array[:, 12:])
+    assert dciodvfy_errors(paths[0]) == []
+
+
 # ---- projection images -------------------------------------------------------------------------
 
 def test_cr_monochrome1_keeps_sop_class_and_photometric(tmp_path: Path) -> None:

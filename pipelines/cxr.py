@@ -232,14 +232,20 @@ class CxrPipeline:
                 mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape)
                 yield cxr_outputs.lung_segmentation(
                     image.dataset, mask, sub, models.versions[hydra.LUNGS_FILE],
-                    derived_series_number(source_number, SERIES_OFFSETS["lungs"]), series_description("Lungs Hydra (AI)", context.version))
+                    _document_series_number(source_number, SERIES_OFFSETS["lungs"]), series_description("Lungs Hydra (AI)", context.version))
             if "abnormality" in opts["heads"]:
                 with torch.no_grad():
                     probability = float(hydra.abnormal_probability(models.abnormality(pooled.mean(dim=(2, 3))))[0])
                 yield cxr_outputs.abnormality_report(
                     image.dataset, probability, models.threshold, sub, models.versions[hydra.ABNORMALITY_FILE],
-                    derived_series_number(source_number, SERIES_OFFSETS["abnormality"]),
+                    _document_series_number(source_number, SERIES_OFFSETS["abnormality"]),
                     series_description("Abnormality Hydra (AI)", context.version))
+
+
+def _document_series_number(source: object, offset: int) -> int:
+    """:func:`derived_series_number`, kept positive as highdicom requires for SEG and SR."""
+    number = derived_series_number(source, offset)
+    return number if number > 0 else offset
 
 
 def heads_skipped(image: Image2D) -> str | None:

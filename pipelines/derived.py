@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -43,7 +44,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
-from pipelines.series import padding_mask, stored_values
+from pipelines.series import padding_mask, padding_values, stored_values
 
 logger = logging.getLogger(__name__)
 
@@ -342,23 +343,25 @@ def _set_pixels(out: Dataset, src: Dataset, pixels: np.ndarray) -> None:
         out.LossyImageCompression = "01"
         out.LossyImageCompressionMethod = {**LOSSY_SYNTAXES, **MAYBE_LOSSY_SYNTAXES}[ts]
     stored = to_stored(pixels, src)
-    if "PixelPaddingValue" in src:
+    values = padding_values(src)
+    if values is not None:
+        lo, hi = stored_range(int(src.BitsStored), int(src.PixelRepresentation) == 1)
         padding = _source_padding(src)
-        if padding is not None:
-            stored[_nearest(padding, stored.shape)] = int(src.PixelPaddingValue)
+        if padding is not None and lo <= values[0] <= hi:
+            stored[_nearest(padding, stored.shape)] = values[0]
     out.set_pixel_data(stored, str(src.PhotometricInterpretation), int(src.BitsStored), generate_instance_uid=False)
 
 
-_last_padding: tuple[str, np.ndarray | None] = ("", None)
+_last_padding: tuple[weakref.ref | None, np.ndarray | None] = (None, None)
 
 
 def _source_padding(src: Dataset) -> np.ndarray | None:
-    """The template's padding mask (:func:`pipelines.series.padding_mask`); consecutive output
-    slices mostly share a template, so the last one is kept."""
+    """The template's padding mask (:func:`pipelines.series.padding_mask`), None when no pixel is
+    padding. Consecutive output slices mostly share a template object, so the last one's is kept."""
     global _last_padding
-    uid = str(src.get("SOPInstanceUID", ""))
-    if not uid or _last_padding[0] != uid:
-        _last_padding = (uid, padding_mask(src, stored_values(src)))
+    if _last_padding[0] is None or _last_padding[0]() is not src:
+        mask = padding_mask(src, stored_values(src))
+        _last_padding = (weakref.ref(src), mask if mask is not None and mask.any() else None)
     return _last_padding[1]
 
 

@@ -11,8 +11,9 @@ own scale so that the same network also upsamples one axis only (the slice axis 
 
 Filters are predicted only for the distinct sub-pixel phases (offsets quantised to 1/``PHASES``
 of a pixel, so at most ``PHASES`` + 1 per axis; the largest error is 1/64 pixel), and applied as
-convolutions on the LR rows each row phase needs (see :meth:`MetaUpscale.forward`): at any factor
-this costs less than a few trunk layers, and no per-output-pixel weights are ever materialised.
+convolutions on the LR rows each row phase needs (see :meth:`MetaUpscale.forward`): the work grows
+with the output rows times the column phases (at 2x2 or 1.4x1.4, well under the trunk's), and no
+per-output-pixel weights are ever materialised.
 
 Like the other models here, the output is a residual on a Lanczos resampling of the input, and
 the filter predictor's last layer starts at zero: the untrained network is Lanczos.

@@ -225,10 +225,12 @@ def decode(ds: Dataset) -> np.ndarray:
         out = out * np.float32(slope) + np.float32(intercept)
     padding = padding_mask(ds, arr)
     if padding is not None and padding.any() and not padding.all():
-        # Padding (e.g. -3024 HU outside a CT's reconstruction circle) takes the smallest real value,
-        # so that resampling does not ring off its step into real pixels; the derived writer puts
-        # the padding value back where the output samples padding.
-        out[padding] = out[~padding].min()
+        # Padding (e.g. -3024 HU outside a CT's reconstruction circle) takes the nearest real
+        # extreme (the darkest, in either photometric interpretation), so that resampling does not
+        # ring off its step into real pixels; the derived writer puts the padding value back where
+        # the output samples padding.
+        real = out[~padding]
+        out[padding] = np.clip(out[padding], real.min(), real.max())
     return out
 
 
@@ -242,16 +244,37 @@ def stored_values(ds: Dataset) -> np.ndarray:
     return arr
 
 
-def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
-    """Where ``stored`` holds padding (PixelPaddingValue, up to PixelPaddingRangeLimit, C.7.5.1.1.2);
-    None when the instance declares none."""
+def padding_values(ds: Dataset) -> tuple[int, int] | None:
+    """(PixelPaddingValue, PixelPaddingRangeLimit or the value again) as stored values of the
+    instance's pixel representation, or None when it declares no usable padding. Values written
+    with the other sign's VR (US 63536 on signed pixels, a known vendor quirk) are read as the same
+    bits."""
+    def stored(value) -> int:
+        value = int(value)
+        bits = int(ds.get("BitsAllocated") or 16)
+        if int(ds.get("PixelRepresentation") or 0) == 1 and value >= 2 ** (bits - 1):
+            return value - 2**bits
+        if int(ds.get("PixelRepresentation") or 0) == 0 and value < 0:
+            return value + 2**bits
+        return value
+
     try:
-        value = int(ds.PixelPaddingValue)
-        limit = int(ds.get("PixelPaddingRangeLimit", value))
+        value = stored(ds.PixelPaddingValue)
     except (AttributeError, TypeError, ValueError):
         return None
-    lo, hi = min(value, limit), max(value, limit)
-    return (stored >= lo) & (stored <= hi)
+    try:
+        return value, stored(ds.PixelPaddingRangeLimit)
+    except (AttributeError, TypeError, ValueError):
+        return value, value
+
+
+def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Where ``stored`` holds padding (C.7.5.1.1.2: the values from PixelPaddingValue to
+    PixelPaddingRangeLimit); None when the instance declares none."""
+    values = padding_values(ds)
+    if values is None:
+        return None
+    return (stored >= min(values)) & (stored <= max(values))
 
 
 def display_array(pixels: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -126,7 +126,10 @@ class SR3DPipeline:
         model = (options or {}).get("model", "cnn")
         if model in METHODS:
             return None
-        return weights.problem(load_models) or (weights.problem(load_mdrn_once) if model == "mdrn" else None)
+        opts = self.validate_options(options or {})
+        target = opts["target_spacing"] or [None, None, None]
+        mdrn_runs = model == "mdrn" and (opts["inplane_scale"] != 1 or target[0] is not None)
+        return weights.problem(load_models) or (weights.problem(load_mdrn_once) if mdrn_runs else None)
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
         opts = self.validate_options(options)

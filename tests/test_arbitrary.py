@@ -53,25 +53,25 @@ def test_untrained_meta_and_mdrn_are_lanczos():
 
 @pytest.mark.parametrize("h, out_rows, map_floats", [
     (12, 30, meta_sr.PHASE_MAP_FLOATS),  # x2.5: 5 row phases of 6 rows, convolved on the whole map
-    (40, 53, meta_sr.PHASE_MAP_FLOATS),  # x1.33: 33 row phases of 1-2 rows, on their 3-row strips only
-    (12, 30, 2 * 10 * 4),  # bands of 4 LR rows (N * column phases * w floats a row)
+    (40, 53, meta_sr.PHASE_MAP_FLOATS),  # x1.33: 32 row phases of 1-2 rows, on their 3-row strips only
+    (12, 30, 2 * 13 * 10 * 4),  # bands of 4 LR rows (N * 13 column phases * w floats a row)
     (40, 53, 1),  # one strip at a time
 ])
 def test_meta_filters_per_phase_equal_the_per_pixel_definition(monkeypatch, h, out_rows, map_floats):
     monkeypatch.setattr(meta_sr, "PHASE_MAP_FLOATS", map_floats)
     model = _random_meta()
     x = torch.rand(2, 1, h, 10)
-    rows, cols = centres(h, out_rows), centres(10, 10)
+    rows, cols = centres(h, out_rows), centres(10, 13)  # 13 / 10: several column phases too
     with torch.no_grad():
-        out = model.sample(x, rows, cols, (h / out_rows, 1.0))
+        out = model.sample(x, rows, cols, (h / out_rows, 10 / 13))
     feats = model.trunk(x).detach()
     unfolded = torch.nn.functional.unfold(feats, 3, padding=1).view(2, -1, h, 10)
-    base = torch.from_numpy(resize(x.numpy(), (out_rows, 10), "lanczos"))
-    for b, i, j in ((0, 0, 0), (1, 7, 3), (0, out_rows // 2, 5), (1, out_rows - 1, 9)):
+    base = torch.from_numpy(resize(x.numpy(), (out_rows, 13), "lanczos"))
+    for b, i, j in ((0, 0, 0), (1, 7, 3), (0, out_rows // 2, 5), (1, out_rows - 1, 12), (0, 3, 8)):
         near_r, near_c = int(np.floor(rows[i] + 0.5)), int(np.floor(cols[j] + 0.5))
-        offsets = [round((rows[i] - near_r) * meta_sr.PHASES) / meta_sr.PHASES, cols[j] - near_c]
+        offsets = [round((c - near) * meta_sr.PHASES) / meta_sr.PHASES for c, near in ((rows[i], near_r), (cols[j], near_c))]
         with torch.no_grad():
-            filt = model.upscale.predict(torch.tensor([h / out_rows, 1.0, *offsets], dtype=torch.float32))
+            filt = model.upscale.predict(torch.tensor([h / out_rows, 10 / 13, *offsets], dtype=torch.float32))
         expected = base[b, 0, i, j] + (unfolded[b, :, near_r, near_c] * filt).sum()
         assert float(out[b, 0, i, j]) == pytest.approx(float(expected), abs=1e-5)
 

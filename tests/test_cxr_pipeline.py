@@ -222,10 +222,11 @@ def test_heads_skip_small_films_and_lateral_views_and_say_why(tmp_path, caplog):
 
 def test_a_film_at_the_heads_minimum_gets_them_numbered_within_the_is_range(tmp_path):
     film = _resized_cr(tmp_path, "cxr-minimum", cxr.HEADS_MIN_FILM)
-    film.SeriesNumber = 2**31 - 1  # + an offset would leave the IS range: the offset alone is used
-    outputs = list(cxr.PIPELINE.run([film], {"write_sr": False}, RunContext("cxr-minimum")))
-    assert sorted((o.SOPClassUID, int(o.SeriesNumber)) for o in outputs) == [
-        (SEG_CLASS, cxr.SERIES_OFFSETS["lungs"]), (COMPREHENSIVE_3D_SR, cxr.SERIES_OFFSETS["abnormality"])]
+    for number in (2**31 - 1, -5000):  # + an offset would leave the IS range, or not be positive (highdicom)
+        film.SeriesNumber = number
+        outputs = list(cxr.PIPELINE.run([film], {"write_sr": False}, RunContext("cxr-minimum")))
+        assert sorted((o.SOPClassUID, int(o.SeriesNumber)) for o in outputs) == [
+            (SEG_CLASS, cxr.SERIES_OFFSETS["lungs"]), (COMPREHENSIVE_3D_SR, cxr.SERIES_OFFSETS["abnormality"])]
 
 
 def test_heads_see_the_film_at_their_training_geometry():

@@ -227,8 +227,8 @@ def test_pixel_padding_stays_out_of_the_resampling_and_is_written_back(tmp_path:
     reconstruction circle) gives the same real pixels as one whose columns hold the slice's darkest
     real value, and padding exactly where the output samples padding (cubic would otherwise ring
     off the 2000 HU step into real pixels)."""
-    def edited(padding: bool) -> list[pydicom.Dataset]:
-        series = sorted(ct_series(3), key=lambda ds: int(ds.InstanceNumber))
+    def edited(padding: bool, n: int = 3) -> list[pydicom.Dataset]:
+        series = sorted(ct_series(n), key=lambda ds: int(ds.InstanceNumber))
         for ds in series:
             pixels = ds.pixel_array.copy()
             pixels[:, :6] = -2000 if padding else pixels[:, 6:].min()
@@ -245,6 +245,29 @@ def test_pixel_padding_stays_out_of_the_resampling_and_is_written_back(tmp_path:
         assert np.all(out.pixel_array[:, :12] == -2000)  # output columns 0-11 sample source columns 0-5
         np.testing.assert_array_equal(out.pixel_array[:, 12:], reference.pixel_array[:, 12:])
     assert dciodvfy_errors(paths[0]) == []
+    # the same instance (same UIDs) without padding, right after: nothing of the padded one's mask is reused
+    _run(edited(True, 1), {"scale": 2})
+    (out,) = _run(edited(False, 1), {"scale": 2})
+    assert not np.any(out.pixel_array == -2000)
+
+
+def test_padding_declared_with_the_other_sign_and_in_monochrome1() -> None:
+    from pipelines.series import decode
+
+    series = sorted(ct_series(1), key=lambda ds: int(ds.InstanceNumber))
+    pixels = series[0].pixel_array.copy()
+    pixels[:, :6] = -2000
+    series[0].set_pixel_data(pixels, "MONOCHROME2", 16, generate_instance_uid=False)
+    series[0].add_new(0x00280120, "US", 63536)  # PixelPaddingValue -2000 written as US (a vendor quirk)
+    (out,) = _run(series, {"scale": 2, "method": "cubic"})
+    assert np.all(out.pixel_array[:, :12] == -2000)
+    cr = read_testdata("RG1_UNCR.dcm")  # MONOCHROME1: padding is the dark end, the largest values
+    pixels = cr.pixel_array[:64, :64].copy()
+    pixels[:, :6] = 2**15 - 1
+    cr.set_pixel_data(pixels, "MONOCHROME1", 15, generate_instance_uid=False)
+    cr.PixelPaddingValue = 2**15 - 1
+    values = decode(cr)
+    assert values[:, :6].min() == values[:, :6].max() == pixels[:, 6:].max()  # the darkest real value
 
 
 # ---- projection images -------------------------------------------------------------------------

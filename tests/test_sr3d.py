@@ -234,6 +234,7 @@ def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):
             weights.card_path(tmp_path / name).write_text(weights.card_path(source).read_text())
         assert sr3d.PIPELINE.not_ready() is None
         assert "mdrn.safetensors is missing" in sr3d.PIPELINE.not_ready({"model": "mdrn"})
+        assert sr3d.PIPELINE.not_ready({"model": "mdrn", "inplane_scale": 1, "through_scale": 2}) is None  # CNN only
         sr3d.load_models.cache_clear()
         data = bytearray((tmp_path / THROUGH_FILE).read_bytes())
         data[-1] ^= 0xFF

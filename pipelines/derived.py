@@ -57,6 +57,8 @@ SOURCE_IMAGE_PURPOSE = ("121322", "DCM", "Source image for image processing oper
 SPATIAL_RESAMPLING = ("113085", "DCM", "Spatial resampling")
 PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
 
+#: Bytes per word of the binary VRs whose raw value depends on the byte order.
+WORD_BYTES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 #: Spacing attributes scaled with the matrix (mm per pixel; FOV = Rows x spacing is kept).
 SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 #: Pixel-coordinate attributes (1-based; display shutter C.7.6.11, DX collimator C.8.11.6):
@@ -394,10 +396,6 @@ def _set_derivation(out: Dataset, sources: Sequence[Dataset], series: DerivedSer
     equipment.PurposeOfReferenceCodeSequence = DicomSequence([code_item(PROCESSING_EQUIPMENT)])
     previous = list(out.get("ContributingEquipmentSequence", []))
     out.ContributingEquipmentSequence = DicomSequence([*previous, equipment])
-
-
-#: Bytes per word of the binary VRs whose raw value depends on the byte order.
-WORD_BYTES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 
 
 def _set_file_meta(out: Dataset) -> None:

@@ -120,7 +120,8 @@ class StowServer(http.server.BaseHTTPRequestHandler):
         length = int(self.headers["Content-Length"])
         body = self.rfile.read(length)
         type(self).bodies.append(body)
-        code, failures = type(self).script.pop(0) if type(self).script else (200, {})
+        code, failures, *form = type(self).script.pop(0) if type(self).script else (200, {})
+        form = form[0] if form else "json"
         result = Dataset()
         if failures:
             items = []
@@ -130,9 +131,18 @@ class StowServer(http.server.BaseHTTPRequestHandler):
                 item.FailureReason = reason
                 items.append(item)
             result.FailedSOPSequence = items
-        payload = json.dumps(result.to_json_dict()).encode()
+        if form == "xml":  # PS3.19 NativeDicomModel, as some PACS answer
+            attrs = "".join(
+                f'<Item number="{n}"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{sop}</Value>'
+                f'</DicomAttribute><DicomAttribute tag="00081197" vr="US"><Value number="1">{reason}</Value>'
+                f'</DicomAttribute></Item>' for n, (sop, reason) in enumerate(failures.items(), 1))
+            payload = ('<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel xmlns="http://dicom.nema.org/PS3.19'
+                       f'/models/NativeDICOM"><DicomAttribute tag="00081198" vr="SQ">{attrs}</DicomAttribute>'
+                       '</NativeDicomModel>').encode()
+        else:
+            payload = b"" if form == "empty" else json.dumps(result.to_json_dict()).encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Type", "application/dicom+xml" if form == "xml" else "application/dicom+json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -171,6 +181,21 @@ def test_stow_202_retries_only_the_failed_instance_and_409_parks(tmp_path, stow)
     ledger.retry(job_id)
     assert drain(dispatcher, ledger, job_id).state == "parked"
     assert "409" in ledger.job(job_id).reason
+
+
+def test_stow_202_in_xml_or_without_a_readable_body_counts_nothing_as_stored(tmp_path, stow):
+    url = f"http://127.0.0.1:{stow.server_address[1]}/dicom-web"
+    dispatcher, ledger, job_id, files = setup(tmp_path, {"web": {"type": "dicomweb", "url": url}}, n=3)
+    uids = [str(dcmread(f).SOPInstanceUID) for f in files]
+    StowServer.script = [
+        (202, {}, "empty"),  # some failed, which unknown: all three again
+        (202, {uids[1]: 0xC000}, "xml"),  # the second refused (XML body): the other two stored
+    ]
+    job = drain(dispatcher, ledger, job_id)
+    states = {d.sop_uid: (d.state, d.attempts) for d in ledger.deliveries(job_id)}
+    assert states == {uids[0]: ("sent", 2), uids[1]: ("parked", 2), uids[2]: ("sent", 2)}
+    assert job.state == "parked" and "C000" in ledger.job(job_id).reason.upper()
+    assert StowServer.bodies[1].count(b"Content-Type: application/dicom") == 3
 
 
 def test_a_hung_destination_costs_one_timeout_per_round_not_one_per_job(tmp_path):

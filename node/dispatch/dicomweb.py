@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from xml.etree import ElementTree
 
 import requests
 from pydicom import Dataset, dcmread
@@ -50,14 +51,42 @@ def _multipart(paths: list[Path]) -> tuple[bytes, str]:
     return b"".join(parts), f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
-def _response_dataset(response: requests.Response) -> Dataset | None:
-    if "json" not in response.headers.get("Content-Type", "") or not response.content:
+def _reasons(response: requests.Response) -> tuple[dict[str, int], dict[str, int]] | None:
+    """(failure reason, warning reason) per SOP Instance UID from a STOW-RS response body in DICOM
+    JSON or XML (PS3.18 10.5.3); None when there is no body or it cannot be read."""
+    content_type = response.headers.get("Content-Type", "")
+    if not response.content:
         return None
     try:
-        body = response.json()
-        return Dataset.from_json(body[0] if isinstance(body, list) else body)
-    except (ValueError, TypeError, KeyError):
+        if "xml" in content_type:
+            return _xml_reasons(response.content)
+        if "json" in content_type:
+            body = response.json()
+            result = Dataset.from_json(body[0] if isinstance(body, list) else body)
+            failed = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0xC000))
+                      for item in result.get("FailedSOPSequence", [])}
+            warned = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("WarningReason", 0xB000))
+                      for item in result.get("ReferencedSOPSequence", []) if "WarningReason" in item}
+            return failed, warned
+    except (ValueError, TypeError, KeyError, ElementTree.ParseError):
         return None
+    return None
+
+
+def _xml_reasons(content: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """:func:`_reasons` for a NativeDicomModel body (PS3.19 A.1)."""
+    root = ElementTree.fromstring(content)
+
+    def items(tag: str) -> list:
+        return root.findall(f"./{{*}}DicomAttribute[@tag='{tag}']/{{*}}Item")
+
+    def value(item, tag: str) -> str:
+        found = item.find(f"./{{*}}DicomAttribute[@tag='{tag}']/{{*}}Value")
+        return "" if found is None else (found.text or "").strip()
+
+    failed = {value(i, "00081155"): int(value(i, "00081197") or 0xC000) for i in items("00081198")}
+    warned = {value(i, "00081155"): int(value(i, "00081196")) for i in items("00081199") if value(i, "00081196")}
+    return failed, warned
 
 
 def store(dest: DicomwebDestination, paths: list[Path]) -> list[Outcome]:
@@ -73,11 +102,10 @@ def store(dest: DicomwebDestination, paths: list[Path]) -> list[Outcome]:
     except RuntimeError as exc:  # credentials missing: an admin must fix the environment
         return [Outcome("fail", str(exc))] * len(paths)
     code = response.status_code
-    result = _response_dataset(response)
-    failed = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0xC000))
-              for item in (result.get("FailedSOPSequence", []) if result else [])}
-    warned = {str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("WarningReason", 0xB000))
-              for item in (result.get("ReferencedSOPSequence", []) if result else []) if "WarningReason" in item}
+    reasons = _reasons(response)
+    if code == 202 and reasons is None:  # some failed, and which is unknown: none counts as stored
+        return [Outcome("retry", "STOW-RS 202 (some instances failed) without a readable response")] * len(paths)
+    failed, warned = reasons or ({}, {})
     if code in (200, 202, 409):
         outcomes = []
         for uid in uids:

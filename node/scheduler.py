@@ -79,8 +79,14 @@ class Scheduler:
         if result is not None and result["state"] != "done":  # `srnode retry` of a failed run
             (job_dir / "result.json").unlink()
             (job_dir / "starts").unlink(missing_ok=True)
-        self.submit(job.id)
+        # Recorded before it is queued: a ledger that cannot be written (a full disk) must not leave
+        # a pending job that every tick queues again.
         self.ledger.set_job_state(job.id, "queued")
+        try:
+            self.submit(job.id)
+        except Exception:
+            self.ledger.set_job_state(job.id, "pending", "could not be queued; trying again")
+            raise
 
     def _collect(self, job: Job) -> None:
         result = read_result(self.spool, job.id)

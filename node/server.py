@@ -26,6 +26,8 @@ from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
+GUARD_MAX_PAUSE_S = 30.0
+
 
 def _die_with_parent() -> None:
     """Runs in the embedded worker before exec: it gets SIGTERM if the node dies (even kill -9)."""
@@ -98,14 +100,23 @@ class Node:
         self._threads.append(thread)
 
     def _guard(self, loop):
-        """A loop that logs and carries on after an unexpected error instead of dying silently."""
+        """A loop that logs and carries on after an unexpected error instead of dying silently. The
+        first failure is logged with its traceback; the same one again (e.g. a full disk) as one
+        line, with the pause doubling up to ``GUARD_MAX_PAUSE_S``."""
         def run() -> None:
+            pause, last = 1.0, None
             while not self._stop.is_set():
                 try:
                     loop()
-                except Exception:
-                    log.exception("%s loop failed; continuing in 1 s", threading.current_thread().name)
-                    self._stop.wait(1)
+                except Exception as exc:
+                    name, error = threading.current_thread().name, f"{type(exc).__name__}: {exc}"
+                    if error != last:
+                        pause = 1.0
+                        log.exception("%s loop failed; continuing in %.0f s", name, pause)
+                    else:
+                        log.warning("%s loop still failing (%s); continuing in %.0f s", name, error, pause)
+                    self._stop.wait(pause)
+                    pause, last = min(pause * 2, GUARD_MAX_PAUSE_S), error
         return run
 
     # -- loops ----------------------------------------------------------------------------

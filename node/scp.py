@@ -21,7 +21,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
     JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+    JPEGLSLossless, JPEGLSNearLossless, RLELossless, UID,
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
@@ -39,6 +39,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+REFUSED_CONTEXT = {0x01: "refused", 0x02: "refused", 0x03: "SOP class not supported",
+                   0x04: "transfer syntax not supported"}
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -135,6 +137,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_CONN_OPEN, self._opened),
             (evt.EVT_REQUESTED, self._check_association),
+            (evt.EVT_ACCEPTED, self._log_refused_contexts),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_CONN_CLOSE, self._closed),
@@ -169,6 +172,17 @@ class StorageSCP:
             log.warning("rejected association from %s@%s: peer %s is only allowed from %s",
                         calling, host, calling, peer.host)
             self._reject(event, REJECT_CALLING_AE)
+
+    @staticmethod
+    def _log_refused_contexts(event: evt.Event) -> None:
+        """Say which SOP classes / transfer syntaxes of an accepted association were refused: the
+        sender only sees "no presentation context" when it then tries to send them."""
+        refused = sorted({(str(cx.abstract_syntax), REFUSED_CONTEXT.get(cx.result, f"result {cx.result}"))
+                          for cx in event.assoc.rejected_contexts})
+        if refused:
+            names = ", ".join(f"{UID(uid).name} ({why})" for uid, why in refused[:8])  # the UID when unnamed
+            log.warning("association from %s: %d presentation context(s) refused: %s%s",
+                        event.assoc.requestor.ae_title.strip(), len(refused), names, ", ..." if len(refused) > 8 else "")
 
     @staticmethod
     def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:

@@ -121,6 +121,23 @@ def test_unlisted_calling_ae_is_rejected(make_node, tmp_path):
     assert not any((node.spool / "series").rglob("*.dcm"))
 
 
+def test_refused_presentation_contexts_are_logged(make_node):
+    """The sender only learns "no presentation context" when it tries to send: the node says why."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    node = make_node(routes=[], destinations={})
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.3.4.5.6.7")  # a private SOP class
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.100"])  # MPEG2: not offered
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
+    assert assoc.is_established
+    assoc.release()
+    wait_for(lambda: "2 presentation context(s) refused" in node.log(), 5, what="refused contexts logged")
+    assert "1.2.3.4.5.6.7 (SOP class not supported), CT Image Storage (transfer syntax not supported)" in node.log()
+
+
 def test_corrupt_and_uidless_instances_get_failure_status_and_node_keeps_serving(make_node, tmp_path, monkeypatch):
     import pynetdicom._config
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian

@@ -202,6 +202,9 @@ class StorageSCP:
         except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
             log.warning("C-STORE from %s: SOP %s cannot be parsed (%s): refused", calling, sop_uid, type(exc).__name__)
             return _failure(CANNOT_UNDERSTAND, "dataset cannot be parsed")
+        if not (study or series or ds_sop):  # a file header followed by something that is not a data set
+            log.warning("C-STORE from %s: SOP %s has no readable data set: refused", calling, sop_uid)
+            return _failure(CANNOT_UNDERSTAND, "dataset cannot be parsed")
         for name, value in (("Study", study), ("Series", series), ("SOP", ds_sop)):
             if not valid_uid(value):
                 log.warning("C-STORE from %s: SOP %s has no valid %s Instance UID: refused", calling, sop_uid, name)

@@ -158,6 +158,9 @@ def test_corrupt_and_uidless_instances_get_failure_status_and_node_keeps_serving
     at = raw.index(sop.encode(), meta_end)
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(raw[:at + int.from_bytes(raw[at - 2:at], "little")] + b"\x08\x00\x20\x00DA\xf0\xff2004")
+    # A valid file header, then bytes that are no data set at all.
+    noise = tmp_path / "noise.dcm"
+    noise.write_bytes(raw[:meta_end] + bytes(range(256)) * 8)
     # Pixel data cut short (pydicom reads such a file without complaint).
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(raw[:-5000])
@@ -180,13 +183,14 @@ def test_corrupt_and_uidless_instances_get_failure_status_and_node_keeps_serving
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)  # send the files as they are
     try:
         statuses = {name: assoc.send_c_store(path) for name, path in
-                    (("blank", blank), ("truncated", truncated), ("undeflatable", undeflatable), ("cut", cut),
+                    (("blank", blank), ("truncated", truncated), ("undeflatable", undeflatable), ("noise", noise), ("cut", cut),
                      ("good", good))}
     finally:
         assoc.release()
     assert statuses["blank"].Status == 0xA900 and "Study Instance UID" in statuses["blank"].ErrorComment
     assert statuses["truncated"].Status == 0xA900 and "Study Instance UID" in statuses["truncated"].ErrorComment
     assert statuses["undeflatable"].Status == 0xC000 and "cannot be parsed" in statuses["undeflatable"].ErrorComment
+    assert statuses["noise"].Status == 0xC000 and "cannot be parsed" in statuses["noise"].ErrorComment
     assert statuses["cut"].Status == 0xC000
     assert statuses["cut"].ErrorComment == "cannot be parsed: pixel data cut short (27906 of 32768 bytes)"
     assert statuses["good"].Status == 0x0000

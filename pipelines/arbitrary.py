@@ -45,7 +45,7 @@ from pydicom import Dataset
 from pipelines import volume_data, weights
 from pipelines.base import Refusal, RunContext
 from pipelines.options import check_keys, geometry, number
-from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
+from pipelines.derived import LO_MAX, RESEARCH_USE, DerivedSeries, DerivedSlice, write_derived
 from pipelines.interpolation import METHODS, resize
 from pipelines.lanczos import centres
 from pipelines.mdrn import MDRN, load_mdrn_once
@@ -69,6 +69,7 @@ OPTION_KEYS = ("scale", "through_scale", "target_spacing", "model")
 SERIES_NUMBER_OFFSET = 1500
 MAX_MATRIX = 8192
 FACTOR_EPS = 1e-9
+DESCRIPTION_ROOM = LO_MAX - len(f" - {RESEARCH_USE} v99")  # SeriesDescription before the writer's suffix
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,12 @@ class ArbitraryPipeline:
         name = {"meta": "Meta-Upscale", "mdrn": "MDRN"}[network.name] if network else f"{opts['model']} (interpolation)"
         how = (f"{name} (srnode arbitrary), residual on Lanczos; values outside the network's intensity window "
                "are Lanczos-interpolated" if network else f"{opts['model']} interpolation (srnode arbitrary)")
+        head = f"SR {label}"
+        room = DESCRIPTION_ROOM - len(name) - 1
+        if len(head) > room:  # cut the factors (DerivationDescription has them all), not the method's name
+            head = head[:room - 3].rstrip(" ,") + "..."
         return DerivedSeries(
-            description=f"SR {label} {name}",
+            description=f"{head} {name}",
             derivation_description=f"Super-resolution by {how}: {text}; field of view kept",
             model_name=f"arbitrary {name}" if network else f"arbitrary ({opts['model']})",
             model_version=network.version if network else None,

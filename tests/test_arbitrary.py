@@ -12,6 +12,7 @@ from pydicom import dcmread
 
 from pipelines import arbitrary, mdrn, meta_sr, train_sr2d, volume_data, volume_stream, weights
 from pipelines.base import Refusal, RunContext
+from pipelines.derived import series_description
 from pipelines.interpolation import resize
 from pipelines.lanczos import centres
 from pipelines.meta_sr import META_FILE, MetaConfig, MetaSR
@@ -253,6 +254,10 @@ def test_anisotropic_factors_are_named_and_the_aspect_ratio_follows():
     assert "rows x1.5 cols x3 (64x64 -> 96x192)" in out.DerivationDescription
     [out] = arbitrary.PIPELINE.run([src], {"target_spacing": [spacing / 2.5] * 2, "model": "lanczos"}, CONTEXT)
     assert out.SeriesDescription.startswith("SR x2.5 lanczos")
+    # A long label is cut, not the method's name, even on a rerun (64-character LO)
+    long = arbitrary.PIPELINE._series({"model": "lanczos"}, None, "rows x1.334 cols x2.666, slices x2.5", "")
+    described = series_description(long.description, version=2)
+    assert len(described) <= 64 and described.endswith("... lanczos (interpolation) - research use v2")
 
 
 def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from node.spool import Spool
 from tests import series_factory as make
 
 
-def test_a_series_that_cannot_be_routed_waits_and_does_not_stop_the_others(tmp_path, caplog):
+def _scheduler(tmp_path):
+    """(spool, ledger, assembler, scheduler, submitted job ids) for one CT route to a folder."""
     config = Config.model_validate({
         "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "interp", "send_to": ["out"]}],
@@ -23,7 +24,11 @@ def test_a_series_that_cannot_be_routed_waits_and_does_not_stop_the_others(tmp_p
     ledger = Ledger(spool.ledger_path)
     assembler = Assembler(spool, ledger, quiet_seconds=0)
     submitted = []
-    scheduler = Scheduler(config, spool, ledger, assembler, submitted.append)
+    return spool, ledger, assembler, Scheduler(config, spool, ledger, assembler, submitted.append), submitted
+
+
+def test_a_series_that_cannot_be_routed_waits_and_does_not_stop_the_others(tmp_path, caplog):
+    spool, ledger, assembler, scheduler, submitted = _scheduler(tmp_path)
 
     bad = spool.instance_path("1.2", "1.2.1", "1.2.1.1")
     bad.parent.mkdir(parents=True)
@@ -46,15 +51,7 @@ def test_a_series_that_cannot_be_routed_waits_and_does_not_stop_the_others(tmp_p
 def test_a_ledger_that_cannot_be_written_does_not_queue_the_job_again_and_again(tmp_path, monkeypatch):
     """A full disk: the job's 'queued' state cannot be recorded, so it must not be queued (each
     tick would queue it again); when the ledger works again it is queued once."""
-    config = Config.model_validate({
-        "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
-        "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "interp", "send_to": ["out"]}],
-    })
-    spool = Spool(tmp_path / "spool").ensure()
-    ledger = Ledger(spool.ledger_path)
-    assembler = Assembler(spool, ledger, quiet_seconds=0)
-    submitted = []
-    scheduler = Scheduler(config, spool, ledger, assembler, submitted.append)
+    spool, ledger, assembler, scheduler, submitted = _scheduler(tmp_path)
     make.ct_volume(spool.series_dir("1.2", "1.2.2"), "full", 2)
     assembler.instance_stored(1, "1.2", "1.2.2", new=True, expected=None)
     assembler.association_ended(1)

@@ -138,6 +138,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._opened),
             (evt.EVT_REQUESTED, self._check_association),
             (evt.EVT_ACCEPTED, self._log_refused_contexts),
+            (evt.EVT_REJECTED, self._log_negotiation_reject),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_CONN_CLOSE, self._closed),
@@ -183,6 +184,16 @@ class StorageSCP:
             names = ", ".join(f"{UID(uid).name} ({why})" for uid, why in refused[:8])  # the UID when unnamed
             log.warning("association from %s: %d presentation context(s) refused: %s%s",
                         event.assoc.requestor.ae_title.strip(), len(refused), names, ", ..." if len(refused) > 8 else "")
+
+    def _log_negotiation_reject(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (the node's AE checks log theirs): above
+        ``node.max_associations`` is the one an admin can act on."""
+        primitive = event.assoc.requestor.primitive
+        calling, host = primitive.calling_ae_title.strip(), event.assoc.requestor.address
+        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+        why = (f"the node's limit of {self.ae.maximum_associations} associations is reached"
+               if len(acceptors) > self.ae.maximum_associations else "the association negotiation failed")
+        log.warning("rejected association from %s@%s: %s", calling, host, why)
 
     @staticmethod
     def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:

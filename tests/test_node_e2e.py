@@ -6,6 +6,7 @@ import io
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 from pydicom import dcmread
@@ -118,7 +119,25 @@ def test_unlisted_calling_ae_is_rejected(make_node, tmp_path):
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
     wait_for(lambda: "rejected association from INTRUDER" in node.log(), 5, what="rejection logged")
+    time.sleep(0.5)
+    assert node.log().count("rejected association from INTRUDER") == 1  # the AE check's line only
     assert not any((node.spool / "series").rglob("*.dcm"))
+
+
+def test_an_association_over_the_limit_is_rejected_and_logged(make_node):
+    from pynetdicom import AE
+
+    node = make_node(routes=[], destinations={}, max_associations=1)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
+    try:
+        second = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
+        assert second.is_rejected
+    finally:
+        first.release()
+    wait_for(lambda: "limit of 1 associations is reached" in node.log(), 5, what="limit rejection logged")
+    assert "rejected association from STORESCU@127.0.0.1: the node's limit of 1 associations" in node.log()
 
 
 def test_refused_presentation_contexts_are_logged(make_node):

@@ -232,7 +232,8 @@ class CxrPipeline:
                 mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape)
                 yield cxr_outputs.lung_segmentation(
                     image.dataset, mask, sub, models.versions[hydra.LUNGS_FILE],
-                    _document_series_number(source_number, SERIES_OFFSETS["lungs"]), series_description("Lungs Hydra (AI)", context.version))
+                    _document_series_number(source_number, SERIES_OFFSETS["lungs"]),
+                    series_description("Lungs Hydra (AI)", context.version))
             if "abnormality" in opts["heads"]:
                 with torch.no_grad():
                     probability = float(hydra.abnormal_probability(models.abnormality(pooled.mean(dim=(2, 3))))[0])

@@ -21,16 +21,15 @@ does not say).
 Dropped from the copy because they would be wrong or stale: private elements (vendor data about
 the original slice), group lengths, overlay and curve groups (60xx/50xx, sized to the old matrix),
 Smallest/Largest pixel values, encapsulation leftovers and trailing padding.
-Pixel padding: where an output pixel's nearest source pixel is padding (PixelPaddingValue, see
-:func:`pipelines.series.padding_mask`), it gets the padding value back; :func:`pipelines.series.decode`
-has already given padding the darkest real value for the resampling.
+Pixel padding: where an output pixel's nearest source pixel is padding (the mask that
+:func:`pipelines.series.decode` found, which gave padding the darkest real value for the
+resampling), it gets the padding value back.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,7 +43,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
-from pipelines.series import padding_mask, padding_values, stored_values
+from pipelines.series import decoded_padding, padding_values
 
 logger = logging.getLogger(__name__)
 
@@ -345,26 +344,13 @@ def _set_pixels(out: Dataset, src: Dataset, pixels: np.ndarray) -> None:
         out.LossyImageCompression = "01"
         out.LossyImageCompressionMethod = {**LOSSY_SYNTAXES, **MAYBE_LOSSY_SYNTAXES}[ts]
     stored = to_stored(pixels, src)
-    values = padding_values(src)
-    if values is not None:
+    padding = decoded_padding(src)
+    if padding is not None:
+        value = padding_values(src)[0]
         lo, hi = stored_range(int(src.BitsStored), int(src.PixelRepresentation) == 1)
-        padding = _source_padding(src)
-        if padding is not None and lo <= values[0] <= hi:
-            stored[_nearest(padding, stored.shape)] = values[0]
+        if lo <= value <= hi:
+            stored[_nearest(padding, stored.shape)] = value
     out.set_pixel_data(stored, str(src.PhotometricInterpretation), int(src.BitsStored), generate_instance_uid=False)
-
-
-_last_padding: tuple[weakref.ref | None, np.ndarray | None] = (None, None)
-
-
-def _source_padding(src: Dataset) -> np.ndarray | None:
-    """The template's padding mask (:func:`pipelines.series.padding_mask`), None when no pixel is
-    padding. Consecutive output slices mostly share a template object, so the last one's is kept."""
-    global _last_padding
-    if _last_padding[0] is None or _last_padding[0]() is not src:
-        mask = padding_mask(src, stored_values(src))
-        _last_padding = (weakref.ref(src), mask if mask is not None and mask.any() else None)
-    return _last_padding[1]
 
 
 def _nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -217,31 +218,41 @@ def decode(ds: Dataset) -> np.ndarray:
     """
     if "ModalityLUTSequence" in ds:
         raise Refusal("a Modality LUT Sequence is not supported (only linear rescale)")
-    arr = stored_values(ds)
+    ts = _transfer_syntax(ds) or UID("")
+    try:
+        arr, _ = get_decoder(ts).as_array(ds)
+    except Exception as exc:  # decoder errors have no common base class
+        raise Refusal(f"pixel data could not be decoded ({ts.name}): {exc}") from exc
     out = arr.astype(np.float32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1 or intercept != 0:
         out = out * np.float32(slope) + np.float32(intercept)
     padding = padding_mask(ds, arr)
-    if padding is not None and padding.any() and not padding.all():
+    if padding is not None and padding.any():
         # Padding (e.g. -3024 HU outside a CT's reconstruction circle) takes the nearest real
         # extreme (the darkest, in either photometric interpretation), so that resampling does not
         # ring off its step into real pixels; the derived writer puts the padding value back where
-        # the output samples padding.
-        real = out[~padding]
-        out[padding] = np.clip(out[padding], real.min(), real.max())
+        # the output samples padding (:func:`decoded_padding`).
+        _PADDING[id(ds)] = (np.packbits(padding), padding.shape)
+        weakref.finalize(ds, _PADDING.pop, id(ds), None)
+        if not padding.all():
+            real = out[~padding]
+            out[padding] = np.clip(out[padding], real.min(), real.max())
     return out
 
 
-def stored_values(ds: Dataset) -> np.ndarray:
-    """The stored pixel values of a single-frame instance, decoded without caching them on ``ds``."""
-    ts = _transfer_syntax(ds) or UID("")
-    try:
-        arr, _ = get_decoder(ts).as_array(ds)
-    except Exception as exc:  # decoder errors have no common base class
-        raise Refusal(f"pixel data could not be decoded ({ts.name}): {exc}") from exc
-    return arr
+# id(dataset) -> (packed padding mask, shape) found by decode(), for as long as the dataset lives.
+_PADDING: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
+
+
+def decoded_padding(ds: Dataset) -> np.ndarray | None:
+    """Where :func:`decode` found padding in ``ds``; None when it found none (or never decoded it)."""
+    entry = _PADDING.get(id(ds))
+    if entry is None:
+        return None
+    packed, shape = entry
+    return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
 def padding_values(ds: Dataset) -> tuple[int, int] | None:

@@ -54,12 +54,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
 
-HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ImagesInAcquisition",
-    "AcquisitionNumber",
-]
-
-
 def set_nodelay(event: evt.Event) -> None:
     """Without TCP_NODELAY every C-STORE waits ~40 ms for Nagle's algorithm (networking note)."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
@@ -206,15 +200,16 @@ class StorageSCP:
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         raw = encoded_with_meta(event)
         try:
-            header = dcmread(io.BytesIO(raw), stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            header = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too (pixel_data_cut)
             study = str(header.get("StudyInstanceUID", "")).strip()
             series = str(header.get("SeriesInstanceUID", "")).strip()
             ds_sop = str(header.get("SOPInstanceUID", "")).strip()
         except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
             log.warning("C-STORE from %s: SOP %s cannot be parsed (%s): refused", calling, sop_uid, type(exc).__name__)
             return _failure(CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        if not (study or series or ds_sop):  # a file header followed by something that is not a data set
-            log.warning("C-STORE from %s: SOP %s has no readable data set: refused", calling, sop_uid)
+        if not (study or series or ds_sop):  # a file header, then no data set (or encapsulated data cut short)
+            log.warning("C-STORE from %s: SOP %s has no readable data set (or one cut short): refused",
+                        calling, sop_uid)
             return _failure(CANNOT_UNDERSTAND, "dataset cannot be parsed")
         for name, value in (("Study", study), ("Series", series), ("SOP", ds_sop)):
             if not valid_uid(value):
@@ -223,7 +218,7 @@ class StorageSCP:
         if ds_sop != sop_uid:
             log.warning("C-STORE from %s: dataset SOP UID differs from the request's: refused", calling)
             return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request")
-        cut = pixel_data_cut(raw)
+        cut = pixel_data_cut(header)
         if cut:
             log.warning("C-STORE from %s: SOP %s cannot be parsed (%s): refused", calling, sop_uid, cut)
             return _failure(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}")
@@ -264,18 +259,18 @@ class StorageSCP:
         self.assembler.association_ended(assoc_id)
 
 
-def pixel_data_cut(raw: bytes) -> str | None:
-    """How the Pixel Data of an encoded instance is cut short, else None. pydicom reads a
+def pixel_data_cut(ds: Dataset) -> str | None:
+    """How the Pixel Data of a received instance is cut short, else None. pydicom reads a
     truncated file without complaint; acknowledged, it would fail its whole series later, and the
-    sender would not send it again. An image (Rows present) must have pixel data; native data must
-    hold Rows x Columns x samples x frames; each item of encapsulated data must fit. A check that
-    cannot run (an odd but readable dataset) passes: the pipelines judge such files."""
+    sender would not send it again. An image (Rows present) must have pixel data (where
+    undefined-length, encapsulated data runs to the end of the file pydicom returns no elements at
+    all); native data must hold Rows x Columns x samples x frames; each item of encapsulated data
+    must fit. A check that cannot run (an odd but readable dataset) passes: the pipelines judge
+    such files."""
     try:
-        ds = dcmread(io.BytesIO(raw))
         if "PixelData" not in ds:
-            # Undefined-length (encapsulated) data that runs to the end: pydicom returns no elements at all.
             image = "Rows" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds
-            return "data ends inside an element, or no pixel data" if image or not len(ds) else None
+            return "data ends inside an element, or no pixel data" if image else None
         data = ds.PixelData
         if ds.file_meta.TransferSyntaxUID.is_encapsulated:
             pos = 0

@@ -176,8 +176,9 @@ class StorageSCP:
                           for cx in event.assoc.rejected_contexts})
         if refused:
             names = ", ".join(f"{UID(uid).name} ({why})" for uid, why in refused[:8])  # the UID when unnamed
+            more = ", ..." if len(refused) > 8 else ""
             log.warning("association from %s: %d presentation context(s) refused: %s%s",
-                        event.assoc.requestor.ae_title.strip(), len(refused), names, ", ..." if len(refused) > 8 else "")
+                        event.assoc.requestor.ae_title.strip(), len(refused), names, more)
 
     def _log_negotiation_reject(self, event: evt.Event) -> None:
         """pynetdicom's own rejections (the node's AE checks log theirs): above

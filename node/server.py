@@ -30,9 +30,11 @@ GUARD_MAX_PAUSE_S = 30.0
 
 
 def _die_with_parent() -> None:
-    """Runs in the embedded worker before exec: it gets SIGTERM if the node dies (even kill -9)."""
+    """Runs in the embedded worker before exec: it is killed if the node dies (even kill -9).
+    SIGKILL, not SIGTERM: on SIGTERM Celery finishes the job it holds, while the restarted node
+    runs that job again beside it (idempotent, but twice the work on the same CPU or GPU)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 

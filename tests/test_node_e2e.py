@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -285,6 +286,35 @@ def test_late_instances_start_a_new_version_and_repeats_start_nothing(make_node,
     numbers = {s["00200011"]["Value"][0] for s in outputs}
     assert len(numbers) == 1  # the same SeriesNumber: recognisably the same output
     assert outputs[1]["0008103E"]["Value"][0].endswith("v2")
+
+
+def test_node_killed_mid_job_takes_its_embedded_worker_with_it(make_node, tmp_path):
+    """The orphaned worker must not finish the job while the restarted node runs it again."""
+    ct = make.ct_volume(tmp_path / "ct", "kill-node-mid-job", 24)
+    out = tmp_path / "archive"
+    node = make_node(routes=[route("ct", {"Modality": "CT"}, {"inplane_scale": 4, "through_scale": 4},
+                                   send_to=["archive"])],
+                     destinations={"archive": {"type": "folder", "path": str(out)}})
+    assert storescu(ct, node.port).returncode == 0
+    wait_for(lambda: any((node.spool / "jobs").glob("*/.out-*")), 60, what="the embedded worker started the job")
+    worker_pid = int(subprocess.run(["pgrep", "-f", f"worker --config {node.config_path}"],
+                                    capture_output=True, text=True).stdout.split()[0])
+    node.kill()
+    wait_for(lambda: not _alive(worker_pid), 5, what="the orphaned embedded worker gone")
+    assert not any((node.spool / "jobs").glob("*/result.json"))  # it did not finish the job
+    node.start()
+    node.wait_jobs(all_delivered(1), timeout=180, what="job run by the restarted node's worker")
+    series_dirs = list(out.glob("*/*"))
+    assert len(series_dirs) == 1 and len(list(series_dirs[0].glob("*.dcm"))) == (24 - 1) * 4 + 1
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone: it only waits for its parent to read it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def test_embedded_worker_killed_mid_job_is_restarted_and_the_job_reruns(make_node, tmp_path):

@@ -37,30 +37,16 @@ class NodeSection(Strict):
     bind: str = "0.0.0.0"
     spool: Path = Path("../var/spool")
     max_associations: int = Field(16, ge=1)
+    stow_port: int | None = Field(None, ge=1, le=65535)  # STOW-RS receiver (node.stow); None: off
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _check_ae = field_validator("ae_title")(_ae)
 
-
-class Peer(Strict):
-    """A modality or PACS allowed to send to us; ``port`` makes it a ``sender`` destination."""
-
-    ae_title: str
-    host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-
-    _check_ae = field_validator("ae_title")(_ae)
-
-
-class DicomDestination(Strict):
-    type: Literal["dicom"]
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-    calling_ae_title: str | None = None  # defaults to node.ae_title
-    timeout_s: float = Field(30, gt=0)
-
-    _check_ae = field_validator("ae_title", "calling_ae_title")(_ae)
+    @model_validator(mode="after")
+    def _ports(self) -> "NodeSection":
+        if self.stow_port == self.port:
+            raise ValueError(f"stow_port and port are both {self.port}: STOW-RS needs a port of its own")
+        return self
 
 
 class DicomwebAuth(Strict):
@@ -78,6 +64,30 @@ class DicomwebAuth(Strict):
         if self.type == "basic" and not (self.username and self.password_env):
             raise ValueError("basic auth needs username and password_env")
         return self
+
+
+class Peer(Strict):
+    """A modality or PACS allowed to send to us; ``port`` makes it a ``sender`` destination;
+    ``stow_auth``, the credentials it sends with STOW-RS requests, lets it send over DICOMweb
+    (its ``ae_title`` then names it for routing and ``sender``, as for C-STORE)."""
+
+    ae_title: str
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    stow_auth: DicomwebAuth | None = None
+
+    _check_ae = field_validator("ae_title")(_ae)
+
+
+class DicomDestination(Strict):
+    type: Literal["dicom"]
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None  # defaults to node.ae_title
+    timeout_s: float = Field(30, gt=0)
+
+    _check_ae = field_validator("ae_title", "calling_ae_title")(_ae)
 
 
 class DicomwebDestination(Strict):
@@ -183,6 +193,10 @@ class Config(Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"route names must be unique, repeated: {sorted(dupes)}")
+        for field in ("username", "token_env"):
+            used = [getattr(p.stow_auth, field) for p in self.peers if p.stow_auth and getattr(p.stow_auth, field)]
+            if len(used) != len(set(used)):
+                raise ValueError(f"peers: two peers share a stow_auth {field}; a STOW-RS sender must be one peer")
         if SENDER in self.destinations:
             raise ValueError(f"'{SENDER}' is reserved (results back to the calling peer); rename that destination")
         for route in self.routes:

@@ -1,44 +1,28 @@
 """The DICOM listener: C-ECHO and C-STORE SCP.
 
 Every association is checked before it is accepted (called AE, calling AE and, when configured,
-the peer's host; PS3.8 9.3.4 reject reasons). Every instance is written to the spool exactly as
-sent (temporary file, fsync, rename, directory fsync) before the success status goes back, so an
-acknowledged instance is never lost. The handler never decodes the whole dataset and never runs
-a pipeline: it spools, tells the assembler, and answers.
+the peer's host; PS3.8 9.3.4 reject reasons). Each instance goes through :mod:`node.ingest`,
+which spools it (fsync'd) before the success status goes back, so an acknowledged instance is
+never lost. The handler never runs a pipeline: it spools, tells the assembler, and answers.
 """
 from __future__ import annotations
 
-import errno
-import io
 import logging
 import socket
-import sqlite3
 import struct
-import threading
 from typing import Any
 
-from pydicom import Dataset, dcmread
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-    JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, RLELossless, UID,
-)
+from pydicom import Dataset
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from pynetdicom.sop_class import Verification
 
-from node.assembly import Assembler
 from node.config import Config
 from node.fast_reactor import FastAE
-from node.ledger import Ledger
-from node.spool import Spool, valid_uid, write_atomic
+from node.ingest import STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 Annex B.2.3), named so that each answer says what it means.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 REFUSED_CONTEXT = {0x01: "refused", 0x02: "refused", 0x03: "SOP class not supported",
                    0x04: "transfer syntax not supported"}
 
@@ -46,13 +30,6 @@ REFUSED_CONTEXT = {0x01: "refused", 0x02: "refused", 0x03: "SOP class not suppor
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
-# Uncompressed first (explicit before implicit), then every common compressed syntax: the
-# acceptor takes the first of these that the requestor proposes.
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless,
-]
 
 def set_nodelay(event: evt.Event) -> None:
     """Without TCP_NODELAY every C-STORE waits ~40 ms for Nagle's algorithm (networking note)."""
@@ -110,19 +87,15 @@ def _failure(status: int, comment: str) -> Dataset:
 class StorageSCP:
     """The node's listener. ``start()`` opens the port in the background; ``stop()`` closes it."""
 
-    def __init__(self, config: Config, spool: Spool, ledger: Ledger, assembler: Assembler):
+    def __init__(self, config: Config, ingest: Ingest):
         self.config = config
-        self.spool = spool
-        self.ledger = ledger
-        self.assembler = assembler
+        self.ingest = ingest
         self._server = None
-        self._noted: set[tuple[int, str]] = set()  # (association, series) already in the ledger
-        self._lock = threading.Lock()
         ae = FastAE(ae_title=config.node.ae_title)  # event-driven reactors (node.fast_reactor)
         ae.maximum_associations = config.node.max_associations
         ae.add_supported_context(Verification)
-        for uid in sorted(_STORAGE_CLASSES.values()):
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        for uid in sorted(STORAGE_CLASSES):
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)  # the acceptor takes the first proposed
         self.ae = ae
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -198,112 +171,17 @@ class StorageSCP:
     def _store(self, event: evt.Event) -> Any:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
-        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
-        raw = encoded_with_meta(event)
-        try:
-            header = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too (pixel_data_cut)
-            study = str(header.get("StudyInstanceUID", "")).strip()
-            series = str(header.get("SeriesInstanceUID", "")).strip()
-            ds_sop = str(header.get("SOPInstanceUID", "")).strip()
-        except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
-            log.warning("C-STORE from %s: SOP %s cannot be parsed (%s): refused", calling, sop_uid, type(exc).__name__)
-            return _failure(CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        if not (study or series or ds_sop):  # a file header, then no data set (or encapsulated data cut short)
-            log.warning("C-STORE from %s: SOP %s has no readable data set (or one cut short): refused",
-                        calling, sop_uid)
-            return _failure(CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        for name, value in (("Study", study), ("Series", series), ("SOP", ds_sop)):
-            if not valid_uid(value):
-                log.warning("C-STORE from %s: SOP %s has no valid %s Instance UID: refused", calling, sop_uid, name)
-                return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing or invalid {name} Instance UID")
-        if ds_sop != sop_uid:
-            log.warning("C-STORE from %s: dataset SOP UID differs from the request's: refused", calling)
-            return _failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request")
-        cut = pixel_data_cut(header)
-        if cut:
-            log.warning("C-STORE from %s: SOP %s cannot be parsed (%s): refused", calling, sop_uid, cut)
-            return _failure(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}")
-
-        key = (id(assoc), series)
-        try:
-            if key not in self._noted:
-                # Who sent the series is needed for routing and 'sender': recorded before the ack.
-                self.ledger.note_series(series, study, calling, assoc.requestor.address)
-                with self._lock:
-                    self._noted.add(key)
-            path = self.spool.instance_path(study, series, sop_uid)
-            new = not path.exists()
-            if new:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, raw)
-            else:
-                log.info("C-STORE from %s: SOP %s already stored; kept once", calling, sop_uid)
-        except OSError as exc:
-            log.error("C-STORE from %s: cannot store SOP %s: %s", calling, sop_uid, exc.strerror)
-            comment = "node disk full" if exc.errno == errno.ENOSPC else "node cannot write to its spool"
-            return _failure(OUT_OF_RESOURCES, comment)
-        except sqlite3.Error as exc:
-            log.error("C-STORE from %s: cannot record SOP %s in the ledger: %s", calling, sop_uid, exc)
-            return _failure(OUT_OF_RESOURCES, "node cannot write to its ledger")
-        self.assembler.instance_stored(
-            id(assoc), study, series, new=new, expected=_count(header), acquisition=_text(header, "AcquisitionNumber"),
+        verdict = self.ingest.store(
+            encoded_with_meta(event), id(assoc), calling, assoc.requestor.address, f"C-STORE from {calling}",
+            expected_sop=str(event.request.AffectedSOPInstanceUID or ""),
         )
-        return SUCCESS
+        return SUCCESS if verdict.stored else _failure(verdict.status, verdict.comment)
 
     def _opened(self, event: evt.Event) -> None:
-        self.assembler.association_started(id(event.assoc))
+        self.ingest.session_started(id(event.assoc))
 
     def _closed(self, event: evt.Event) -> None:
-        assoc_id = id(event.assoc)
-        with self._lock:
-            self._noted = {k for k in self._noted if k[0] != assoc_id}
-        self.assembler.association_ended(assoc_id)
-
-
-def pixel_data_cut(ds: Dataset) -> str | None:
-    """How the Pixel Data of a received instance is cut short, else None. pydicom reads a
-    truncated file without complaint; acknowledged, it would fail its whole series later, and the
-    sender would not send it again. An image (Rows present) must have pixel data (where
-    undefined-length, encapsulated data runs to the end of the file pydicom returns no elements at
-    all); native data must hold Rows x Columns x samples x frames; each item of encapsulated data
-    must fit. A check that cannot run (an odd but readable dataset) passes: the pipelines judge
-    such files."""
-    try:
-        if "PixelData" not in ds:
-            image = "Rows" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds
-            return "data ends inside an element, or no pixel data" if image else None
-        data = ds.PixelData
-        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            pos = 0
-            while pos + 8 <= len(data):
-                pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
-            return None if pos <= len(data) else "encapsulated pixel data cut short"
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        if samples == 3 and str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
-            samples = 2  # chroma subsampled horizontally: two samples a pixel on average
-        expected = -(-int(ds.Rows) * int(ds.Columns) * samples * int(ds.get("NumberOfFrames") or 1)
-                     * int(ds.BitsAllocated) // 8)
-    except Exception:  # noqa: BLE001 - see the docstring
-        return None
-    return None if len(data) >= expected else f"pixel data cut short ({len(data)} of {expected} bytes)"
-
-
-def _text(header: Dataset, keyword: str) -> str:
-    """An attribute's value as text; "" when absent or unreadable (headers from the wild)."""
-    try:
-        value = header.get(keyword)
-        return "" if value is None else str(value).strip()
-    except Exception:
-        return ""
-
-
-def _count(header: Dataset) -> int | None:
-    """ImagesInAcquisition when it is a positive whole number, else ``None``."""
-    try:
-        value = int(_text(header, "ImagesInAcquisition"))
-    except ValueError:
-        return None
-    return value if value > 0 else None
+        self.ingest.session_ended(id(event.assoc))
 
 
 def _host_ip(host: str) -> str:

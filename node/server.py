@@ -1,5 +1,6 @@
-"""The running node: listener, assembly/scheduling loop, dispatcher loop and, in embedded mode,
-its own Celery worker as a supervised child process.
+"""The running node: the DICOM listener (and the STOW-RS one when configured), the
+assembly/scheduling loop, the dispatcher loop and, in embedded mode, its own Celery worker as a
+supervised child process.
 
 The node owns all state (spool + ledger). On start it reopens series with unprocessed
 instances and re-submits unfinished jobs, so `kill -9` loses nothing that was acknowledged.
@@ -19,10 +20,12 @@ from node.assembly import Assembler
 from node.celery_app import PIPELINE_QUEUE, configure
 from node.config import Config
 from node.dispatch import Dispatcher
+from node.ingest import Ingest
 from node.ledger import Ledger
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
 from node.spool import Spool
+from node.stow import StowServer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ class Node:
         self._run_job = run_job
         self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit)
         self.dispatcher = Dispatcher(config, self.spool, self.ledger)
-        self.scp = StorageSCP(config, self.spool, self.ledger, self.assembler)
+        self.ingest = Ingest(self.spool, self.ledger, self.assembler)
+        self.scp = StorageSCP(config, self.ingest)
+        self.stow = StowServer(config, self.spool, self.ingest) if config.node.stow_port else None
         self._stop = threading.Event()
         self._resubmit = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -63,6 +68,8 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self.scp.start()  # first: a port already in use fails the start before anything runs
+        if self.stow is not None:
+            self.stow.start()
         self.assembler.recover()
         self.scheduler.resubmit_unfinished()
         if self.config.queue.broker == "embedded":
@@ -74,6 +81,8 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
         self.scp.stop()
+        if self.stow is not None:
+            self.stow.stop()
         self.assembler._wake.set()
         for thread in self._threads:
             thread.join(timeout=10)

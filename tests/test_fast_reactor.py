@@ -24,6 +24,7 @@ from node import fast_reactor
 from node.assembly import Assembler
 from node.config import load_config
 from node.fast_reactor import FastAE, FastAssociation, FastDUL
+from node.ingest import Ingest
 from node.ledger import Ledger
 from node.scp import StorageSCP, _explicit_le, _padded
 from node.spool import Spool
@@ -143,7 +144,7 @@ def node_scp(tmp_path):
     config = load_config(path, check_pipelines=False)
     spool = Spool(tmp_path / "spool").ensure()
     ledger = Ledger(spool.ledger_path)
-    scp = StorageSCP(config, spool, ledger, Assembler(spool, ledger, 0.5))
+    scp = StorageSCP(config, Ingest(spool, ledger, Assembler(spool, ledger, 0.5)))
     scp.start()
     yield scp, spool
     scp.stop()

@@ -1,0 +1,199 @@
+"""Receiving one instance, whatever carried it (C-STORE or STOW-RS): check it, spool it, tell the assembler.
+
+An instance is answered with success only once it is on disk (temporary file, fsync, rename,
+directory fsync) and its series is in the ledger with its sender: an acknowledged instance is
+never lost. Every refusal names its reason in the answer and in one log line (UIDs, never patient
+data). The statuses are C-STORE's (PS3.4 B.2.3); STOW-RS reports them as Failure Reasons.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import sqlite3
+import struct
+import threading
+from dataclasses import dataclass
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+    JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+)
+from pynetdicom.sop_class import _STORAGE_CLASSES
+
+from node.assembly import Assembler
+from node.ledger import Ledger
+from node.spool import Spool, valid_uid, write_atomic
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18 failure reason; C-STORE refuses these at negotiation
+
+# What the node takes, in the SCP's order of preference: uncompressed first (explicit before
+# implicit), then every common compressed syntax.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+STORAGE_CLASSES = frozenset(_STORAGE_CLASSES.values())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: int
+    comment: str = ""  # why, for a failure (fits LO: 64 characters)
+    sop_class: str = ""  # as read from the data set, "" when unreadable
+    sop_instance: str = ""
+
+    @property
+    def stored(self) -> bool:
+        return self.status == SUCCESS
+
+
+class Ingest:
+    """The node's one way in. A *session* (an association, a STOW-RS request) groups instances
+    for the assembler: a series is not complete while a session that sent to it is open."""
+
+    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler):
+        self.spool = spool
+        self.ledger = ledger
+        self.assembler = assembler
+        self._noted: set[tuple[int, str]] = set()  # (session, series) already in the ledger
+        self._lock = threading.Lock()
+
+    def session_started(self, session: int) -> None:
+        self.assembler.association_started(session)
+
+    def session_ended(self, session: int) -> None:
+        with self._lock:
+            self._noted = {k for k in self._noted if k[0] != session}
+        self.assembler.association_ended(session)
+
+    def store(self, raw: bytes, session: int, sender: str, host: str, via: str,
+              expected_sop: str | None = None, expected_study: str | None = None,
+              negotiated: bool = True) -> Verdict:
+        """Check and spool one Part 10 file (``raw``, file meta included) from ``sender``.
+
+        ``via`` starts each log line ("C-STORE from X"). ``expected_sop``: the request's SOP
+        Instance UID, which the data set must repeat (C-STORE); ``expected_study``: the study a
+        STOW-RS request was addressed to. ``negotiated``: the transport already agreed on the SOP
+        class and transfer syntax (C-STORE); else they are checked here (STOW-RS).
+        """
+        try:
+            ds = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too (pixel_data_cut)
+            study = str(ds.get("StudyInstanceUID", "")).strip()
+            series = str(ds.get("SeriesInstanceUID", "")).strip()
+            sop = str(ds.get("SOPInstanceUID", "")).strip()
+            sop_class = str(ds.get("SOPClassUID", "")).strip()
+        except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
+            log.warning("%s: SOP %s cannot be parsed (%s): refused", via, expected_sop or "?", type(exc).__name__)
+            return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed", sop_instance=expected_sop or "")
+        named = expected_sop or sop or "?"
+        refuse = lambda status, comment, why: self._refuse(via, named, status, comment, why, sop_class, sop)  # noqa: E731
+        if not (study or series or sop):  # a file header, then no data set (or encapsulated data cut short)
+            return refuse(CANNOT_UNDERSTAND, "dataset cannot be parsed", "has no readable data set (or one cut short)")
+        for name, value in (("Study", study), ("Series", series), ("SOP", sop)):
+            if not valid_uid(value):
+                return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing or invalid {name} Instance UID",
+                              f"has no valid {name} Instance UID")
+        if expected_sop is not None and sop != expected_sop:
+            return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request",
+                          "has a data set SOP UID that differs from the request's")
+        if expected_study is not None and study != expected_study:
+            return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "not in the study the request names",
+                          f"belongs to study {study}, not to the study {expected_study} the request names")
+        if not negotiated:
+            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            if sop_class not in STORAGE_CLASSES:
+                return refuse(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported",
+                              f"has SOP class {sop_class or '(none)'}, not a storage class the node takes")
+            if syntax not in TRANSFER_SYNTAXES:
+                return refuse(TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax not supported",
+                              f"is in transfer syntax {syntax or '(none)'}, which the node does not take")
+        cut = pixel_data_cut(ds)
+        if cut:
+            return refuse(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}", f"cannot be parsed ({cut})")
+
+        key = (session, series)
+        try:
+            if key not in self._noted:
+                # Who sent the series is needed for routing and 'sender': recorded before the ack.
+                self.ledger.note_series(series, study, sender, host)
+                with self._lock:
+                    self._noted.add(key)
+            path = self.spool.instance_path(study, series, sop)
+            new = not path.exists()
+            if new:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, raw)
+            else:
+                log.info("%s: SOP %s already stored; kept once", via, sop)
+        except OSError as exc:
+            log.error("%s: cannot store SOP %s: %s", via, sop, exc.strerror)
+            comment = "node disk full" if exc.errno == errno.ENOSPC else "node cannot write to its spool"
+            return Verdict(OUT_OF_RESOURCES, comment, sop_class, sop)
+        except sqlite3.Error as exc:
+            log.error("%s: cannot record SOP %s in the ledger: %s", via, sop, exc)
+            return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
+        self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
+                                       acquisition=_text(ds, "AcquisitionNumber"))
+        return Verdict(SUCCESS, "", sop_class, sop)
+
+    @staticmethod
+    def _refuse(via: str, named: str, status: int, comment: str, why: str, sop_class: str, sop: str) -> Verdict:
+        log.warning("%s: SOP %s %s: refused", via, named, why)
+        return Verdict(status, comment, sop_class, sop)
+
+
+def pixel_data_cut(ds: Dataset) -> str | None:
+    """How the Pixel Data of a received instance is cut short, else None. pydicom reads a
+    truncated file without complaint; acknowledged, it would fail its whole series later, and the
+    sender would not send it again. An image (Rows present) must have pixel data (where
+    undefined-length, encapsulated data runs to the end of the file pydicom returns no elements at
+    all); native data must hold Rows x Columns x samples x frames; each item of encapsulated data
+    must fit. A check that cannot run (an odd but readable dataset) passes: the pipelines judge
+    such files."""
+    try:
+        if "PixelData" not in ds:
+            image = "Rows" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds
+            return "data ends inside an element, or no pixel data" if image else None
+        data = ds.PixelData
+        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            pos = 0
+            while pos + 8 <= len(data):
+                pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
+            return None if pos <= len(data) else "encapsulated pixel data cut short"
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        if samples == 3 and str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+            samples = 2  # chroma subsampled horizontally: two samples a pixel on average
+        expected = -(-int(ds.Rows) * int(ds.Columns) * samples * int(ds.get("NumberOfFrames") or 1)
+                     * int(ds.BitsAllocated) // 8)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    return None if len(data) >= expected else f"pixel data cut short ({len(data)} of {expected} bytes)"
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """An attribute's value as text; "" when absent or unreadable (headers from the wild)."""
+    try:
+        value = ds.get(keyword)
+        return "" if value is None else str(value).strip()
+    except Exception:
+        return ""
+
+
+def _count(ds: Dataset) -> int | None:
+    """ImagesInAcquisition when it is a positive whole number, else ``None``."""
+    try:
+        value = int(_text(ds, "ImagesInAcquisition"))
+    except ValueError:
+        return None
+    return value if value > 0 else None

@@ -1,0 +1,288 @@
+"""The DICOMweb listener: STOW-RS (PS3.18 10.5), ``POST /dicom-web/studies[/{StudyInstanceUID}]``.
+
+A request is a ``multipart/related; type="application/dicom"`` body of Part 10 files, sent with
+Content-Length or chunked. Only peers with ``stow_auth`` may send: HTTP Basic or a bearer token,
+checked against the environment variables the config names, and the peer's ``host`` when set.
+Each part goes through :mod:`node.ingest`, exactly as a C-STORE would; the request is one
+session for the assembler, as an association is. The answer comes only when every part is on
+disk or refused: 200 all stored, 202 some refused, 409 none stored, with the Store Instances
+Response Module (Referenced / Failed SOP Sequence, a Failure Reason per refused part) in DICOM
+JSON. TLS belongs in front of it (a reverse proxy): the listener speaks plain HTTP.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import hmac
+import json
+import logging
+import mmap
+import os
+import re
+import tempfile
+import threading
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import IO
+
+from node.config import Config, Peer
+from node.ingest import Ingest, Verdict
+from node.scp import _host_ip
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]+))?/?$")
+COPY_CHUNK = 1 << 20
+READ_TIMEOUT_S = 60  # a client silent this long mid-request is cut off
+
+
+class HttpError(Exception):
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code, self.message, self.headers = code, message, headers or {}
+
+
+class StowServer:
+    """``start()`` opens ``node.stow_port`` in a background thread; ``stop()`` closes it."""
+
+    def __init__(self, config: Config, spool: Spool, ingest: Ingest):
+        self.config = config
+        self.spool = spool
+        self.ingest = ingest
+        self.slots = threading.BoundedSemaphore(config.node.max_associations)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        for peer in self.config.peers:
+            auth = peer.stow_auth
+            variable = auth and (auth.token_env if auth.type == "bearer" else auth.password_env)
+            if variable and not os.environ.get(variable):
+                log.warning("peer %s: environment variable %s is not set; its STOW-RS requests will get 401",
+                            peer.ae_title, variable)
+        handler = type("Handler", (StowHandler,), {"stow": self})
+        self._server = ThreadingHTTPServer((self.config.node.bind, self.config.node.stow_port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="stow-rs", daemon=True)
+        self._thread.start()
+        log.info("STOW-RS listening on http://%s:%s/dicom-web/studies", self.config.node.bind,
+                 self.config.node.stow_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def authenticate(self, authorization: str | None, client_ip: str) -> Peer:
+        """The peer these credentials belong to; HttpError 401 (unknown) or 403 (wrong host)."""
+        scheme, _, value = (authorization or "").partition(" ")
+        peer = next((p for p in self.config.peers if p.stow_auth and _matches(p, scheme.lower(), value.strip())), None)
+        if peer is None:
+            why = "no credentials" if not authorization else "credentials of no STOW-RS peer"
+            raise HttpError(401, f"{why}: send a configured peer's Basic or Bearer credentials",
+                            {"WWW-Authenticate": 'Basic realm="srnode", Bearer realm="srnode"'})
+        if peer.host is not None and _host_ip(peer.host) != client_ip:
+            raise HttpError(403, f"peer {peer.ae_title} is only allowed from {peer.host}")
+        return peer
+
+
+def _matches(peer: Peer, scheme: str, value: str) -> bool:
+    auth = peer.stow_auth
+    if auth.type == "bearer" and scheme == "bearer":
+        token = os.environ.get(auth.token_env or "")
+        return bool(token) and hmac.compare_digest(value.encode(), token.encode())
+    if auth.type == "basic" and scheme == "basic":
+        password = os.environ.get(auth.password_env or "")
+        try:
+            user, _, given = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return bool(password) and user == auth.username and hmac.compare_digest(given.encode(), password.encode())
+    return False
+
+
+class StowHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, chunked requests
+    server_version = "srnode-stow"
+    timeout = READ_TIMEOUT_S
+    stow: StowServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body_read = False
+        peer_name = self.client_address[0]
+        try:
+            match = PATH.match(self.path.split("?", 1)[0])
+            if not match:
+                raise HttpError(404, "STOW-RS is POST /dicom-web/studies or /dicom-web/studies/{StudyInstanceUID}")
+            peer = self.stow.authenticate(self.headers.get("Authorization"), self.client_address[0])
+            peer_name = f"{peer.ae_title}@{peer_name}"
+            boundary = _boundary(self.headers.get("Content-Type", ""))
+            if not self.stow.slots.acquire(blocking=False):
+                raise HttpError(503, f"the node's limit of {self.stow.config.node.max_associations} "
+                                     "concurrent senders is reached", {"Retry-After": "5"})
+            try:
+                with self._buffered_body() as body:
+                    body_read = True
+                    code, response = self._store_parts(body, boundary, peer, match.group(1))
+            finally:
+                self.stow.slots.release()
+        except HttpError as exc:
+            log.warning("STOW-RS from %s: %d %s", peer_name, exc.code, exc.message)
+            self.close_connection = self.close_connection or not body_read
+            self._send(exc.code, (exc.message + "\n").encode(), "text/plain; charset=utf-8", exc.headers)
+            return
+        self._send(code, json.dumps(response).encode(), "application/dicom+json")
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._send(405, b"this node only receives (STOW-RS POST)\n", "text/plain; charset=utf-8", {"Allow": "POST"})
+
+    do_PUT = do_DELETE = do_GET
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the access log stays quiet
+        log.debug("STOW-RS %s " + format, self.client_address[0], *args)
+
+    # -- the body -------------------------------------------------------------------------
+    def _buffered_body(self) -> IO[bytes]:
+        """The request body in an unnamed file in the spool (gone when closed): parts are read from
+        it one at a time, so a large study never sits in memory."""
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        length = self.headers.get("Content-Length")
+        if not chunked and length is None:
+            raise HttpError(411, "send Content-Length or Transfer-Encoding: chunked")
+        try:
+            out = tempfile.TemporaryFile(dir=self.stow.spool.root, prefix=".stow-")
+        except OSError as exc:
+            raise HttpError(503, f"node cannot buffer the request: {exc.strerror}", {"Retry-After": "60"}) from None
+        try:
+            if chunked:
+                self._copy_chunked(out)
+            else:
+                self._copy(out, int(length))
+            out.flush()
+        except OSError as exc:
+            out.close()
+            if exc.errno == errno.ENOSPC:
+                raise HttpError(503, "node disk full", {"Retry-After": "60"}) from None
+            raise HttpError(400, f"request body could not be read ({exc})") from None
+        except (ValueError, ConnectionError) as exc:
+            out.close()
+            raise HttpError(400, f"request body could not be read ({exc})") from None
+        out.seek(0)
+        return out
+
+    def _copy(self, out: IO[bytes], n: int) -> None:
+        if n < 0:
+            raise ValueError("negative Content-Length")
+        while n > 0:
+            data = self.rfile.read(min(n, COPY_CHUNK))
+            if not data:
+                raise ConnectionError("the client closed the connection before the end of the body")
+            out.write(data)
+            n -= len(data)
+
+    def _copy_chunked(self, out: IO[bytes]) -> None:
+        while True:
+            line = self.rfile.readline(1024)
+            if not line.endswith(b"\n"):
+                raise ConnectionError("chunk size line cut short")
+            size = int(line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while self.rfile.readline(8192).strip():  # trailer fields, ignored
+                    pass
+                return
+            self._copy(out, size)
+            if self.rfile.read(2) != b"\r\n":
+                raise ValueError("chunk not followed by CRLF")
+
+    # -- the parts ------------------------------------------------------------------------
+    def _store_parts(self, body: IO[bytes], boundary: bytes, peer: Peer, study: str | None) -> tuple[int, dict]:
+        size = os.fstat(body.fileno()).st_size
+        if size == 0:
+            raise HttpError(400, "empty request body")
+        session = object()  # this request's session id for the assembler: id() unique while it lives
+        verdicts: list[Verdict] = []
+        via = f"STOW-RS from {peer.ae_title}"
+        self.stow.ingest.session_started(id(session))
+        try:
+            with mmap.mmap(body.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for start, end in _parts(data, boundary):
+                    raw = data[start:end]
+                    verdicts.append(self.stow.ingest.store(raw, id(session), peer.ae_title, self.client_address[0],
+                                                           via, expected_study=study, negotiated=False))
+        finally:
+            self.stow.ingest.session_ended(id(session))
+        if not verdicts:
+            raise HttpError(400, "no parts in the multipart body (wrong boundary?)")
+        stored = [v for v in verdicts if v.stored]
+        failed = [v for v in verdicts if not v.stored]
+        code = 200 if not failed else 202 if stored else 409
+        log.info("%s@%s: %d instance(s) stored, %d refused (HTTP %d)", via, self.client_address[0],
+                 len(stored), len(failed), code)
+        return code, _response(stored, failed)
+
+    def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _boundary(content_type: str) -> bytes:
+    """The multipart boundary of a STOW-RS request; HttpError 415 for any other kind of body."""
+    message = Message()
+    message["Content-Type"] = content_type
+    kind, part_type = message.get_content_type(), (message.get_param("type") or "application/dicom")
+    if kind != "multipart/related" or str(part_type).lower() != "application/dicom":
+        raise HttpError(415, f"STOW-RS here takes multipart/related; type=\"application/dicom\", "
+                             f"not {content_type or '(no Content-Type)'}")
+    boundary = message.get_param("boundary")
+    if not boundary or not isinstance(boundary, str):
+        raise HttpError(400, "multipart/related without a boundary")
+    return boundary.encode("latin-1")
+
+
+def _parts(data: mmap.mmap, boundary: bytes):
+    """(start, end) of each part's content in a multipart body (RFC 2046): after the part's
+    header lines, up to the CRLF before the next delimiter."""
+    delimiter = b"--" + boundary
+    pos = data.find(delimiter)
+    if pos < 0 or (pos > 0 and data[pos - 2:pos] != b"\r\n"):
+        return
+    while True:
+        pos += len(delimiter)
+        if data[pos:pos + 2] == b"--":  # the close delimiter
+            return
+        line_end = data.find(b"\r\n", pos)
+        headers_end = data.find(b"\r\n\r\n", line_end)
+        if line_end < 0 or headers_end < 0:
+            return
+        start = headers_end + 4  # (a part without header lines: the delimiter line, then an empty one)
+        nxt = data.find(b"\r\n" + delimiter, start)
+        if nxt < 0:
+            raise HttpError(400, "multipart body ends without its closing boundary (cut short?)")
+        yield start, max(start, nxt)
+        pos = nxt + 2
+
+
+def _response(stored: list[Verdict], failed: list[Verdict]) -> dict:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-1) in DICOM JSON."""
+    def reference(v: Verdict, reason: int | None = None) -> dict:
+        item = {"00081150": {"vr": "UI", "Value": [v.sop_class]} if v.sop_class else {"vr": "UI"},
+                "00081155": {"vr": "UI", "Value": [v.sop_instance]} if v.sop_instance else {"vr": "UI"}}
+        if reason is not None:
+            item["00081197"] = {"vr": "US", "Value": [reason]}
+        return item
+
+    out: dict = {}
+    if failed:
+        out["00081198"] = {"vr": "SQ", "Value": [reference(v, v.status) for v in failed]}
+    if stored:
+        out["00081199"] = {"vr": "SQ", "Value": [reference(v) for v in stored]}
+    return out

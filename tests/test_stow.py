@@ -1,0 +1,154 @@
+"""The STOW-RS receiver against real clients: Orthanc's DICOMweb plugin and requests."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import requests
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, generate_uid
+
+from node.stow import _parts
+from tests import series_factory as make
+from tests.peers import echoscu, free_port
+
+pytestmark = pytest.mark.integration
+
+PASSWORD_ENV, TOKEN_ENV = "SRNODE_TEST_STOW_PASSWORD", "SRNODE_TEST_STOW_TOKEN"
+BOUNDARY = "srnode-test-boundary"
+
+
+def multipart(parts: list[bytes], boundary: str = BOUNDARY) -> bytes:
+    body = b"".join(b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary.encode(), p) for p in parts)
+    return body + b"--%s--\r\n" % boundary.encode()
+
+
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+@pytest.fixture
+def stow_env(monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, "pw-for-tests")
+    monkeypatch.setenv(TOKEN_ENV, "token-for-tests")
+
+
+def stow_node(make_node, **kwargs):
+    port = free_port()
+    peers = [{"ae_title": "WEBPACS", "stow_auth": {"type": "basic", "username": "webpacs", "password_env": PASSWORD_ENV}},
+             {"ae_title": "RIS", "stow_auth": {"type": "bearer", "token_env": TOKEN_ENV}},
+             {"ae_title": "FARAWAY", "host": "10.255.255.1",
+              "stow_auth": {"type": "basic", "username": "faraway", "password_env": PASSWORD_ENV}},
+             {"ae_title": "STORESCU"}]
+    node = make_node(stow_port=port, peers=kwargs.pop("peers", peers), **kwargs)
+    return node, f"http://127.0.0.1:{port}/dicom-web"
+
+
+def test_orthanc_sends_a_study_by_stow_rs_and_gets_the_results_back(make_node, orthanc, tmp_path, stow_env):
+    """Orthanc's own STOW-RS client (``/dicom-web/servers/{name}/stow``) sends a CT study; the node
+    routes it by the peer's AE title and sends the derived series back to it by C-STORE."""
+    ct = make.ct_volume(tmp_path / "ct", "stow-orthanc", 6)
+    node, url = stow_node(
+        make_node, destinations={},
+        peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                "stow_auth": {"type": "basic", "username": "orthanc", "password_env": PASSWORD_ENV}}],
+        routes=[{"name": "ct", "match": {"Modality": "CT", "calling_ae": "ORTHANC"}, "pipeline": "interp",
+                 "options": {"inplane_scale": 2, "method": "cubic"}, "send_to": ["sender"]}],
+    )
+    for path in ct:
+        orthanc.http.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=30).raise_for_status()
+    source = dcmread(ct[0], stop_before_pixels=True)
+    [study] = [r["ID"] for r in orthanc.http.post(f"{orthanc.url}/tools/lookup", data=source.StudyInstanceUID,
+                                                  timeout=30).json() if r["Type"] == "Study"]
+    server = f"srnode-{node.port}"
+    orthanc.http.put(f"{orthanc.dicomweb_url}/servers/{server}", timeout=30,
+                     json={"Url": url, "Username": "orthanc", "Password": "pw-for-tests"}).raise_for_status()
+    answer = orthanc.http.post(f"{orthanc.dicomweb_url}/servers/{server}/stow", json={"Resources": [study]}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert "STOW-RS from ORTHANC@127.0.0.1: 6 instance(s) stored, 0 refused (HTTP 200)" in node.log()
+    node.wait_jobs(lambda jobs: len(jobs) == 1 and jobs[0]["state"] == "delivered", 120, what="delivered to sender")
+    series = [s for s in orthanc.series_of_study(source.StudyInstanceUID)
+              if s["0020000E"]["Value"][0] != source.SeriesInstanceUID]
+    assert len(series) == 1 and series[0]["00201209"]["Value"][0] == 6
+
+
+def _reasons(answer: requests.Response) -> dict[str, int]:
+    """SOP Instance UID (or "?") -> Failure Reason, from a DICOM JSON STOW-RS answer."""
+    failed = answer.json().get("00081198", {}).get("Value", [])
+    return {item["00081155"].get("Value", ["?"])[0]: item["00081197"]["Value"][0] for item in failed}
+
+
+def _stored(answer: requests.Response) -> list[str]:
+    return [item["00081155"]["Value"][0] for item in answer.json().get("00081199", {}).get("Value", [])]
+
+
+def test_stow_rs_answers(make_node, tmp_path, stow_env):
+    node, url = stow_node(make_node, routes=[], destinations={})
+    ct = make.ct_volume(tmp_path / "ct", "stow-answers", 4)
+    raw = [p.read_bytes() for p in ct]
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct]
+    study = str(dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
+    basic = ("webpacs", "pw-for-tests")
+    post = lambda body, **kw: requests.post(f"{url}/studies", data=body, timeout=30,  # noqa: E731
+                                            **{"headers": {"Content-Type": STOW_TYPE}, "auth": basic, **kw})
+
+    # Who may send.
+    assert post(multipart(raw[:1]), auth=None).status_code == 401
+    assert post(multipart(raw[:1]), auth=("webpacs", "wrong")).status_code == 401
+    assert post(multipart(raw[:1]), auth=("faraway", "pw-for-tests")).status_code == 403  # host-restricted peer
+    assert "peer FARAWAY is only allowed from 10.255.255.1" in node.log()
+    # What is a STOW-RS request.
+    assert post(raw[0], headers={"Content-Type": "application/dicom"}).status_code == 415
+    assert requests.post(f"{url}/series", data=b"", auth=basic, timeout=30).status_code == 404
+    assert requests.get(f"{url}/studies", auth=basic, timeout=30).status_code == 405
+    assert post(multipart(raw[:1])[:-30]).status_code == 400  # closing boundary cut off
+    assert not list((node.spool / "series").glob("*/*/*.dcm"))  # nothing refused was stored
+
+    # Bearer token, chunked body (a generator): both instances stored, byte for byte.
+    chunks = iter([multipart(raw[:2])[:1000], multipart(raw[:2])[1000:]])
+    answer = post(chunks, auth=None, headers={"Content-Type": STOW_TYPE, "Authorization": "Bearer token-for-tests"})
+    assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/dicom+json"
+    assert sorted(_stored(answer)) == sorted(uids[:2])
+    stored = {p.stem: p.read_bytes() for p in (node.spool / "series").glob("*/*/*.dcm")}
+    assert stored == dict(zip(uids[:2], raw[:2]))
+
+    # Some refused (202), each with its reason; the good one stored.
+    cut = raw[2][:-500]
+    not_storage = dcmread(io.BytesIO(raw[3]))
+    not_storage.SOPClassUID = not_storage.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.1"
+    odd_syntax = dcmread(io.BytesIO(raw[3]))  # a well-formed MPEG-2 file: a syntax the node does not take
+    odd_syntax.SOPInstanceUID = odd_syntax.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    odd_syntax.PixelData = encapsulate([odd_syntax.PixelData])
+    odd_syntax.file_meta.TransferSyntaxUID = MPEG2MPML
+    buffers = []
+    for ds in (not_storage, odd_syntax):
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        buffers.append(buffer.getvalue())
+    answer = post(multipart([raw[3], cut, b"no DICOM at all", *buffers]))
+    assert answer.status_code == 202, answer.text
+    assert _stored(answer) == [uids[3]]
+    assert _reasons(answer) == {uids[2]: 0xC000, "?": 0xC000, uids[3]: 0x0122,
+                                str(odd_syntax.SOPInstanceUID): 0xC122}
+    # None stored (409): the instances are not in the study the URL names.
+    answer = requests.post(f"{url}/studies/1.2.3.4", data=multipart(raw[:1]), headers={"Content-Type": STOW_TYPE},
+                           auth=basic, timeout=30)
+    assert answer.status_code == 409 and _reasons(answer) == {uids[0]: 0xA900}
+    assert requests.post(f"{url}/studies/{study}", data=multipart(raw[:1]), headers={"Content-Type": STOW_TYPE},
+                         auth=basic, timeout=30).status_code == 200  # the right study: stored (again, kept once)
+
+    log = node.log()
+    for why in ("pixel data cut short", "cannot be parsed", "not a storage class the node takes",
+                "which the node does not take", "not to the study 1.2.3.4 the request names",
+                "credentials of no STOW-RS peer", "1 instance(s) stored, 4 refused (HTTP 202)"):
+        assert why in log, why
+    source = dcmread(ct[0], stop_before_pixels=True)
+    assert str(source.PatientName) not in log and str(source.PatientID) not in log
+    assert echoscu(node.port, calling_ae="STORESCU").returncode == 0  # the node is still up
+
+
+def test_multipart_parts_are_found_as_rfc_2046_writes_them():
+    body = (b"preamble\r\n--b  \r\nContent-Type: application/dicom\r\n\r\nfirst\r\n"
+            b"--b\r\n\r\nsecond, no headers\r\n--b\r\nContent-Type: application/dicom\r\n\r\n\r\n--b--\r\nepilogue")
+    assert [body[s:e] for s, e in _parts(body, b"b")] == [b"first", b"second, no headers", b""]
+    assert list(_parts(b"no delimiter here", b"b")) == []

@@ -65,6 +65,11 @@ class DicomwebAuth(Strict):
             raise ValueError("basic auth needs username and password_env")
         return self
 
+    @property
+    def secret_env(self) -> str:
+        """The environment variable that holds the secret: the token or the password."""
+        return self.token_env if self.type == "bearer" else self.password_env
+
 
 class Peer(Strict):
     """A modality or PACS allowed to send to us; ``port`` makes it a ``sender`` destination;

@@ -7,7 +7,7 @@ Each part goes through :mod:`node.ingest`, exactly as a C-STORE would; the reque
 session for the assembler, as an association is. The answer comes only when every part is on
 disk or refused: 200 all stored, 202 some refused, 409 none stored, with the Store Instances
 Response Module (Referenced / Failed SOP Sequence, a Failure Reason per refused part) in DICOM
-JSON. TLS belongs in front of it (a reverse proxy): the listener speaks plain HTTP.
+JSON, or DICOM XML for a client that accepts only that. TLS belongs in front of it (a reverse proxy): the listener speaks plain HTTP.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import threading
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO
+from xml.etree import ElementTree
 
 from node.config import Config, Peer
 from node.ingest import Ingest, Verdict
@@ -56,11 +57,9 @@ class StowServer:
 
     def start(self) -> None:
         for peer in self.config.peers:
-            auth = peer.stow_auth
-            variable = auth and (auth.token_env if auth.type == "bearer" else auth.password_env)
-            if variable and not os.environ.get(variable):
+            if peer.stow_auth and not os.environ.get(peer.stow_auth.secret_env):
                 log.warning("peer %s: environment variable %s is not set; its STOW-RS requests will get 401",
-                            peer.ae_title, variable)
+                            peer.ae_title, peer.stow_auth.secret_env)
         handler = type("Handler", (StowHandler,), {"stow": self})
         self._server = ThreadingHTTPServer((self.config.node.bind, self.config.node.stow_port), handler)
         self._server.daemon_threads = True
@@ -90,16 +89,15 @@ class StowServer:
 
 def _matches(peer: Peer, scheme: str, value: str) -> bool:
     auth = peer.stow_auth
+    secret = os.environ.get(auth.secret_env, "")
     if auth.type == "bearer" and scheme == "bearer":
-        token = os.environ.get(auth.token_env or "")
-        return bool(token) and hmac.compare_digest(value.encode(), token.encode())
+        return bool(secret) and hmac.compare_digest(value.encode(), secret.encode())
     if auth.type == "basic" and scheme == "basic":
-        password = os.environ.get(auth.password_env or "")
         try:
             user, _, given = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
-        return bool(password) and user == auth.username and hmac.compare_digest(given.encode(), password.encode())
+        return bool(secret) and user == auth.username and hmac.compare_digest(given.encode(), secret.encode())
     return False
 
 
@@ -119,6 +117,7 @@ class StowHandler(BaseHTTPRequestHandler):
             peer = self.stow.authenticate(self.headers.get("Authorization"), self.client_address[0])
             peer_name = f"{peer.ae_title}@{peer_name}"
             boundary = _boundary(self.headers.get("Content-Type", ""))
+            self._wants_xml()  # 406 before the body is read
             if not self.stow.slots.acquire(blocking=False):
                 raise HttpError(503, f"the node's limit of {self.stow.config.node.max_associations} "
                                      "concurrent senders is reached", {"Retry-After": "5"})
@@ -133,9 +132,24 @@ class StowHandler(BaseHTTPRequestHandler):
             self.close_connection = self.close_connection or not body_read
             self._send(exc.code, (exc.message + "\n").encode(), "text/plain; charset=utf-8", exc.headers)
             return
-        self._send(code, json.dumps(response).encode(), "application/dicom+json")
+        if self._wants_xml():
+            self._send(code, _native_xml(response), "application/dicom+xml")
+        else:
+            self._send(code, json.dumps(response).encode(), "application/dicom+json")
+
+    def _wants_xml(self) -> bool:
+        """The answer's media type from Accept: DICOM JSON unless the client takes only DICOM XML
+        (PS3.18 8.7.3.5); HttpError 406 when it takes neither."""
+        accept = self.headers.get("Accept", "")
+        kinds = {item.split(";", 1)[0].strip().lower() for item in accept.split(",") if item.strip()}
+        if not kinds or kinds & {"application/dicom+json", "application/json", "application/*", "*/*"}:
+            return False
+        if kinds & {"application/dicom+xml", "application/xml"}:
+            return True
+        raise HttpError(406, f"STOW-RS answers in application/dicom+json or application/dicom+xml, not {accept}")
 
     def do_GET(self) -> None:  # noqa: N802
+        self.close_connection = True  # a body, if any, is not read
         self._send(405, b"this node only receives (STOW-RS POST)\n", "text/plain; charset=utf-8", {"Allow": "POST"})
 
     do_PUT = do_DELETE = do_GET
@@ -269,6 +283,22 @@ def _parts(data: mmap.mmap, boundary: bytes):
             raise HttpError(400, "multipart body ends without its closing boundary (cut short?)")
         yield start, max(start, nxt)
         pos = nxt + 2
+
+
+def _native_xml(response: dict) -> bytes:
+    """A DICOM JSON data set of UI/US/SQ attributes (``_response``) as a NativeDicomModel (PS3.19 A.1)."""
+    def attributes(parent: ElementTree.Element, dataset: dict) -> None:
+        for tag, attribute in dataset.items():
+            element = ElementTree.SubElement(parent, "DicomAttribute", tag=tag, vr=attribute["vr"])
+            for number, value in enumerate(attribute.get("Value", []), start=1):
+                if attribute["vr"] == "SQ":
+                    attributes(ElementTree.SubElement(element, "Item", number=str(number)), value)
+                else:
+                    ElementTree.SubElement(element, "Value", number=str(number)).text = str(value)
+
+    root = ElementTree.Element("NativeDicomModel", xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM")
+    attributes(root, response)
+    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
 def _response(stored: list[Verdict], failed: list[Verdict]) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import socket
 
 import pytest
 import requests
@@ -9,9 +10,10 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, generate_uid
 
+from node.dispatch.dicomweb import _xml_reasons
 from node.stow import _parts
 from tests import series_factory as make
-from tests.peers import echoscu, free_port
+from tests.peers import echoscu, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -130,6 +132,14 @@ def test_stow_rs_answers(make_node, tmp_path, stow_env):
     assert _stored(answer) == [uids[3]]
     assert _reasons(answer) == {uids[2]: 0xC000, "?": 0xC000, uids[3]: 0x0122,
                                 str(odd_syntax.SOPInstanceUID): 0xC122}
+    # The same answer in DICOM XML for a client that takes only that; 406 for one that takes neither.
+    body = multipart([raw[3], cut, b"no DICOM at all", *buffers])
+    answer = post(body, headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+xml"})
+    assert answer.status_code == 202 and answer.headers["Content-Type"] == "application/dicom+xml"
+    failed, warned = _xml_reasons(answer.content)  # the node's own STOW-RS client reads it
+    assert failed == {uids[2]: 0xC000, "": 0xC000, uids[3]: 0x0122, str(odd_syntax.SOPInstanceUID): 0xC122}
+    assert post(body, headers={"Content-Type": STOW_TYPE, "Accept": "text/html"}).status_code == 406
+
     # None stored (409): the instances are not in the study the URL names.
     answer = requests.post(f"{url}/studies/1.2.3.4", data=multipart(raw[:1]), headers={"Content-Type": STOW_TYPE},
                            auth=basic, timeout=30)
@@ -140,7 +150,8 @@ def test_stow_rs_answers(make_node, tmp_path, stow_env):
     log = node.log()
     for why in ("pixel data cut short", "cannot be parsed", "not a storage class the node takes",
                 "which the node does not take", "not to the study 1.2.3.4 the request names",
-                "credentials of no STOW-RS peer", "1 instance(s) stored, 4 refused (HTTP 202)"):
+                "credentials of no STOW-RS peer", "1 instance(s) stored, 4 refused (HTTP 202)",
+                "406 STOW-RS answers in application/dicom+json or application/dicom+xml, not text/html"):
         assert why in log, why
     source = dcmread(ct[0], stop_before_pixels=True)
     assert str(source.PatientName) not in log and str(source.PatientID) not in log
@@ -152,3 +163,42 @@ def test_multipart_parts_are_found_as_rfc_2046_writes_them():
             b"--b\r\n\r\nsecond, no headers\r\n--b\r\nContent-Type: application/dicom\r\n\r\n\r\n--b--\r\nepilogue")
     assert [body[s:e] for s, e in _parts(body, b"b")] == [b"first", b"second, no headers", b""]
     assert list(_parts(b"no delimiter here", b"b")) == []
+
+
+def test_stow_rs_framing_and_the_concurrency_limit(make_node, tmp_path, stow_env):
+    node, url = stow_node(make_node, routes=[], destinations={}, max_associations=1)
+    raw = [p.read_bytes() for p in make.ct_volume(tmp_path / "ct", "stow-limits", 2)]
+    port = int(url.split(":")[2].split("/")[0])
+    headers = (f"Content-Type: {STOW_TYPE}\r\nAuthorization: Bearer token-for-tests\r\n").encode()
+
+    # No Content-Length and not chunked: 411, and the connection is closed (its body was not read).
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        answer = s.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 411") and b"Connection: close" in answer
+
+    # One sender at a time: a second request while a body is still coming gets 503 with Retry-After.
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n" + headers + b"Content-Length: 100000\r\n\r\n--")
+    try:
+        wait_for(lambda: _post(url, raw[:1]).status_code == 503, 5, what="503 while the slow request holds the slot")
+        busy = _post(url, raw[:1])
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
+        assert "the node's limit of 1 concurrent senders is reached" in node.log()
+    finally:
+        slow.close()  # the client gives up: its request ends with 400 and frees the slot
+    wait_for(lambda: _post(url, raw[:1]).status_code == 200, 5, what="the slot freed")
+    assert "the client closed the connection before the end of the body" in node.log()
+
+    # Keep-alive: two requests on one connection, each answered in full.
+    with requests.Session() as session:
+        for part in raw:
+            answer = session.post(f"{url}/studies", data=multipart([part]), timeout=30,
+                                  headers={"Content-Type": STOW_TYPE, "Authorization": "Bearer token-for-tests"})
+            assert answer.status_code == 200
+    assert len(list((node.spool / "series").glob("*/*/*.dcm"))) == 2
+
+
+def _post(url: str, parts: list[bytes]) -> requests.Response:
+    return requests.post(f"{url}/studies", data=multipart(parts), timeout=30,
+                         headers={"Content-Type": STOW_TYPE, "Authorization": "Bearer token-for-tests"})

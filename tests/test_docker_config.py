@@ -156,6 +156,19 @@ def test_orthanc_has_dicomweb_and_knows_the_node(compose):
     assert any(host == "node" and str(port) in node_ports for _, host, port in modalities.values()), modalities
 
 
+def test_orthanc_can_stow_to_the_node_as_its_configured_peer(compose):
+    """Orthanc's DICOMweb server "srnode" is the node's STOW-RS port, with the credentials of the
+    peer ORTHANC, whose password both services read from the same variable."""
+    server = json.loads(compose["services"]["orthanc"]["environment"]["ORTHANC__DICOM_WEB__SERVERS"])["srnode"]
+    node = _node_config()
+    assert server["Url"] == f"http://node:{node['node']['stow_port']}/dicom-web"
+    [peer] = [p for p in node["peers"] if p["ae_title"] == "ORTHANC"]
+    assert peer["stow_auth"] == {"type": "basic", "username": server["Username"], "password_env": "SRNODE_STOW_PASSWORD"}
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert "SRNODE_STOW_PASSWORD" in raw["node"]["environment"]
+    assert "${SRNODE_STOW_PASSWORD" in raw["orthanc"]["environment"]["ORTHANC__DICOM_WEB__SERVERS"]
+
+
 def test_commands_match_the_dockerfiles(compose):
     for name, verb in (("node", "run"), ("worker", "worker")):
         cmd = [_exec_form(args) for kw, args in _instructions(_dockerfile(compose, name)) if kw == "CMD"][-1]
@@ -214,6 +227,8 @@ def test_ports_agree(compose):
     assert published <= exposed, (published, exposed)
     node = _node_config().get("node", {})
     assert str(node.get("port", 11112)) in published, f"config node.port {node.get('port')} is not published"
+    if node.get("stow_port"):
+        assert str(node["stow_port"]) in published, f"config node.stow_port {node['stow_port']} is not published"
     assert node.get("bind", "0.0.0.0") not in ("127.0.0.1", "localhost"), "a container must not bind loopback"
 
 

@@ -174,6 +174,8 @@ def cmd_config_check(args) -> int:
         print(f"  STOW-RS on {config.node.bind}:{config.node.stow_port}/dicom-web/studies for "
               f"{', '.join(senders) or 'no peer (give one stow_auth)'}"
               + (f"; credentials not set in this environment for {', '.join(unset)}" if unset else ""))
+    elif any(p.stow_auth for p in config.peers):
+        print("  STOW-RS is off (no node.stow_port): the peers' stow_auth is not used")
     for name, dest in config.destinations.items():
         print(f"  destination {name}: {dest.type}")
     for route in config.routes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -82,6 +83,15 @@ class Peer(Strict):
     stow_auth: DicomwebAuth | None = None
 
     _check_ae = field_validator("ae_title")(_ae)
+
+    def allows(self, address: str) -> bool:
+        """Whether a connection from ``address`` may be this peer (``host``, when set, pins it)."""
+        if self.host is None:
+            return True
+        try:
+            return socket.gethostbyname(self.host) == address
+        except OSError:
+            return self.host == address
 
 
 class DicomDestination(Strict):

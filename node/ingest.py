@@ -25,7 +25,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from node.assembly import Assembler
 from node.ledger import Ledger
-from node.spool import Spool, valid_uid, write_atomic
+from node.spool import Spool, make_dirs, valid_uid, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Ingest:
             path = self.spool.instance_path(study, series, sop)
             new = not path.exists()
             if new:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(path.parent)
                 write_atomic(path, raw)
             else:
                 log.info("%s: SOP %s already stored; kept once", via, sop)

@@ -99,7 +99,7 @@ def read_result(spool: Spool, job_id: int) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
-MAX_STARTS = 3  # a job whose worker died this many times (OOM, segfault) fails instead of looping
+MAX_STARTS = 3  # a job interrupted this many times (worker OOM, segfault, node killed) fails instead of looping
 
 
 def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
@@ -140,7 +140,8 @@ def _run(spool: Spool, job_id: int) -> dict[str, Any]:
     if not final.is_dir():
         starts = _count_start(job_dir)
         if starts > MAX_STARTS:
-            return {"state": "failed", "reason": f"the worker died {starts - 1} times running this job"}
+            return {"state": "failed", "reason": f"interrupted {starts - 1} times (the worker or the node died "
+                                                 "while running it: out of memory?)"}
         tmp = Path(tempfile.mkdtemp(dir=job_dir, prefix=".out-"))
         try:
             datasets = [dcmread(spool.abs(rel)) for rel in spec["inputs"]]

@@ -136,7 +136,7 @@ class StorageSCP:
             log.warning("rejected association from %s@%s: calling AE is not a configured peer", calling, host)
             self._reject(event, REJECT_CALLING_AE)
             return
-        if peer.host is not None and _host_ip(peer.host) != host:
+        if not peer.allows(host):
             log.warning("rejected association from %s@%s: peer %s is only allowed from %s",
                         calling, host, calling, peer.host)
             self._reject(event, REJECT_CALLING_AE)
@@ -182,10 +182,3 @@ class StorageSCP:
 
     def _closed(self, event: evt.Event) -> None:
         self.ingest.session_ended(id(event.assoc))
-
-
-def _host_ip(host: str) -> str:
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host

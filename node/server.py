@@ -30,16 +30,20 @@ from node.stow import StowServer
 log = logging.getLogger(__name__)
 
 GUARD_MAX_PAUSE_S = 30.0
+WORKER_STOP_S = 15.0
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Runs in the embedded worker before exec: it is killed if the node dies (even kill -9).
     SIGKILL, not SIGTERM: on SIGTERM Celery finishes the job it holds, while the restarted node
-    runs that job again beside it (idempotent, but twice the work on the same CPU or GPU)."""
+    runs that job again beside it (idempotent, but twice the work on the same CPU or GPU). The
+    signal comes when the *thread* that spawned the worker ends, so that thread must outlive it."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        return
+    if os.getppid() != parent:  # the node died between fork and prctl
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Node:
@@ -56,7 +60,7 @@ class Node:
         self.dispatcher = Dispatcher(config, self.spool, self.ledger)
         self.ingest = Ingest(self.spool, self.ledger, self.assembler)
         self.scp = StorageSCP(config, self.ingest)
-        self.stow = StowServer(config, self.spool, self.ingest) if config.node.stow_port else None
+        self.stow = StowServer(config, self.ingest) if config.node.stow_port else None
         self._stop = threading.Event()
         self._resubmit = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -85,13 +89,8 @@ class Node:
             self.stow.stop()
         self.assembler._wake.set()
         for thread in self._threads:
-            thread.join(timeout=10)
-        if self._worker is not None and self._worker.poll() is None:
-            self._worker.terminate()
-            try:
-                self._worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._worker.kill()
+            thread.join(timeout=WORKER_STOP_S + 5)  # the supervisor stops the worker first
+        self._stop_worker()
         self.ledger.close()
         log.info("node stopped")
 
@@ -155,15 +154,32 @@ class Node:
     # -- embedded worker ------------------------------------------------------------------
     def _start_worker(self) -> None:
         cmd = [sys.executable, "-m", "node.cli", "worker", "--config", str(self.config.source), "--embedded"]
-        self._worker = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=os.environ.copy())
+        parent = os.getpid()
+        self._worker = subprocess.Popen(cmd, preexec_fn=lambda: _die_with_parent(parent), env=os.environ.copy())
         log.info("embedded worker started (pid %s)", self._worker.pid)
 
+    def _stop_worker(self) -> None:
+        """SIGTERM (Celery's warm shutdown: the job in hand finishes), SIGKILL after ``WORKER_STOP_S``."""
+        if self._worker is not None and self._worker.poll() is None:
+            self._worker.terminate()
+            try:
+                self._worker.wait(timeout=WORKER_STOP_S)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+                self._worker.wait()
+
     def _supervise_worker(self) -> None:
-        while not self._stop.is_set():
-            code = self._worker.poll()
-            if code is not None and not self._stop.is_set():
-                log.error("embedded worker exited with %s; restarting it and re-submitting its jobs", code)
-                self._stop.wait(1)
-                self._start_worker()
-                self._resubmit.set()
-            self._stop.wait(0.5)
+        """Restarts a dead worker from this thread, which therefore stops the worker itself before it
+        ends (see :func:`_die_with_parent`)."""
+        try:
+            while not self._stop.is_set():
+                code = self._worker.poll()
+                if code is not None and not self._stop.is_set():
+                    log.error("embedded worker exited with %s; restarting it and re-submitting its jobs", code)
+                    self._stop.wait(1)
+                    self._start_worker()
+                    self._resubmit.set()
+                self._stop.wait(0.5)
+        finally:
+            if self._stop.is_set():
+                self._stop_worker()

@@ -57,6 +57,17 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new directories survive a crash: each one's entry is fsync'd in its parent."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        fsync_dir(folder.parent)
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
@@ -89,8 +100,9 @@ class Spool:
         return self.series_dir(study_uid, series_uid) / f"{sop_uid}.dcm"
 
     def instances(self, study_uid: str, series_uid: str) -> list[Path]:
+        """The series' instance files; not the ``.tmp-*`` of a write cut short by a crash."""
         folder = self.series_dir(study_uid, series_uid)
-        return sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+        return sorted(p for p in folder.glob("*.dcm") if not p.name.startswith(".")) if folder.is_dir() else []
 
     def all_series(self) -> list[tuple[str, str]]:
         """(study, series) of every series folder, for rebuilding state after a restart."""

@@ -3,9 +3,9 @@
 A request is a ``multipart/related; type="application/dicom"`` body of Part 10 files, sent with
 Content-Length or chunked. Only peers with ``stow_auth`` may send: HTTP Basic or a bearer token,
 checked against the environment variables the config names, and the peer's ``host`` when set.
-Each part goes through :mod:`node.ingest`, exactly as a C-STORE would; the request is one
-session for the assembler, as an association is. The answer comes only when every part is on
-disk or refused: 200 all stored, 202 some refused, 409 none stored, with the Store Instances
+Each part goes through :mod:`node.ingest`, exactly as a C-STORE would; a peer's requests are one
+session for the assembler, as an association is (:class:`PeerSessions`). The answer comes only
+when the whole multipart framing has been read and every part is on disk or refused: 200 all stored, 202 some refused, 409 none stored, with the Store Instances
 Response Module (Referenced / Failed SOP Sequence, a Failure Reason per refused part) in DICOM
 JSON, or DICOM XML for a client that accepts only that. TLS belongs in front of it (a reverse proxy): the listener speaks plain HTTP.
 """
@@ -28,8 +28,6 @@ from xml.etree import ElementTree
 
 from node.config import Config, Peer
 from node.ingest import Ingest, Verdict
-from node.scp import _host_ip
-from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +42,60 @@ class HttpError(Exception):
         self.code, self.message, self.headers = code, message, headers or {}
 
 
+class PeerSessions:
+    """A peer's STOW-RS requests are one session for the assembler, as an association is: open from
+    the start of a request (before its body arrives) until none of that peer's requests has been in
+    flight for ``linger`` seconds. A study sent in batches (Orthanc sends 10 instances a request)
+    is then not declared complete between two batches, however long the next one takes to upload."""
+
+    def __init__(self, ingest: Ingest, linger: float):
+        self.ingest = ingest
+        self.linger = linger
+        self._lock = threading.Lock()
+        self._open: dict[str, _PeerSession] = {}
+
+    def begin(self, peer: str) -> int:
+        with self._lock:
+            session = self._open.get(peer)
+            if session is None:
+                session = self._open[peer] = _PeerSession()
+                self.ingest.session_started(id(session))
+            if session.timer is not None:
+                session.timer.cancel()
+                session.timer = None
+            session.requests += 1
+            return id(session)
+
+    def end(self, peer: str) -> None:
+        with self._lock:
+            session = self._open[peer]
+            session.requests -= 1
+            if session.requests == 0:
+                session.timer = threading.Timer(self.linger, self._expire, (peer, session))
+                session.timer.daemon = True
+                session.timer.start()
+
+    def _expire(self, peer: str, session: "_PeerSession") -> None:
+        with self._lock:
+            if self._open.get(peer) is not session or session.requests:
+                return  # a new request came in meanwhile
+            del self._open[peer]
+        self.ingest.session_ended(id(session))
+
+
+class _PeerSession:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.timer: threading.Timer | None = None
+
+
 class StowServer:
     """``start()`` opens ``node.stow_port`` in a background thread; ``stop()`` closes it."""
 
-    def __init__(self, config: Config, spool: Spool, ingest: Ingest):
+    def __init__(self, config: Config, ingest: Ingest):
         self.config = config
-        self.spool = spool
         self.ingest = ingest
+        self.sessions = PeerSessions(ingest, config.completion.quiet_seconds)
         self.slots = threading.BoundedSemaphore(config.node.max_associations)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -82,7 +127,7 @@ class StowServer:
             why = "no credentials" if not authorization else "credentials of no STOW-RS peer"
             raise HttpError(401, f"{why}: send a configured peer's Basic or Bearer credentials",
                             {"WWW-Authenticate": 'Basic realm="srnode", Bearer realm="srnode"'})
-        if peer.host is not None and _host_ip(peer.host) != client_ip:
+        if not peer.allows(client_ip):
             raise HttpError(403, f"peer {peer.ae_title} is only allowed from {peer.host}")
         return peer
 
@@ -103,6 +148,7 @@ def _matches(peer: Peer, scheme: str, value: str) -> bool:
 
 class StowHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, chunked requests
+    disable_nagle_algorithm = True  # else each answer (headers, then body) waits ~40 ms for an ACK
     server_version = "srnode-stow"
     timeout = READ_TIMEOUT_S
     stow: StowServer
@@ -122,9 +168,13 @@ class StowHandler(BaseHTTPRequestHandler):
                 raise HttpError(503, f"the node's limit of {self.stow.config.node.max_associations} "
                                      "concurrent senders is reached", {"Retry-After": "5"})
             try:
-                with self._buffered_body() as body:
-                    body_read = True
-                    code, response = self._store_parts(body, boundary, peer, match.group(1))
+                session = self.stow.sessions.begin(peer.ae_title)
+                try:
+                    with self._buffered_body() as body:
+                        body_read = True
+                        code, response = self._store_parts(body, boundary, peer, match.group(1), session)
+                finally:
+                    self.stow.sessions.end(peer.ae_title)
             finally:
                 self.stow.slots.release()
         except HttpError as exc:
@@ -136,6 +186,11 @@ class StowHandler(BaseHTTPRequestHandler):
             self._send(code, _native_xml(response), "application/dicom+xml")
         else:
             self._send(code, json.dumps(response).encode(), "application/dicom+json")
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` is answered in :meth:`_buffered_body`, once the request has passed
+        the checks that need no body: a refused client does not upload a study for nothing."""
+        return True
 
     def _wants_xml(self) -> bool:
         """The answer's media type from Accept: DICOM JSON unless the client takes only DICOM XML
@@ -161,12 +216,18 @@ class StowHandler(BaseHTTPRequestHandler):
     def _buffered_body(self) -> IO[bytes]:
         """The request body in an unnamed file in the spool (gone when closed): parts are read from
         it one at a time, so a large study never sits in memory."""
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        coding = self.headers.get("Transfer-Encoding", "").strip().lower()
+        if coding not in ("", "chunked"):
+            raise HttpError(501, f"Transfer-Encoding {coding!r}: only chunked is understood")
+        chunked = coding == "chunked"
         length = self.headers.get("Content-Length")
         if not chunked and length is None:
             raise HttpError(411, "send Content-Length or Transfer-Encoding: chunked")
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
         try:
-            out = tempfile.TemporaryFile(dir=self.stow.spool.root, prefix=".stow-")
+            out = tempfile.TemporaryFile(dir=self.stow.ingest.spool.root, prefix=".stow-")
         except OSError as exc:
             raise HttpError(503, f"node cannot buffer the request: {exc.strerror}", {"Retry-After": "60"}) from None
         try:
@@ -211,24 +272,17 @@ class StowHandler(BaseHTTPRequestHandler):
                 raise ValueError("chunk not followed by CRLF")
 
     # -- the parts ------------------------------------------------------------------------
-    def _store_parts(self, body: IO[bytes], boundary: bytes, peer: Peer, study: str | None) -> tuple[int, dict]:
-        size = os.fstat(body.fileno()).st_size
-        if size == 0:
+    def _store_parts(self, body: IO[bytes], boundary: bytes, peer: Peer, study: str | None,
+                     session: int) -> tuple[int, dict]:
+        if os.fstat(body.fileno()).st_size == 0:
             raise HttpError(400, "empty request body")
-        session = object()  # this request's session id for the assembler: id() unique while it lives
-        verdicts: list[Verdict] = []
         via = f"STOW-RS from {peer.ae_title}"
-        self.stow.ingest.session_started(id(session))
-        try:
-            with mmap.mmap(body.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                for start, end in _parts(data, boundary):
-                    raw = data[start:end]
-                    verdicts.append(self.stow.ingest.store(raw, id(session), peer.ae_title, self.client_address[0],
-                                                           via, expected_study=study, negotiated=False))
-        finally:
-            self.stow.ingest.session_ended(id(session))
-        if not verdicts:
-            raise HttpError(400, "no parts in the multipart body (wrong boundary?)")
+        with mmap.mmap(body.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            spans = list(_parts(data, boundary))  # the whole framing first: a body cut short stores nothing
+            if not spans:
+                raise HttpError(400, "no parts in the multipart body (wrong boundary?)")
+            verdicts = [self.stow.ingest.store(data[start:end], session, peer.ae_title, self.client_address[0], via,
+                                               expected_study=study, negotiated=False) for start, end in spans]
         stored = [v for v in verdicts if v.stored]
         failed = [v for v in verdicts if not v.stored]
         code = 200 if not failed else 202 if stored else 409
@@ -244,8 +298,13 @@ class StowHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError as exc:  # the client left (gave up mid-upload): nothing to tell it
+            log.info("STOW-RS from %s: the client left before its %d answer (%s)", self.client_address[0], code,
+                     type(exc).__name__)
+            self.close_connection = True
 
 
 def _boundary(content_type: str) -> bytes:
@@ -267,7 +326,9 @@ def _parts(data: mmap.mmap, boundary: bytes):
     header lines, up to the CRLF before the next delimiter."""
     delimiter = b"--" + boundary
     pos = data.find(delimiter)
-    if pos < 0 or (pos > 0 and data[pos - 2:pos] != b"\r\n"):
+    while pos > 0 and data[pos - 2:pos] != b"\r\n":  # in the preamble but not at a line start: not it
+        pos = data.find(delimiter, pos + 1)
+    if pos < 0:
         return
     while True:
         pos += len(delimiter)
@@ -296,7 +357,8 @@ def _native_xml(response: dict) -> bytes:
                 else:
                     ElementTree.SubElement(element, "Value", number=str(number)).text = str(value)
 
-    root = ElementTree.Element("NativeDicomModel", xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM")
+    root = ElementTree.Element("NativeDicomModel", {"xmlns": "http://dicom.nema.org/PS3.19/models/NativeDICOM",
+                                                    "xml:space": "preserve"})
     attributes(root, response)
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 

@@ -90,3 +90,13 @@ def test_a_reopened_series_waits_before_it_is_due_again(assembler):
     assert assembler.due() == []
     time.sleep(0.35)
     assert [e.series_uid for e in assembler.due()] == [SERIES]
+
+
+def test_a_temporary_file_left_by_a_crash_is_not_an_instance(assembler):
+    store(assembler, 1)
+    series_dir = assembler.spool.series_dir(STUDY, SERIES)
+    (series_dir / ".tmp-k2j3h4.dcm").write_bytes(b"half an instance")  # write_atomic cut short by kill -9
+    assert [p.name for p in assembler.spool.instances(STUDY, SERIES)] == ["1.2.3.4.1.dcm"]
+    fresh = Assembler(assembler.spool, assembler.ledger, quiet_seconds=0.2)
+    fresh.recover()
+    assert fresh._open[SERIES].count == 1

@@ -40,7 +40,7 @@ def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(tmp_path):
     # What MAX_STARTS runs killed by the kernel (OOM) leave behind: the start count and no result.
     (spool.job_dir(1) / "starts").write_text(str(MAX_STARTS))
     result = execute_job(spool, 1)
-    assert result["state"] == "failed" and f"died {MAX_STARTS} times" in result["reason"]
+    assert result["state"] == "failed" and f"interrupted {MAX_STARTS} times" in result["reason"]
 
 
 def test_a_job_without_its_inputs_fails_with_the_reason(tmp_path):

@@ -288,24 +288,56 @@ def test_late_instances_start_a_new_version_and_repeats_start_nothing(make_node,
     assert outputs[1]["0008103E"]["Value"][0].endswith("v2")
 
 
-def test_node_killed_mid_job_takes_its_embedded_worker_with_it(make_node, tmp_path):
-    """The orphaned worker must not finish the job while the restarted node runs it again."""
-    ct = make.ct_volume(tmp_path / "ct", "kill-node-mid-job", 24)
+SLOW_SLICES = 24
+
+
+def _node_running_a_slow_job(make_node, tmp_path, tag: str):
+    """(node, output folder): the embedded worker has started a job of several seconds (x4 x4 on
+    24 slices), whose one output series will hold (24 - 1) * 4 + 1 slices."""
+    ct = make.ct_volume(tmp_path / "ct", tag, SLOW_SLICES)
     out = tmp_path / "archive"
     node = make_node(routes=[route("ct", {"Modality": "CT"}, {"inplane_scale": 4, "through_scale": 4},
                                    send_to=["archive"])],
                      destinations={"archive": {"type": "folder", "path": str(out)}})
     assert storescu(ct, node.port).returncode == 0
     wait_for(lambda: any((node.spool / "jobs").glob("*/.out-*")), 60, what="the embedded worker started the job")
-    worker_pid = int(subprocess.run(["pgrep", "-f", f"worker --config {node.config_path}"],
-                                    capture_output=True, text=True).stdout.split()[0])
+    return node, out
+
+
+def _one_output_series(out) -> None:
+    series_dirs = list(out.glob("*/*"))
+    assert len(series_dirs) == 1 and len(list(series_dirs[0].glob("*.dcm"))) == (SLOW_SLICES - 1) * 4 + 1
+
+
+def test_node_killed_mid_job_takes_its_embedded_worker_with_it(make_node, tmp_path):
+    """The orphaned worker must not finish the job while the restarted node runs it again."""
+    node, out = _node_running_a_slow_job(make_node, tmp_path, "kill-node-mid-job")
+    worker_pid = _embedded_worker_pid(node)
     node.kill()
     wait_for(lambda: not _alive(worker_pid), 5, what="the orphaned embedded worker gone")
     assert not any((node.spool / "jobs").glob("*/result.json"))  # it did not finish the job
     node.start()
     node.wait_jobs(all_delivered(1), timeout=180, what="job run by the restarted node's worker")
-    series_dirs = list(out.glob("*/*"))
-    assert len(series_dirs) == 1 and len(list(series_dirs[0].glob("*.dcm"))) == (24 - 1) * 4 + 1
+    _one_output_series(out)
+
+
+def test_a_restarted_embedded_worker_stops_gracefully_with_the_node(make_node, tmp_path):
+    """The supervisor thread that restarted the worker must not end before it (PR_SET_PDEATHSIG
+    follows the spawning thread): SIGTERM to the node gives the new worker a warm shutdown."""
+    node = make_node(routes=[], destinations={})
+    os.kill(_embedded_worker_pid(node), signal.SIGKILL)
+    restarted = lambda: node.log().count("embedded worker started") == 2 and "ready." in node.log().rsplit(  # noqa: E731
+        "embedded worker started", 1)[1]
+    wait_for(restarted, 60, what="the restarted embedded worker ready")
+    node.proc.send_signal(signal.SIGTERM)  # the node alone, not its process group
+    node.proc.wait(30)
+    after_restart = node.log().rsplit("embedded worker started", 1)[1]
+    assert "Warm shutdown" in after_restart and "node stopped" in after_restart
+
+
+def _embedded_worker_pid(node) -> int:
+    return int(subprocess.run(["pgrep", "-f", f"worker --config {node.config_path}"],
+                              capture_output=True, text=True).stdout.split()[0])
 
 
 def _alive(pid: int) -> bool:
@@ -318,17 +350,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_embedded_worker_killed_mid_job_is_restarted_and_the_job_reruns(make_node, tmp_path):
-    ct = make.ct_volume(tmp_path / "ct", "kill-embedded", 24)
-    out = tmp_path / "archive"
-    node = make_node(routes=[route("ct", {"Modality": "CT"}, {"inplane_scale": 4, "through_scale": 4},
-                                   send_to=["archive"])],
-                     destinations={"archive": {"type": "folder", "path": str(out)}})
-    assert storescu(ct, node.port).returncode == 0
-    wait_for(lambda: any((node.spool / "jobs").glob("*/.out-*")), 60, what="the embedded worker started the job")
-    worker_pid = int(subprocess.run(["pgrep", "-f", f"worker --config {node.config_path}"],
-                                    capture_output=True, text=True).stdout.split()[0])
-    os.kill(worker_pid, signal.SIGKILL)
+    node, out = _node_running_a_slow_job(make_node, tmp_path, "kill-embedded")
+    os.kill(_embedded_worker_pid(node), signal.SIGKILL)
     node.wait_jobs(all_delivered(1), timeout=180, what="job re-run by the restarted embedded worker")
     assert "embedded worker exited" in node.log()
-    series_dirs = list(out.glob("*/*"))
-    assert len(series_dirs) == 1 and len(list(series_dirs[0].glob("*.dcm"))) == (24 - 1) * 4 + 1
+    _one_output_series(out)

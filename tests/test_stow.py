@@ -1,8 +1,10 @@
 """The STOW-RS receiver against real clients: Orthanc's DICOMweb plugin and requests."""
 from __future__ import annotations
 
+import http.client
 import io
 import socket
+import time
 
 import pytest
 import requests
@@ -103,8 +105,8 @@ def test_stow_rs_answers(make_node, tmp_path, stow_env):
     assert post(raw[0], headers={"Content-Type": "application/dicom"}).status_code == 415
     assert requests.post(f"{url}/series", data=b"", auth=basic, timeout=30).status_code == 404
     assert requests.get(f"{url}/studies", auth=basic, timeout=30).status_code == 405
-    assert post(multipart(raw[:1])[:-30]).status_code == 400  # closing boundary cut off
-    assert not list((node.spool / "series").glob("*/*/*.dcm"))  # nothing refused was stored
+    assert post(multipart(raw[:2])[:-300]).status_code == 400  # the second part and the close cut off
+    assert not list((node.spool / "series").glob("*/*/*.dcm"))  # nothing was stored, not even part one
 
     # Bearer token, chunked body (a generator): both instances stored, byte for byte.
     chunks = iter([multipart(raw[:2])[:1000], multipart(raw[:2])[1000:]])
@@ -136,7 +138,7 @@ def test_stow_rs_answers(make_node, tmp_path, stow_env):
     body = multipart([raw[3], cut, b"no DICOM at all", *buffers])
     answer = post(body, headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+xml"})
     assert answer.status_code == 202 and answer.headers["Content-Type"] == "application/dicom+xml"
-    failed, warned = _xml_reasons(answer.content)  # the node's own STOW-RS client reads it
+    failed, _ = _xml_reasons(answer.content)  # the node's own STOW-RS client reads it
     assert failed == {uids[2]: 0xC000, "": 0xC000, uids[3]: 0x0122, str(odd_syntax.SOPInstanceUID): 0xC122}
     assert post(body, headers={"Content-Type": STOW_TYPE, "Accept": "text/html"}).status_code == 406
 
@@ -163,6 +165,8 @@ def test_multipart_parts_are_found_as_rfc_2046_writes_them():
             b"--b\r\n\r\nsecond, no headers\r\n--b\r\nContent-Type: application/dicom\r\n\r\n\r\n--b--\r\nepilogue")
     assert [body[s:e] for s, e in _parts(body, b"b")] == [b"first", b"second, no headers", b""]
     assert list(_parts(b"no delimiter here", b"b")) == []
+    mid_line = b"see --b below\r\n--b\r\n\r\nonly\r\n--b--"
+    assert [mid_line[s:e] for s, e in _parts(mid_line, b"b")] == [b"only"]
 
 
 def test_stow_rs_framing_and_the_concurrency_limit(make_node, tmp_path, stow_env):
@@ -191,12 +195,53 @@ def test_stow_rs_framing_and_the_concurrency_limit(make_node, tmp_path, stow_env
     assert "the client closed the connection before the end of the body" in node.log()
 
     # Keep-alive: two requests on one connection, each answered in full.
-    with requests.Session() as session:
-        for part in raw:
-            answer = session.post(f"{url}/studies", data=multipart([part]), timeout=30,
-                                  headers={"Content-Type": STOW_TYPE, "Authorization": "Bearer token-for-tests"})
-            assert answer.status_code == 200
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    sockets = []
+    for part in raw:
+        connection.request("POST", "/dicom-web/studies", body=multipart([part]),
+                           headers={"Content-Type": STOW_TYPE, "Authorization": "Bearer token-for-tests"})
+        sockets.append(connection.sock)
+        answer = connection.getresponse()
+        assert answer.status == 200 and answer.read()
+    assert sockets[0] is sockets[1] is not None  # the same connection served both
+    connection.close()
     assert len(list((node.spool / "series").glob("*/*/*.dcm"))) == 2
+
+    # Expect: 100-continue: a refused client is answered before it sends its body.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: " + STOW_TYPE.encode()
+                  + b"\r\nAuthorization: Bearer wrong\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
+        assert s.makefile("rb").readline().startswith(b"HTTP/1.1 401")
+    # Another transfer coding than chunked alone: 501.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n" + headers
+                  + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+        assert s.makefile("rb").readline().startswith(b"HTTP/1.1 501")
+
+
+def test_a_study_sent_in_batches_is_one_series_however_slow_the_next_batch(make_node, tmp_path, stow_env):
+    """Orthanc sends 10 instances a request: the gap before the next batch has finished uploading
+    must not complete the series (quiet_seconds 0.5 here, the second upload takes 2 s)."""
+    out = tmp_path / "archive"
+    node, url = stow_node(make_node, quiet_seconds=0.5, destinations={"archive": {"type": "folder", "path": str(out)}},
+                          routes=[{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "interp",
+                                   "options": {"inplane_scale": 2, "method": "linear"}, "send_to": ["archive"]}])
+    raw = [p.read_bytes() for p in make.ct_volume(tmp_path / "ct", "stow-batches", 4)]
+    assert _post(url, raw[:2]).status_code == 200
+    body = multipart(raw[2:])
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+                  f"Authorization: Bearer token-for-tests\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for k in range(4):  # a slow link: the batch takes 2 s to arrive
+            s.sendall(body[k * len(body) // 4:(k + 1) * len(body) // 4])
+            time.sleep(0.5)
+        assert s.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+    node.wait_jobs(lambda jobs: len(jobs) >= 1 and jobs[0]["state"] == "delivered", 60, what="delivered")
+    time.sleep(1.5)  # a split series would start a second job (version 2) by now
+    assert len(node.jobs()) == 1
+    [series] = list(out.glob("*/*"))
+    assert len(list(series.glob("*.dcm"))) == 4
 
 
 def _post(url: str, parts: list[bytes]) -> requests.Response:

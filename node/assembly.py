@@ -87,6 +87,17 @@ class Assembler:
                     entry.last_activity = now
         self._wake.set()
 
+    def release(self, assoc_id: int, series_uids) -> None:
+        """``assoc_id`` stays open but no longer holds these series (a STOW-RS peer moved on)."""
+        now = time.monotonic()
+        with self._lock:
+            for uid in series_uids:
+                entry = self._open.get(uid)
+                if entry is not None and assoc_id in entry.associations:
+                    entry.associations.discard(assoc_id)
+                    entry.last_activity = now
+        self._wake.set()
+
     def association_started(self, assoc_id: int) -> None:
         """``id()`` of a new association may reuse an ended one's: forget that it ended."""
         with self._lock:

@@ -22,6 +22,10 @@ def _setup_logging(level: str = "INFO") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # pynetdicom logs several INFO lines per instance: noise, and time on the hot path
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    import pydicom
+
+    # pydicom's warnings about invalid values quote them: a sender's text, patient data included.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def _load(path: str, check_pipelines: bool = True):

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from node.assembly import Assembler
 from node.ledger import Ledger
-from node.spool import Spool, make_dirs, valid_uid, write_atomic
+from node.spool import Spool, make_dirs, valid_uid, write_new
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Verdict:
     comment: str = ""  # why, for a failure (fits LO: 64 characters)
     sop_class: str = ""  # as read from the data set, "" when unreadable
     sop_instance: str = ""
+    series: str = ""  # of a stored instance
 
     @property
     def stored(self) -> bool:
@@ -71,6 +72,10 @@ class Ingest:
 
     def session_started(self, session: int) -> None:
         self.assembler.association_started(session)
+
+    def session_released(self, session: int, series_uids) -> None:
+        """The open ``session`` no longer holds these series open (see :class:`node.stow.PeerSessions`)."""
+        self.assembler.release(session, series_uids)
 
     def session_ended(self, session: int) -> None:
         with self._lock:
@@ -94,9 +99,10 @@ class Ingest:
             sop = str(ds.get("SOPInstanceUID", "")).strip()
             sop_class = str(ds.get("SOPClassUID", "")).strip()
         except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
-            log.warning("%s: SOP %s cannot be parsed (%s): refused", via, expected_sop or "?", type(exc).__name__)
+            named = expected_sop if valid_uid(expected_sop) else "(no valid UID)"
+            log.warning("%s: SOP %s cannot be parsed (%s): refused", via, named, type(exc).__name__)
             return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed", sop_instance=expected_sop or "")
-        named = expected_sop or sop or "?"
+        named = next((u for u in (expected_sop, sop) if valid_uid(u)), "(no valid UID)")  # never the raw text
         refuse = lambda status, comment, why: self._refuse(via, named, status, comment, why, sop_class, sop)  # noqa: E731
         if not (study or series or sop):  # a file header, then no data set (or encapsulated data cut short)
             return refuse(CANNOT_UNDERSTAND, "dataset cannot be parsed", "has no readable data set (or one cut short)")
@@ -133,8 +139,8 @@ class Ingest:
             new = not path.exists()
             if new:
                 make_dirs(path.parent)
-                write_atomic(path, raw)
-            else:
+                new = write_new(path, raw)  # False: another sender stored it a moment ago
+            if not new:
                 log.info("%s: SOP %s already stored; kept once", via, sop)
         except OSError as exc:
             log.error("%s: cannot store SOP %s: %s", via, sop, exc.strerror)
@@ -145,7 +151,7 @@ class Ingest:
             return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
         self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
                                        acquisition=_text(ds, "AcquisitionNumber"))
-        return Verdict(SUCCESS, "", sop_class, sop)
+        return Verdict(SUCCESS, "", sop_class, sop, series)
 
     @staticmethod
     def _refuse(via: str, named: str, status: int, comment: str, why: str, sop_class: str, sop: str) -> Verdict:

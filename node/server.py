@@ -24,7 +24,7 @@ from node.ingest import Ingest
 from node.ledger import Ledger
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
-from node.spool import Spool
+from node.spool import Spool, remove_partial_writes
 from node.stow import StowServer
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ class Node:
         self.scp.start()  # first: a port already in use fails the start before anything runs
         if self.stow is not None:
             self.stow.start()
+        removed = remove_partial_writes(self.spool.root / "series")
+        if removed:
+            log.warning("removed %d partial instance file(s) left by an interrupted write (never acknowledged)",
+                        removed)
         self.assembler.recover()
         self.scheduler.resubmit_unfinished()
         if self.config.queue.broker == "embedded":

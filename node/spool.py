@@ -13,6 +13,7 @@ A worker on another host needs only this folder (mounted at the same path) and t
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -55,6 +56,40 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes) -> bool:
+    """:func:`write_atomic` that never replaces: False (nothing written) when ``path`` exists,
+    even if another thread creates it at the same moment (the link is the atomic step)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a file system without hard links: the plain check, then the rename
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV) or path.exists():
+                if path.exists():
+                    return False
+                raise
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
+def remove_partial_writes(root: Path) -> int:
+    """Delete the ``.tmp-*`` files that writes cut short by a crash left in ``root``'s folders; run
+    at start, when nothing is writing there. Returns how many."""
+    stale = list(Path(root).glob("*/*/.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def make_dirs(path: Path) -> None:

@@ -12,6 +12,7 @@ JSON, or DICOM XML for a client that accepts only that. TLS belongs in front of 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hmac
 import json
@@ -21,6 +22,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]+))?/?$")
 COPY_CHUNK = 1 << 20
 READ_TIMEOUT_S = 60  # a client silent this long mid-request is cut off
+RETRY_AFTER_S = 1  # told to a sender over the limit; its series stay open meanwhile (PeerSessions.touch)
+STOP_WAIT_S = 30  # requests in flight at a graceful stop get this long to be answered
 
 
 class HttpError(Exception):
@@ -43,10 +47,13 @@ class HttpError(Exception):
 
 
 class PeerSessions:
-    """A peer's STOW-RS requests are one session for the assembler, as an association is: open from
-    the start of a request (before its body arrives) until none of that peer's requests has been in
-    flight for ``linger`` seconds. A study sent in batches (Orthanc sends 10 instances a request)
-    is then not declared complete between two batches, however long the next one takes to upload."""
+    """A peer's STOW-RS requests are one session for the assembler, as an association is: it holds
+    the series they stored open from the start of a request (before its body arrives), so a study
+    sent in batches (Orthanc sends 10 instances a request) is not declared complete between two
+    batches, however long the next one takes to upload. A series is let go when a later request of
+    the peer, alone in flight, ends without adding to it (the peer moved on: a PACS forwarding study
+    after study does not hold them all), and every series when none of the peer's requests has been
+    in flight for ``linger`` seconds."""
 
     def __init__(self, ingest: Ingest, linger: float):
         self.ingest = ingest
@@ -54,26 +61,52 @@ class PeerSessions:
         self._lock = threading.Lock()
         self._open: dict[str, _PeerSession] = {}
 
-    def begin(self, peer: str) -> int:
+    def begin(self, peer: str) -> tuple[int, float]:
+        """(session id, start time) of a new request of ``peer``."""
         with self._lock:
             session = self._open.get(peer)
             if session is None:
                 session = self._open[peer] = _PeerSession()
                 self.ingest.session_started(id(session))
-            if session.timer is not None:
-                session.timer.cancel()
-                session.timer = None
+            self._cancel_timer(session)
             session.requests += 1
-            return id(session)
+            return id(session), time.monotonic()
 
-    def end(self, peer: str) -> None:
+    def end(self, peer: str, started: float, stored_series: set[str]) -> None:
+        """The request of ``peer`` that began at ``started`` is answered, having stored into ``stored_series``."""
         with self._lock:
             session = self._open[peer]
             session.requests -= 1
+            now = time.monotonic()
+            for uid in stored_series:
+                session.series[uid] = now
+            moved_on = ([uid for uid, last in session.series.items() if last < started]
+                        if stored_series and not session.requests else [])
+            for uid in moved_on:
+                del session.series[uid]
             if session.requests == 0:
-                session.timer = threading.Timer(self.linger, self._expire, (peer, session))
-                session.timer.daemon = True
-                session.timer.start()
+                self._start_timer(peer, session)
+        if moved_on:
+            self.ingest.session_released(id(session), moved_on)
+
+    def touch(self, peer: str) -> None:
+        """The peer is still there (told to retry later): its idle time starts again."""
+        with self._lock:
+            session = self._open.get(peer)
+            if session is not None and session.requests == 0:
+                self._cancel_timer(session)
+                self._start_timer(peer, session)
+
+    def _start_timer(self, peer: str, session: "_PeerSession") -> None:
+        session.timer = threading.Timer(self.linger, self._expire, (peer, session))
+        session.timer.daemon = True
+        session.timer.start()
+
+    @staticmethod
+    def _cancel_timer(session: "_PeerSession") -> None:
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
 
     def _expire(self, peer: str, session: "_PeerSession") -> None:
         with self._lock:
@@ -86,6 +119,7 @@ class PeerSessions:
 class _PeerSession:
     def __init__(self) -> None:
         self.requests = 0
+        self.series: dict[str, float] = {}  # series held -> when a request last stored into it
         self.timer: threading.Timer | None = None
 
 
@@ -97,8 +131,22 @@ class StowServer:
         self.ingest = ingest
         self.sessions = PeerSessions(ingest, config.completion.quiet_seconds)
         self.slots = threading.BoundedSemaphore(config.node.max_associations)
+        self.stopping = False
+        self._active = 0  # requests being handled
+        self._idle = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def handling(self):
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
     def start(self) -> None:
         for peer in self.config.peers:
@@ -114,10 +162,18 @@ class StowServer:
                  self.config.node.stow_port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        """No new requests (503 on open connections); those being handled get ``STOP_WAIT_S`` to be
+        answered, so a stop does not cut a study in two. One not answered was not acknowledged."""
+        if self._server is None:
+            return
+        self.stopping = True
+        self._server.shutdown()
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._active == 0, timeout=STOP_WAIT_S):
+                log.warning("stopping with %d STOW-RS request(s) unanswered: not acknowledged, their senders "
+                            "must send them again", self._active)
+        self._server.server_close()
+        self._server = None
 
     def authenticate(self, authorization: str | None, client_ip: str) -> Peer:
         """The peer these credentials belong to; HttpError 401 (unknown) or 403 (wrong host)."""
@@ -126,24 +182,44 @@ class StowServer:
         if peer is None:
             why = "no credentials" if not authorization else "credentials of no STOW-RS peer"
             raise HttpError(401, f"{why}: send a configured peer's Basic or Bearer credentials",
-                            {"WWW-Authenticate": 'Basic realm="srnode", Bearer realm="srnode"'})
+                            {"WWW-Authenticate": 'Basic realm="srnode", charset="UTF-8", Bearer realm="srnode"'})
         if not peer.allows(client_ip):
             raise HttpError(403, f"peer {peer.ae_title} is only allowed from {peer.host}")
         return peer
 
 
 def _matches(peer: Peer, scheme: str, value: str) -> bool:
+    """Whether ``scheme value`` (an Authorization header, decoded as latin-1 by http.server) is
+    ``peer``'s secret; non-ASCII secrets match as UTF-8 or latin-1 bytes, as clients send either."""
     auth = peer.stow_auth
     secret = os.environ.get(auth.secret_env, "")
+    if not secret:
+        return False
+    given = value.encode("latin-1", errors="replace")
     if auth.type == "bearer" and scheme == "bearer":
-        return bool(secret) and hmac.compare_digest(value.encode(), secret.encode())
+        return _same_text(given, secret)
     if auth.type == "basic" and scheme == "basic":
         try:
-            user, _, given = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
+            user, _, password = base64.b64decode(given + b"=" * (-len(given) % 4), validate=True).partition(b":")
+        except ValueError:
             return False
-        return bool(secret) and user == auth.username and hmac.compare_digest(given.encode(), secret.encode())
+        return _same_text(user, auth.username) & _same_text(password, secret)
     return False
+
+
+def _same_text(given: bytes, expected: str) -> bool:
+    matches = False
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            matches |= hmac.compare_digest(given, expected.encode(encoding))
+        except UnicodeEncodeError:
+            pass
+    return matches
+
+
+def _shown(text: str) -> str:
+    """A client's header text as it may appear in a log line: escaped (no forged lines), cut."""
+    return text.encode("unicode_escape").decode("ascii")[:120]
 
 
 class StowHandler(BaseHTTPRequestHandler):
@@ -154,9 +230,15 @@ class StowHandler(BaseHTTPRequestHandler):
     stow: StowServer
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        with self.stow.handling():
+            self._post()
+
+    def _post(self) -> None:
         body_read = False
         peer_name = self.client_address[0]
         try:
+            if self.stow.stopping:
+                raise HttpError(503, "the node is stopping", {"Retry-After": "10"})
             match = PATH.match(self.path.split("?", 1)[0])
             if not match:
                 raise HttpError(404, "STOW-RS is POST /dicom-web/studies or /dicom-web/studies/{StudyInstanceUID}")
@@ -165,16 +247,18 @@ class StowHandler(BaseHTTPRequestHandler):
             boundary = _boundary(self.headers.get("Content-Type", ""))
             self._wants_xml()  # 406 before the body is read
             if not self.stow.slots.acquire(blocking=False):
+                self.stow.sessions.touch(peer.ae_title)  # its series stay open while it retries
                 raise HttpError(503, f"the node's limit of {self.stow.config.node.max_associations} "
-                                     "concurrent senders is reached", {"Retry-After": "5"})
+                                     "concurrent senders is reached", {"Retry-After": str(RETRY_AFTER_S)})
             try:
-                session = self.stow.sessions.begin(peer.ae_title)
+                session, started = self.stow.sessions.begin(peer.ae_title)
+                stored: set[str] = set()
                 try:
                     with self._buffered_body() as body:
                         body_read = True
-                        code, response = self._store_parts(body, boundary, peer, match.group(1), session)
+                        code, response = self._store_parts(body, boundary, peer, match.group(1), session, stored)
                 finally:
-                    self.stow.sessions.end(peer.ae_title)
+                    self.stow.sessions.end(peer.ae_title, started, stored)
             finally:
                 self.stow.slots.release()
         except HttpError as exc:
@@ -201,7 +285,7 @@ class StowHandler(BaseHTTPRequestHandler):
             return False
         if kinds & {"application/dicom+xml", "application/xml"}:
             return True
-        raise HttpError(406, f"STOW-RS answers in application/dicom+json or application/dicom+xml, not {accept}")
+        raise HttpError(406, f"STOW-RS answers in application/dicom+json or application/dicom+xml, not {_shown(accept)}")
 
     def do_GET(self) -> None:  # noqa: N802
         self.close_connection = True  # a body, if any, is not read
@@ -218,7 +302,7 @@ class StowHandler(BaseHTTPRequestHandler):
         it one at a time, so a large study never sits in memory."""
         coding = self.headers.get("Transfer-Encoding", "").strip().lower()
         if coding not in ("", "chunked"):
-            raise HttpError(501, f"Transfer-Encoding {coding!r}: only chunked is understood")
+            raise HttpError(501, f"Transfer-Encoding {_shown(coding)}: only chunked is understood")
         chunked = coding == "chunked"
         length = self.headers.get("Content-Length")
         if not chunked and length is None:
@@ -273,7 +357,7 @@ class StowHandler(BaseHTTPRequestHandler):
 
     # -- the parts ------------------------------------------------------------------------
     def _store_parts(self, body: IO[bytes], boundary: bytes, peer: Peer, study: str | None,
-                     session: int) -> tuple[int, dict]:
+                     session: int, stored_series: set[str]) -> tuple[int, dict]:
         if os.fstat(body.fileno()).st_size == 0:
             raise HttpError(400, "empty request body")
         via = f"STOW-RS from {peer.ae_title}"
@@ -285,6 +369,7 @@ class StowHandler(BaseHTTPRequestHandler):
                                                expected_study=study, negotiated=False) for start, end in spans]
         stored = [v for v in verdicts if v.stored]
         failed = [v for v in verdicts if not v.stored]
+        stored_series.update(v.series for v in stored)
         code = 200 if not failed else 202 if stored else 409
         log.info("%s@%s: %d instance(s) stored, %d refused (HTTP %d)", via, self.client_address[0],
                  len(stored), len(failed), code)
@@ -314,7 +399,7 @@ def _boundary(content_type: str) -> bytes:
     kind, part_type = message.get_content_type(), (message.get_param("type") or "application/dicom")
     if kind != "multipart/related" or str(part_type).lower() != "application/dicom":
         raise HttpError(415, f"STOW-RS here takes multipart/related; type=\"application/dicom\", "
-                             f"not {content_type or '(no Content-Type)'}")
+                             f"not {_shown(content_type) or '(no Content-Type)'}")
     boundary = message.get_param("boundary")
     if not boundary or not isinstance(boundary, str):
         raise HttpError(400, "multipart/related without a boundary")

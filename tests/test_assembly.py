@@ -8,7 +8,7 @@ import pytest
 import node.assembly as assembly
 from node.assembly import Assembler
 from node.ledger import Ledger
-from node.spool import Spool
+from node.spool import Spool, make_dirs, remove_partial_writes, write_new
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
@@ -100,3 +100,14 @@ def test_a_temporary_file_left_by_a_crash_is_not_an_instance(assembler):
     fresh = Assembler(assembler.spool, assembler.ledger, quiet_seconds=0.2)
     fresh.recover()
     assert fresh._open[SERIES].count == 1
+
+
+def test_an_instance_is_written_once_and_partial_writes_are_cleared_at_start(tmp_path):
+    spool = Spool(tmp_path / "spool").ensure()
+    path = spool.instance_path(STUDY, SERIES, "1.2.3.4.1")
+    make_dirs(path.parent)
+    assert write_new(path, b"first") and not write_new(path, b"second")  # a second sender's copy is not written
+    assert path.read_bytes() == b"first" and [p.name for p in path.parent.iterdir()] == [path.name]
+    (path.parent / ".tmp-abc.dcm").write_bytes(b"cut short")
+    assert remove_partial_writes(spool.root / "series") == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

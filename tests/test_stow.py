@@ -1,8 +1,10 @@
 """The STOW-RS receiver against real clients: Orthanc's DICOMweb plugin and requests."""
 from __future__ import annotations
 
+import base64
 import http.client
 import io
+import signal
 import socket
 import time
 
@@ -187,7 +189,7 @@ def test_stow_rs_framing_and_the_concurrency_limit(make_node, tmp_path, stow_env
     try:
         wait_for(lambda: _post(url, raw[:1]).status_code == 503, 5, what="503 while the slow request holds the slot")
         busy = _post(url, raw[:1])
-        assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
         assert "the node's limit of 1 concurrent senders is reached" in node.log()
     finally:
         slow.close()  # the client gives up: its request ends with 400 and frees the slot
@@ -247,3 +249,58 @@ def test_a_study_sent_in_batches_is_one_series_however_slow_the_next_batch(make_
 def _post(url: str, parts: list[bytes]) -> requests.Response:
     return requests.post(f"{url}/studies", data=multipart(parts), timeout=30,
                          headers={"Content-Type": STOW_TYPE, "Authorization": "Bearer token-for-tests"})
+
+
+def test_a_peer_sending_study_after_study_does_not_hold_the_earlier_ones(make_node, tmp_path, stow_env):
+    """A PACS forwarding every new study keeps a request in flight almost all the time: a series is
+    let go as soon as one of the peer's later requests stores elsewhere, not when the peer pauses."""
+    node, url = stow_node(make_node, quiet_seconds=0.5, destinations={}, routes=[])
+    first = [p.read_bytes() for p in make.ct_volume(tmp_path / "a", "stow-busy-a", 2)]
+    first_series = str(dcmread(io.BytesIO(first[0]), stop_before_pixels=True).SeriesInstanceUID)
+    assert _post(url, first).status_code == 200
+    deadline = time.monotonic() + 4
+    k = 0
+    while time.monotonic() < deadline:  # study after study, 0.3 s apart (below the quiet period)
+        assert _post(url, [make.ct_volume(tmp_path / f"b{k}", f"stow-busy-b{k}", 1)[0].read_bytes()]).status_code == 200
+        k += 1
+        time.sleep(0.3)
+        if f"series {first_series} complete" in node.log():
+            break
+    assert f"series {first_series} complete: 2 instances" in node.log(), "held while the peer kept sending"
+
+
+def test_stow_rs_credentials_in_either_encoding_and_escaped_header_text(make_node, tmp_path, monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, "pässwörd")
+    monkeypatch.setenv(TOKEN_ENV, "tökén")
+    node, url = stow_node(make_node, routes=[], destinations={})
+    part = make.ct_small(tmp_path / "ct", "stow-encodings")[0].read_bytes()
+    utf8 = base64.b64encode("webpacs:pässwörd".encode()).decode().rstrip("=")  # unpadded, as some clients send
+    for headers in ({}, {"Authorization": f"Basic {utf8}"}):
+        answer = requests.post(f"{url}/studies", data=multipart([part]), timeout=30,
+                               auth=None if headers else ("webpacs", "pässwörd"),  # requests: latin-1
+                               headers={"Content-Type": STOW_TYPE, **headers})
+        assert answer.status_code == 200, answer.text
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # UTF-8 bearer token, folded Accept
+        s.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: " + STOW_TYPE.encode()
+                  + b"\r\nAuthorization: Bearer " + "tökén".encode() + b"\r\nAccept: text/html\r\n"
+                  b" 2026-01-01 00:00:00,000 INFO node.stow: FORGED\r\nContent-Length: 0\r\n\r\n")
+        assert s.makefile("rb").readline().startswith(b"HTTP/1.1 406")
+    assert not any(line.lstrip().startswith("2026-01-01") for line in node.log().splitlines())
+
+
+def test_a_graceful_stop_answers_the_request_being_uploaded(make_node, tmp_path, stow_env):
+    node, url = stow_node(make_node, routes=[], destinations={})
+    raw = [p.read_bytes() for p in make.ct_volume(tmp_path / "ct", "stow-stop", 3)]
+    body = multipart(raw)
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {STOW_TYPE}\r\n"
+                  f"Authorization: Bearer token-for-tests\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+        time.sleep(0.3)
+        node.proc.send_signal(signal.SIGTERM)  # mid-upload
+        time.sleep(1)
+        s.sendall(body[1000:])
+        assert s.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+    node.proc.wait(30)
+    assert len(list((node.spool / "series").glob("*/*/*.dcm"))) == 3

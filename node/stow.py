@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -38,6 +39,8 @@ COPY_CHUNK = 1 << 20
 READ_TIMEOUT_S = 60  # a client silent this long mid-request is cut off
 RETRY_AFTER_S = 1  # told to a sender over the limit; its series stay open meanwhile (PeerSessions.touch)
 STOP_WAIT_S = 30  # requests in flight at a graceful stop get this long to be answered
+MIN_RATE_BPS = 1024  # a body slower than this on average, after
+MIN_RATE_GRACE_S = 30  # ... this long, is cut off (408): a sender dribbling bytes would hold a slot forever
 
 
 class HttpError(Exception):
@@ -123,6 +126,43 @@ class _PeerSession:
         self.timer: threading.Timer | None = None
 
 
+class UploadWatch:
+    """Cuts off bodies arriving slower than ``MIN_RATE_BPS`` on average once ``MIN_RATE_GRACE_S``
+    have passed: their socket's reading side is shut, the handler's read ends, and it answers 408.
+    A per-read timeout alone does not do it: one byte every minute never times out."""
+
+    def __init__(self) -> None:
+        self._uploads: dict[int, "StowHandler"] = {}
+        self._lock = threading.Lock()
+
+    def add(self, handler: "StowHandler") -> None:
+        handler.body_started, handler.body_received, handler.cut_off = time.monotonic(), 0, False
+        with self._lock:
+            self._uploads[id(handler)] = handler
+
+    def remove(self, handler: "StowHandler") -> None:
+        with self._lock:
+            self._uploads.pop(id(handler), None)
+
+    def check(self, now: float) -> int:
+        """Cut off every upload that is too slow at ``now``; how many."""
+        with self._lock:
+            slow = [h for h in self._uploads.values() if too_slow(h.body_received, now - h.body_started)]
+        for handler in slow:
+            handler.cut_off = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RD)  # the answer can still be written
+        return len(slow)
+
+    def run(self, stopped: threading.Event) -> None:
+        while not stopped.wait(1.0):
+            self.check(time.monotonic())
+
+
+def too_slow(received: int, elapsed: float) -> bool:
+    return elapsed > MIN_RATE_GRACE_S and received < MIN_RATE_BPS * elapsed
+
+
 class StowServer:
     """``start()`` opens ``node.stow_port`` in a background thread; ``stop()`` closes it."""
 
@@ -132,6 +172,8 @@ class StowServer:
         self.sessions = PeerSessions(ingest, config.completion.quiet_seconds)
         self.slots = threading.BoundedSemaphore(config.node.max_associations)
         self.stopping = False
+        self.uploads = UploadWatch()
+        self._watch_stop = threading.Event()
         self._active = 0  # requests being handled
         self._idle = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -158,6 +200,7 @@ class StowServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="stow-rs", daemon=True)
         self._thread.start()
+        threading.Thread(target=self.uploads.run, args=(self._watch_stop,), name="stow-rs-watch", daemon=True).start()
         log.info("STOW-RS listening on http://%s:%s/dicom-web/studies", self.config.node.bind,
                  self.config.node.stow_port)
 
@@ -174,6 +217,7 @@ class StowServer:
                             "must send them again", self._active)
         self._server.server_close()
         self._server = None
+        self._watch_stop.set()
 
     def authenticate(self, authorization: str | None, client_ip: str) -> Peer:
         """The peer these credentials belong to; HttpError 401 (unknown) or 403 (wrong host)."""
@@ -225,6 +269,7 @@ def _shown(text: str) -> str:
 class StowHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, chunked requests
     disable_nagle_algorithm = True  # else each answer (headers, then body) waits ~40 ms for an ACK
+    body_started, body_received, cut_off = 0.0, 0, False  # UploadWatch's view of the body
     server_version = "srnode-stow"
     timeout = READ_TIMEOUT_S
     stow: StowServer
@@ -314,20 +359,25 @@ class StowHandler(BaseHTTPRequestHandler):
             out = tempfile.TemporaryFile(dir=self.stow.ingest.spool.root, prefix=".stow-")
         except OSError as exc:
             raise HttpError(503, f"node cannot buffer the request: {exc.strerror}", {"Retry-After": "60"}) from None
+        self.stow.uploads.add(self)
         try:
             if chunked:
                 self._copy_chunked(out)
             else:
                 self._copy(out, int(length))
             out.flush()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             out.close()
-            if exc.errno == errno.ENOSPC:
+            if self.cut_off:
+                self.close_connection = True
+                rate = self.body_received / max(time.monotonic() - self.body_started, 1e-9)
+                raise HttpError(408, f"the body arrived at {rate:.0f} B/s, under the node's minimum of "
+                                     f"{MIN_RATE_BPS} B/s") from None
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise HttpError(503, "node disk full", {"Retry-After": "60"}) from None
             raise HttpError(400, f"request body could not be read ({exc})") from None
-        except (ValueError, ConnectionError) as exc:
-            out.close()
-            raise HttpError(400, f"request body could not be read ({exc})") from None
+        finally:
+            self.stow.uploads.remove(self)
         out.seek(0)
         return out
 
@@ -335,11 +385,12 @@ class StowHandler(BaseHTTPRequestHandler):
         if n < 0:
             raise ValueError("negative Content-Length")
         while n > 0:
-            data = self.rfile.read(min(n, COPY_CHUNK))
+            data = self.rfile.read1(min(n, COPY_CHUNK))  # what has arrived: the watch sees progress
             if not data:
                 raise ConnectionError("the client closed the connection before the end of the body")
             out.write(data)
             n -= len(data)
+            self.body_received += len(data)
 
     def _copy_chunked(self, out: IO[bytes]) -> None:
         while True:

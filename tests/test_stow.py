@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, generate_uid
 
 from node.dispatch.dicomweb import _xml_reasons
-from node.stow import _parts
+from node.stow import MIN_RATE_BPS, MIN_RATE_GRACE_S, UploadWatch, _parts, too_slow
 from tests import series_factory as make
 from tests.peers import echoscu, free_port, wait_for
 
@@ -304,3 +304,24 @@ def test_a_graceful_stop_answers_the_request_being_uploaded(make_node, tmp_path,
         assert s.makefile("rb").readline().startswith(b"HTTP/1.1 200")
     node.proc.wait(30)
     assert len(list((node.spool / "series").glob("*/*/*.dcm"))) == 3
+
+
+def test_a_body_dribbled_below_the_minimum_rate_is_cut_off():
+    assert not too_slow(10, MIN_RATE_GRACE_S)  # nothing is judged during the grace period
+    assert too_slow(MIN_RATE_BPS * 40 - 1, 40) and not too_slow(MIN_RATE_BPS * 40, 40)
+
+    class Upload:  # what UploadWatch sees of a handler: its socket and its counters
+        def __init__(self, sock):
+            self.connection = sock
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        watch, upload = UploadWatch(), Upload(ours)
+        watch.add(upload)
+        upload.body_received = 10  # ten bytes in 40 s
+        assert watch.check(upload.body_started + 40) == 1 and upload.cut_off
+        assert ours.recv(10) == b""  # the blocked read ends: the handler answers 408
+        ours.sendall(b"408")  # ... and can still write its answer
+        assert theirs.recv(3) == b"408"
+        watch.remove(upload)
+        assert watch.check(upload.body_started + 1000) == 0

@@ -172,6 +172,9 @@ class Route(Strict):
 
 class Completion(Strict):
     quiet_seconds: float = Field(2.0, ge=0, le=600)
+    # A STOW-RS peer that keeps sending holds a series it sent this long after its last instance
+    # (node.stow.PeerSessions): a batch of the series may still be uploading in another request.
+    stow_hold_seconds: float = Field(60.0, ge=0, le=3600)
 
 
 class Queue(Strict):

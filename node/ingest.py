@@ -25,7 +25,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from node.assembly import Assembler
 from node.ledger import Ledger
-from node.spool import Spool, make_dirs, valid_uid, write_new
+from node.spool import Spool, fsync_dir, make_dirs, valid_uid, write_new
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ class Ingest:
             sop = str(ds.get("SOPInstanceUID", "")).strip()
             sop_class = str(ds.get("SOPClassUID", "")).strip()
         except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
-            named = expected_sop if valid_uid(expected_sop) else "(no valid UID)"
+            named = _uid_shown(expected_sop or "")
             log.warning("%s: SOP %s cannot be parsed (%s): refused", via, named, type(exc).__name__)
             return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed", sop_instance=expected_sop or "")
-        named = next((u for u in (expected_sop, sop) if valid_uid(u)), "(no valid UID)")  # never the raw text
+        named = next((u for u in (expected_sop, sop) if valid_uid(u)), _uid_shown(""))
         refuse = lambda status, comment, why: self._refuse(via, named, status, comment, why, sop_class, sop)  # noqa: E731
         if not (study or series or sop):  # a file header, then no data set (or encapsulated data cut short)
             return refuse(CANNOT_UNDERSTAND, "dataset cannot be parsed", "has no readable data set (or one cut short)")
@@ -120,10 +120,10 @@ class Ingest:
             syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
             if sop_class not in STORAGE_CLASSES:
                 return refuse(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported",
-                              f"has SOP class {sop_class or '(none)'}, not a storage class the node takes")
+                              f"has SOP class {_uid_shown(sop_class)}, not a storage class the node takes")
             if syntax not in TRANSFER_SYNTAXES:
                 return refuse(TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax not supported",
-                              f"is in transfer syntax {syntax or '(none)'}, which the node does not take")
+                              f"is in transfer syntax {_uid_shown(syntax)}, which the node does not take")
         cut = pixel_data_cut(ds)
         if cut:
             return refuse(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}", f"cannot be parsed ({cut})")
@@ -140,6 +140,8 @@ class Ingest:
             if new:
                 make_dirs(path.parent)
                 new = write_new(path, raw)  # False: another sender stored it a moment ago
+            else:
+                fsync_dir(path.parent)  # its first writer may not have made it durable yet
             if not new:
                 log.info("%s: SOP %s already stored; kept once", via, sop)
         except OSError as exc:
@@ -157,6 +159,12 @@ class Ingest:
     def _refuse(via: str, named: str, status: int, comment: str, why: str, sop_class: str, sop: str) -> Verdict:
         log.warning("%s: SOP %s %s: refused", via, named, why)
         return Verdict(status, comment, sop_class, sop)
+
+
+def _uid_shown(value: str) -> str:
+    """A UID from a sender's data set as a log line may show it: only if it is a valid UID (else it
+    could carry anything: patient data, a forged log line)."""
+    return value if valid_uid(value) else "(no valid UID)"
 
 
 def pixel_data_cut(ds: Dataset) -> str | None:

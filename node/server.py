@@ -71,13 +71,13 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self.scp.start()  # first: a port already in use fails the start before anything runs
-        if self.stow is not None:
-            self.stow.start()
-        removed = remove_partial_writes(self.spool.root / "series")
+        removed = remove_partial_writes(self.spool.root / "series")  # before anything can write there
         if removed:
             log.warning("removed %d partial instance file(s) left by an interrupted write (never acknowledged)",
                         removed)
+        self.scp.start()  # a port already in use fails the start before anything runs
+        if self.stow is not None:
+            self.stow.start()
         self.assembler.recover()
         self.scheduler.resubmit_unfinished()
         if self.config.queue.broker == "embedded":

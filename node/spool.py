@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS)
+_NO_LINK_LOCK = threading.Lock()
+
+
 def write_new(path: Path, data: bytes) -> bool:
     """:func:`write_atomic` that never replaces: False (nothing written) when ``path`` exists,
     even if another thread creates it at the same moment (the link is the atomic step)."""
@@ -70,13 +75,15 @@ def write_new(path: Path, data: bytes) -> bool:
         try:
             os.link(tmp, path)
         except FileExistsError:
+            fsync_dir(path.parent)  # the first writer may not have made it durable yet
             return False
-        except OSError as exc:  # a file system without hard links: the plain check, then the rename
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV) or path.exists():
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            with _NO_LINK_LOCK:  # the check and the rename as one step (only this process writes here)
                 if path.exists():
                     return False
-                raise
-            os.replace(tmp, path)
+                os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -50,22 +50,23 @@ class HttpError(Exception):
 
 
 class PeerSessions:
-    """A peer's STOW-RS requests are one session for the assembler, as an association is: it holds
-    the series they stored open from the start of a request (before its body arrives), so a study
-    sent in batches (Orthanc sends 10 instances a request) is not declared complete between two
-    batches, however long the next one takes to upload. A series is let go when a later request of
-    the peer, alone in flight, ends without adding to it (the peer moved on: a PACS forwarding study
-    after study does not hold them all), and every series when none of the peer's requests has been
-    in flight for ``linger`` seconds."""
+    """A peer's STOW-RS requests are one session for the assembler, as an association is: from the
+    start of a request (before its body arrives) it holds open the series the peer sent, so a study
+    sent in batches (Orthanc sends 10 instances a request, and may run two sends at once) is not
+    declared complete between batches, however long the next one takes to upload. Which series an
+    upload carries is unknown until it has arrived, so a peer that keeps sending holds each series
+    ``hold`` seconds after its last instance; all are let go once none of the peer's requests has
+    been in flight for ``linger`` seconds."""
 
-    def __init__(self, ingest: Ingest, linger: float):
+    def __init__(self, ingest: Ingest, linger: float, hold: float):
         self.ingest = ingest
         self.linger = linger
-        self._lock = threading.Lock()
+        self.hold = hold
+        self._lock = threading.Lock()  # taken before the assembler's, never after
         self._open: dict[str, _PeerSession] = {}
 
-    def begin(self, peer: str) -> tuple[int, float]:
-        """(session id, start time) of a new request of ``peer``."""
+    def begin(self, peer: str) -> int:
+        """The session id for a new request of ``peer``."""
         with self._lock:
             session = self._open.get(peer)
             if session is None:
@@ -73,24 +74,23 @@ class PeerSessions:
                 self.ingest.session_started(id(session))
             self._cancel_timer(session)
             session.requests += 1
-            return id(session), time.monotonic()
+            return id(session)
 
-    def end(self, peer: str, started: float, stored_series: set[str]) -> None:
-        """The request of ``peer`` that began at ``started`` is answered, having stored into ``stored_series``."""
+    def end(self, peer: str, stored_series: set[str]) -> None:
+        """A request of ``peer`` is answered, having stored into ``stored_series``."""
         with self._lock:
             session = self._open[peer]
             session.requests -= 1
             now = time.monotonic()
             for uid in stored_series:
                 session.series[uid] = now
-            moved_on = ([uid for uid, last in session.series.items() if last < started]
-                        if stored_series and not session.requests else [])
-            for uid in moved_on:
+            done = [uid for uid, last in session.series.items() if now - last > self.hold]
+            for uid in done:
                 del session.series[uid]
+            if done:
+                self.ingest.session_released(id(session), done)
             if session.requests == 0:
                 self._start_timer(peer, session)
-        if moved_on:
-            self.ingest.session_released(id(session), moved_on)
 
     def touch(self, peer: str) -> None:
         """The peer is still there (told to retry later): its idle time starts again."""
@@ -113,10 +113,10 @@ class PeerSessions:
 
     def _expire(self, peer: str, session: "_PeerSession") -> None:
         with self._lock:
-            if self._open.get(peer) is not session or session.requests:
-                return  # a new request came in meanwhile
+            if self._open.get(peer) is not session or session.timer is not threading.current_thread():
+                return  # a request came in meanwhile (or a newer timer runs)
             del self._open[peer]
-        self.ingest.session_ended(id(session))
+            self.ingest.session_ended(id(session))
 
 
 class _PeerSession:
@@ -146,12 +146,12 @@ class UploadWatch:
 
     def check(self, now: float) -> int:
         """Cut off every upload that is too slow at ``now``; how many."""
-        with self._lock:
+        with self._lock:  # under the lock: a body that has just completed is no longer registered
             slow = [h for h in self._uploads.values() if too_slow(h.body_received, now - h.body_started)]
-        for handler in slow:
-            handler.cut_off = True
-            with contextlib.suppress(OSError):
-                handler.connection.shutdown(socket.SHUT_RD)  # the answer can still be written
+            for handler in slow:
+                handler.cut_off = True
+                with contextlib.suppress(OSError):
+                    handler.connection.shutdown(socket.SHUT_RD)  # the answer can still be written
         return len(slow)
 
     def run(self, stopped: threading.Event) -> None:
@@ -169,7 +169,7 @@ class StowServer:
     def __init__(self, config: Config, ingest: Ingest):
         self.config = config
         self.ingest = ingest
-        self.sessions = PeerSessions(ingest, config.completion.quiet_seconds)
+        self.sessions = PeerSessions(ingest, config.completion.quiet_seconds, config.completion.stow_hold_seconds)
         self.slots = threading.BoundedSemaphore(config.node.max_associations)
         self.stopping = False
         self.uploads = UploadWatch()
@@ -209,12 +209,12 @@ class StowServer:
         answered, so a stop does not cut a study in two. One not answered was not acknowledged."""
         if self._server is None:
             return
-        self.stopping = True
-        self._server.shutdown()
+        self.stopping = True  # still accepting, to answer 503 rather than leave connections hanging
         with self._idle:
             if not self._idle.wait_for(lambda: self._active == 0, timeout=STOP_WAIT_S):
                 log.warning("stopping with %d STOW-RS request(s) unanswered: not acknowledged, their senders "
                             "must send them again", self._active)
+        self._server.shutdown()
         self._server.server_close()
         self._server = None
         self._watch_stop.set()
@@ -296,14 +296,14 @@ class StowHandler(BaseHTTPRequestHandler):
                 raise HttpError(503, f"the node's limit of {self.stow.config.node.max_associations} "
                                      "concurrent senders is reached", {"Retry-After": str(RETRY_AFTER_S)})
             try:
-                session, started = self.stow.sessions.begin(peer.ae_title)
+                session = self.stow.sessions.begin(peer.ae_title)
                 stored: set[str] = set()
                 try:
                     with self._buffered_body() as body:
                         body_read = True
                         code, response = self._store_parts(body, boundary, peer, match.group(1), session, stored)
                 finally:
-                    self.stow.sessions.end(peer.ae_title, started, stored)
+                    self.stow.sessions.end(peer.ae_title, stored)
             finally:
                 self.stow.slots.release()
         except HttpError as exc:
@@ -339,7 +339,7 @@ class StowHandler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_GET
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the access log stays quiet
-        log.debug("STOW-RS %s " + format, self.client_address[0], *args)
+        log.debug("STOW-RS %s %s", self.client_address[0], _shown(format % args))
 
     # -- the body -------------------------------------------------------------------------
     def _buffered_body(self) -> IO[bytes]:
@@ -366,6 +366,8 @@ class StowHandler(BaseHTTPRequestHandler):
             else:
                 self._copy(out, int(length))
             out.flush()
+            if self.cut_off:  # cut off just as the body completed: the connection is half shut
+                self.close_connection = True
         except (OSError, ValueError) as exc:
             out.close()
             if self.cut_off:

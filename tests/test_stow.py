@@ -14,8 +14,12 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, generate_uid
 
+from node.assembly import Assembler
 from node.dispatch.dicomweb import _xml_reasons
-from node.stow import MIN_RATE_BPS, MIN_RATE_GRACE_S, UploadWatch, _parts, too_slow
+from node.ingest import Ingest
+from node.ledger import Ledger
+from node.spool import Spool, make_dirs
+from node.stow import MIN_RATE_BPS, MIN_RATE_GRACE_S, PeerSessions, UploadWatch, _parts, too_slow
 from tests import series_factory as make
 from tests.peers import echoscu, free_port, wait_for
 
@@ -253,8 +257,8 @@ def _post(url: str, parts: list[bytes]) -> requests.Response:
 
 def test_a_peer_sending_study_after_study_does_not_hold_the_earlier_ones(make_node, tmp_path, stow_env):
     """A PACS forwarding every new study keeps a request in flight almost all the time: a series is
-    let go as soon as one of the peer's later requests stores elsewhere, not when the peer pauses."""
-    node, url = stow_node(make_node, quiet_seconds=0.5, destinations={}, routes=[])
+    let go ``stow_hold_seconds`` after its last instance (1 s here), not when the peer pauses."""
+    node, url = stow_node(make_node, quiet_seconds=0.5, stow_hold_seconds=1, destinations={}, routes=[])
     first = [p.read_bytes() for p in make.ct_volume(tmp_path / "a", "stow-busy-a", 2)]
     first_series = str(dcmread(io.BytesIO(first[0]), stop_before_pixels=True).SeriesInstanceUID)
     assert _post(url, first).status_code == 200
@@ -325,3 +329,27 @@ def test_a_body_dribbled_below_the_minimum_rate_is_cut_off():
         assert theirs.recv(3) == b"408"
         watch.remove(upload)
         assert watch.check(upload.body_started + 1000) == 0
+
+
+def test_a_peers_series_stay_open_while_its_next_uploads_run_and_close_after_it_stops(tmp_path):
+    """Interleaved batches (S1, S2, then more S1 uploading slowly), as one sender running two sends
+    at once produces: S1 is not complete before its last batch; both complete once the peer stops."""
+    spool = Spool(tmp_path / "spool").ensure()
+    assembler = Assembler(spool, Ledger(spool.ledger_path), quiet_seconds=0.2)
+    sessions = PeerSessions(Ingest(spool, assembler.ledger, assembler), linger=0.2, hold=5)
+
+    def request(series: str, n: int, upload_s: float = 0.0) -> None:
+        session = sessions.begin("PACS")
+        time.sleep(upload_s)
+        path = spool.instance_path("1.2", series, f"{series}.{n}")
+        make_dirs(path.parent)
+        path.write_bytes(b"x")
+        assembler.instance_stored(session, "1.2", series, new=True, expected=None)
+        sessions.end("PACS", {series})
+
+    request("1.2.1", 1)
+    request("1.2.2", 1)
+    request("1.2.1", 2, upload_s=0.6)  # three quiet periods uploading
+    assert assembler.due() == []
+    wait_for(lambda: len(due := assembler.due()) == 2 and sorted((d.series_uid, d.count) for d in due)
+             == [("1.2.1", 2), ("1.2.2", 1)], 5, what="both series complete after the peer stopped")

@@ -76,27 +76,27 @@ class Assembler:
                 self._wake.set()
 
     def association_ended(self, assoc_id: int) -> None:
-        now = time.monotonic()
         with self._lock:
             self._ended[assoc_id] = None
             while len(self._ended) > 1000:  # ids of ended associations are only needed briefly
                 del self._ended[next(iter(self._ended))]
-            for entry in self._open.values():
-                if assoc_id in entry.associations:
-                    entry.associations.discard(assoc_id)
-                    entry.last_activity = now
+            self._let_go(assoc_id, self._open.values())
         self._wake.set()
 
     def release(self, assoc_id: int, series_uids) -> None:
         """``assoc_id`` stays open but no longer holds these series (a STOW-RS peer moved on)."""
-        now = time.monotonic()
         with self._lock:
-            for uid in series_uids:
-                entry = self._open.get(uid)
-                if entry is not None and assoc_id in entry.associations:
-                    entry.associations.discard(assoc_id)
-                    entry.last_activity = now
+            self._let_go(assoc_id, [self._open[uid] for uid in series_uids if uid in self._open])
         self._wake.set()
+
+    @staticmethod
+    def _let_go(assoc_id: int, entries) -> None:
+        """(Lock held.) ``assoc_id`` no longer holds these series: their quiet period starts now."""
+        now = time.monotonic()
+        for entry in entries:
+            if assoc_id in entry.associations:
+                entry.associations.discard(assoc_id)
+                entry.last_activity = now
 
     def association_started(self, assoc_id: int) -> None:
         """``id()`` of a new association may reuse an ended one's: forget that it ended."""

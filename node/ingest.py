@@ -1,7 +1,7 @@
 """Receiving one instance, whatever carried it (C-STORE or STOW-RS): check it, spool it, tell the assembler.
 
-An instance is answered with success only once it is on disk (temporary file, fsync, rename,
-directory fsync) and its series is in the ledger with its sender: an acknowledged instance is
+An instance is answered with success only once it is on disk (temporary file, fsync, hard link
+into place, directory fsync) and its series is in the ledger with its sender: an acknowledged instance is
 never lost. Every refusal names its reason in the answer and in one log line (UIDs, never patient
 data). The statuses are C-STORE's (PS3.4 B.2.3); STOW-RS reports them as Failure Reasons.
 """
@@ -60,8 +60,8 @@ class Verdict:
 
 
 class Ingest:
-    """The node's one way in. A *session* (an association, a STOW-RS request) groups instances
-    for the assembler: a series is not complete while a session that sent to it is open."""
+    """The node's one way in. A *session* (an association, a STOW-RS peer's requests) groups
+    instances for the assembler: a series is not complete while a session that sent to it holds it."""
 
     def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler):
         self.spool = spool
@@ -75,6 +75,8 @@ class Ingest:
 
     def session_released(self, session: int, series_uids) -> None:
         """The open ``session`` no longer holds these series open (see :class:`node.stow.PeerSessions`)."""
+        with self._lock:
+            self._noted -= {(session, uid) for uid in series_uids}  # a long-lived session stays small
         self.assembler.release(session, series_uids)
 
     def session_ended(self, session: int) -> None:

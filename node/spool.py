@@ -38,12 +38,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the whole file or nothing.
-
-    With ``durable`` the data and the directory entry are fsync'd before returning: once this
-    returns, the file survives a crash of the process and of the machine.
-    """
+def _temporary_copy(path: Path, data: bytes, durable: bool) -> str:
+    """A ``.tmp-*`` file beside ``path`` holding ``data`` (fsync'd with ``durable``)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -51,6 +47,20 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the whole file or nothing.
+
+    With ``durable`` the data and the directory entry are fsync'd before returning: once this
+    returns, the file survives a crash of the process and of the machine.
+    """
+    tmp = _temporary_copy(path, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,14 +74,10 @@ _NO_LINK_LOCK = threading.Lock()
 
 
 def write_new(path: Path, data: bytes) -> bool:
-    """:func:`write_atomic` that never replaces: False (nothing written) when ``path`` exists,
-    even if another thread creates it at the same moment (the link is the atomic step)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    """:func:`write_atomic` (durable) that never replaces: False (nothing written) when ``path``
+    exists, even if another thread creates it at the same moment (the link is the atomic step)."""
+    tmp = _temporary_copy(path, data, durable=True)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

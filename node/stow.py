@@ -5,9 +5,11 @@ Content-Length or chunked. Only peers with ``stow_auth`` may send: HTTP Basic or
 checked against the environment variables the config names, and the peer's ``host`` when set.
 Each part goes through :mod:`node.ingest`, exactly as a C-STORE would; a peer's requests are one
 session for the assembler, as an association is (:class:`PeerSessions`). The answer comes only
-when the whole multipart framing has been read and every part is on disk or refused: 200 all stored, 202 some refused, 409 none stored, with the Store Instances
-Response Module (Referenced / Failed SOP Sequence, a Failure Reason per refused part) in DICOM
-JSON, or DICOM XML for a client that accepts only that. TLS belongs in front of it (a reverse proxy): the listener speaks plain HTTP.
+when the whole multipart framing has been read and every part is on disk or refused: 200 all
+stored, 202 some refused, 409 none stored, with the Store Instances Response Module (Referenced /
+Failed SOP Sequence, a Failure Reason per refused part) in DICOM JSON, or DICOM XML for a client
+that accepts only that. Plain HTTP: TLS needs a tunnel that keeps client addresses (behind a
+reverse proxy, ``host`` pins and ``sender`` would apply to the proxy).
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ class HttpError(Exception):
 class PeerSessions:
     """A peer's STOW-RS requests are one session for the assembler, as an association is: from the
     start of a request (before its body arrives) it holds open the series the peer sent, so a study
-    sent in batches (Orthanc sends 10 instances a request, and may run two sends at once) is not
-    declared complete between batches, however long the next one takes to upload. Which series an
+    sent in batches (the node's own STOW-RS client sends 50 instances a request; a sender may run
+    two sends at once) is not declared complete between batches, however long the next one takes to upload. Which series an
     upload carries is unknown until it has arrived, so a peer that keeps sending holds each series
     ``hold`` seconds after its last instance; all are let go once none of the peer's requests has
     been in flight for ``linger`` seconds."""
@@ -177,7 +179,6 @@ class StowServer:
         self._active = 0  # requests being handled
         self._idle = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
     def handling(self):
@@ -198,8 +199,7 @@ class StowServer:
         handler = type("Handler", (StowHandler,), {"stow": self})
         self._server = ThreadingHTTPServer((self.config.node.bind, self.config.node.stow_port), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="stow-rs", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._server.serve_forever, name="stow-rs", daemon=True).start()
         threading.Thread(target=self.uploads.run, args=(self._watch_stop,), name="stow-rs-watch", daemon=True).start()
         log.info("STOW-RS listening on http://%s:%s/dicom-web/studies", self.config.node.bind,
                  self.config.node.stow_port)
@@ -290,7 +290,7 @@ class StowHandler(BaseHTTPRequestHandler):
             peer = self.stow.authenticate(self.headers.get("Authorization"), self.client_address[0])
             peer_name = f"{peer.ae_title}@{peer_name}"
             boundary = _boundary(self.headers.get("Content-Type", ""))
-            self._wants_xml()  # 406 before the body is read
+            xml = self._wants_xml()  # 406 before the body is read
             if not self.stow.slots.acquire(blocking=False):
                 self.stow.sessions.touch(peer.ae_title)  # its series stay open while it retries
                 raise HttpError(503, f"the node's limit of {self.stow.config.node.max_associations} "
@@ -311,7 +311,7 @@ class StowHandler(BaseHTTPRequestHandler):
             self.close_connection = self.close_connection or not body_read
             self._send(exc.code, (exc.message + "\n").encode(), "text/plain; charset=utf-8", exc.headers)
             return
-        if self._wants_xml():
+        if xml:
             self._send(code, _native_xml(response), "application/dicom+xml")
         else:
             self._send(code, json.dumps(response).encode(), "application/dicom+json")

@@ -226,7 +226,8 @@ def test_stow_rs_framing_and_the_concurrency_limit(make_node, tmp_path, stow_env
 
 
 def test_a_study_sent_in_batches_is_one_series_however_slow_the_next_batch(make_node, tmp_path, stow_env):
-    """Orthanc sends 10 instances a request: the gap before the next batch has finished uploading
+    """A study sent in several requests (as the node's own STOW-RS client does, 50 instances a
+    request): the gap before the next batch has finished uploading
     must not complete the series (quiet_seconds 0.5 here, the second upload takes 2 s)."""
     out = tmp_path / "archive"
     node, url = stow_node(make_node, quiet_seconds=0.5, destinations={"archive": {"type": "folder", "path": str(out)}},

@@ -17,6 +17,7 @@ import threading
 import time
 
 from node.assembly import Assembler
+from node.audit import Audit
 from node.celery_app import PIPELINE_QUEUE, configure
 from node.config import Config
 from node.dispatch import Dispatcher
@@ -51,15 +52,16 @@ class Node:
         self.config = config
         self.spool = Spool(config.spool).ensure()
         self.ledger = Ledger(self.spool.ledger_path)
+        self.audit = Audit(self.spool.audit_dir)
         self.assembler = Assembler(self.spool, self.ledger, config.completion.quiet_seconds)
         self.app = configure(config)
         from node.tasks import run_job  # registers the task on the configured app
 
         self._run_job = run_job
-        self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit)
-        self.dispatcher = Dispatcher(config, self.spool, self.ledger)
+        self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit, self.audit)
+        self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
         self.ingest = Ingest(self.spool, self.ledger, self.assembler)
-        self.scp = StorageSCP(config, self.ingest)
+        self.scp = StorageSCP(config, self.ingest, self.audit)
         self.stow = StowServer(config, self.ingest) if config.node.stow_port else None
         self._stop = threading.Event()
         self._resubmit = threading.Event()

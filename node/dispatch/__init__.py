@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from node.audit import Audit
 from node.config import SENDER, Config, DicomDestination, DicomwebDestination, FolderDestination
 from node.dispatch import dicom, dicomweb, folder
 from node.dispatch.outcome import Outcome
@@ -57,11 +58,12 @@ def check(config: Config, dest: Destination) -> tuple[bool, str]:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, spool: Spool, ledger: Ledger, batch: int = 200):
+    def __init__(self, config: Config, spool: Spool, ledger: Ledger, batch: int = 200, audit: Audit | None = None):
         self.config = config
         self.spool = spool
         self.ledger = ledger
         self.batch = batch
+        self.audit = audit
 
     def backoff(self, attempts: int) -> float:
         d = self.config.dispatch
@@ -92,7 +94,9 @@ class Dispatcher:
                 if outcomes and all(o.kind == "retry" and o.unreachable for o in outcomes):
                     unreachable[name] = outcomes[0].status
             self._record(job_id, name, items, outcomes)
-            self.ledger.settle_job(job_id)
+            final = self.ledger.settle_job(job_id)
+            if final and self.audit is not None:
+                self.audit.record("job.settled", job=job_id, state=final)
         return len(due)
 
     def _record(self, job_id: int, name: str, items: list[Delivery], outcomes: list[Outcome]) -> None:
@@ -111,6 +115,10 @@ class Dispatcher:
         for _, state, _, _ in rows:
             summary[state] += 1
         last = outcomes[-1].status if outcomes else ""
+        if self.audit is not None:
+            outcome = {"pending": "retry later"}
+            self.audit.record("delivery", job=job_id, destination=name,
+                              outcomes={outcome.get(s, s): n for s, n in sorted(summary.items())}, status=last)
         level = logging.INFO if set(summary) <= {"sent"} else logging.WARNING
         log.log(level, "job %s -> %s: %s (%s)", job_id, name,
                 ", ".join(f"{n} {'retry later' if s == 'pending' else s}" for s, n in sorted(summary.items())), last)

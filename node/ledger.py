@@ -80,11 +80,7 @@ JOB_DETAILS = {
 
 # Ledgers written before a series was identified by (Study, Series) UID keyed it by Series UID
 # alone: a second study reusing a Series UID was never routed. Their tables are rebuilt once.
-_REKEYED = (
-    ("series", "series_uid, study_uid, calling_ae, peer_host, first_seen, routed_count, routed_at"),
-    ("jobs", "id, series_uid, study_uid, route, pipeline, options, send_to, input_key, version, state, reason,"
-             " created, updated"),
-)
+_REKEYED = ("series", "jobs")
 
 
 @dataclass(frozen=True)
@@ -147,10 +143,13 @@ class Ledger:
         self._rekey_by_study()
         self._db.executescript(SCHEMA)
         with self._lock:
-            have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            for column, kind in JOB_DETAILS.items():
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self._add_job_details()
+
+    def _add_job_details(self) -> None:
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in JOB_DETAILS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _rekey_by_study(self) -> None:
         """Rebuild the tables of a ledger keyed by Series UID alone (``_REKEYED``), in one transaction."""
@@ -159,11 +158,15 @@ class Ledger:
             try:
                 keys = [r["name"] for r in self._db.execute("PRAGMA table_info(series)") if r["pk"]]
                 if keys == ["series_uid"]:  # else new, or already rebuilt
-                    for table, _ in _REKEYED:
+                    for table in _REKEYED:
                         self._db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
                     for statement in filter(str.strip, SCHEMA.split(";")):
                         self._db.execute(statement)
-                    for table, columns in _REKEYED:
+                    self._add_job_details()
+                    for table in _REKEYED:
+                        old = [r[1] for r in self._db.execute(f"PRAGMA table_info(old_{table})")]
+                        new = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                        columns = ", ".join(c for c in old if c in new)
                         self._db.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM old_{table}")
                         self._db.execute(f"DROP TABLE old_{table}")
                 self._db.execute("COMMIT")

@@ -27,13 +27,14 @@ from typing import Any, Iterable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
     study_uid TEXT NOT NULL,
     calling_ae TEXT,
     peer_host TEXT,
     first_seen REAL NOT NULL,
     routed_count INTEGER NOT NULL DEFAULT 0,
-    routed_at REAL
+    routed_at REAL,
+    PRIMARY KEY (study_uid, series_uid)
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    UNIQUE (series_uid, route, input_key)
+    UNIQUE (study_uid, series_uid, route, input_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -76,6 +77,10 @@ JOB_DETAILS = {
     "received": "REAL", "started": "REAL", "finished": "REAL", "delivered": "REAL", "progress": "REAL",
     "purged": "REAL",
 }
+
+# Ledgers written before a series was identified by (Study, Series) UID keyed it by Series UID
+# alone: a second study reusing a Series UID was never routed. Their tables are rebuilt once.
+_REKEYED = ("series", "jobs")
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,39 @@ class Ledger:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._rekey_by_study()
         self._db.executescript(SCHEMA)
         with self._lock:
-            have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            for column, kind in JOB_DETAILS.items():
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self._add_job_details()
+
+    def _add_job_details(self) -> None:
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in JOB_DETAILS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+
+    def _rekey_by_study(self) -> None:
+        """Rebuild the tables of a ledger keyed by Series UID alone (``_REKEYED``), in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # another process (the CLI) may open it at the same time
+            try:
+                keys = [r["name"] for r in self._db.execute("PRAGMA table_info(series)") if r["pk"]]
+                if keys == ["series_uid"]:  # else new, or already rebuilt
+                    for table in _REKEYED:
+                        self._db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+                    for statement in filter(str.strip, SCHEMA.split(";")):
+                        self._db.execute(statement)
+                    self._add_job_details()
+                    for table in _REKEYED:
+                        old = [r[1] for r in self._db.execute(f"PRAGMA table_info(old_{table})")]
+                        new = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                        columns = ", ".join(c for c in old if c in new)
+                        self._db.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM old_{table}")
+                        self._db.execute(f"DROP TABLE old_{table}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -170,14 +202,15 @@ class Ledger:
             (series_uid, study_uid, calling_ae, peer_host, time.time()),
         )
 
-    def series(self, series_uid: str) -> sqlite3.Row | None:
-        rows = self._q("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
+    def series(self, study_uid: str, series_uid: str) -> sqlite3.Row | None:
+        """A series is (Study, Series) UID: a Series UID reused in another study is another series."""
+        rows = self._q("SELECT * FROM series WHERE study_uid = ? AND series_uid = ?", (study_uid, series_uid))
         return rows[0] if rows else None
 
-    def mark_routed(self, series_uid: str, count: int) -> None:
+    def mark_routed(self, study_uid: str, series_uid: str, count: int) -> None:
         self._q(
-            "UPDATE series SET routed_count = ?, routed_at = ? WHERE series_uid = ?",
-            (count, time.time(), series_uid),
+            "UPDATE series SET routed_count = ?, routed_at = ? WHERE study_uid = ? AND series_uid = ?",
+            (count, time.time(), study_uid, series_uid),
         )
 
     # -- jobs -----------------------------------------------------------------------------
@@ -190,12 +223,13 @@ class Ledger:
         now = time.time()
         with self._lock:
             if self._q(
-                "SELECT 1 FROM jobs WHERE series_uid = ? AND route = ? AND input_key = ?",
-                (series_uid, route, input_key),
+                "SELECT 1 FROM jobs WHERE study_uid = ? AND series_uid = ? AND route = ? AND input_key = ?",
+                (study_uid, series_uid, route, input_key),
             ):
                 return None
             version = 1 + self._q(
-                "SELECT COUNT(*) FROM jobs WHERE series_uid = ? AND route = ?", (series_uid, route)
+                "SELECT COUNT(*) FROM jobs WHERE study_uid = ? AND series_uid = ? AND route = ?",
+                (study_uid, series_uid, route),
             )[0][0]
             details = {k: v for k, v in (details or {}).items()
                        if k in ("modality", "series_description", "instances_in", "received")}

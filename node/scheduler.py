@@ -84,7 +84,7 @@ class Scheduler:
         if not files:
             return []
         header = dcmread(files[0], stop_before_pixels=True)
-        row = self.ledger.series(entry.series_uid)
+        row = self.ledger.series(entry.study_uid, entry.series_uid)
         facts = SeriesFacts(header, row["calling_ae"] if row else None, len(files))
         config = self.config  # one config for the whole series, even if a reload swaps it meanwhile
         routes = select(config, facts)
@@ -112,7 +112,7 @@ class Scheduler:
             jobs.append(job)
         if not routes:
             log.info("series %s (%s, %d instances) matched no route", entry.series_uid, header.get("Modality", "?"), len(files))
-        self.ledger.mark_routed(entry.series_uid, len(files))
+        self.ledger.mark_routed(entry.study_uid, entry.series_uid, len(files))
         return jobs
 
     def _submit(self, job: Job) -> None:

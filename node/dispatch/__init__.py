@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 Destination = DicomDestination | DicomwebDestination | FolderDestination
 
 
-def resolve(config: Config, ledger: Ledger, name: str, series_uid: str) -> Destination | str:
+def resolve(config: Config, ledger: Ledger, name: str, study_uid: str, series_uid: str) -> Destination | str:
     """The destination object for a name; for ``sender``, the calling peer's configured address.
     Returns a reason string when it cannot be resolved."""
     if name != SENDER:
         return config.destinations[name] if name in config.destinations else f"destination {name!r} is no longer configured"
-    row = ledger.series(series_uid)
+    row = ledger.series(study_uid, series_uid)
     calling = row["calling_ae"] if row else None
     peer = config.peer(calling) if calling else None
     if peer is None or peer.port is None:
@@ -78,7 +78,7 @@ class Dispatcher:
         unreachable: dict[str, str] = {}  # destination -> why, for the rest of this round
         for (job_id, name), items in groups.items():
             job = self.ledger.job(job_id)
-            dest = resolve(self.config, self.ledger, name, job.series_uid)
+            dest = resolve(self.config, self.ledger, name, job.study_uid, job.series_uid)
             if isinstance(dest, str):
                 outcomes = [Outcome("fail", dest)] * len(items)
             elif name in unreachable and name != SENDER:

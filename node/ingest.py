@@ -74,7 +74,17 @@ class Ingest:
         self.ledger = ledger
         self.assembler = assembler
         self._noted: set[tuple[int, tuple[str, str]]] = set()  # (session, (study, series)) in the ledger
+        self._writing: dict[tuple[str, str], int] = {}  # (study, series) -> stores under way
         self._lock = threading.Lock()
+
+    def remove_series(self, study: str, series: str, remove) -> bool:
+        """Run ``remove()`` (retention moving the series folder away) unless an instance of the series
+        is being stored or the series is open: an acknowledged instance is never removed unrouted."""
+        with self._lock:
+            if self._writing.get((study, series)) or self.assembler.is_open(study, series):
+                return False
+            remove()
+            return True
 
     def session_started(self, session: int) -> None:
         self.assembler.association_started(session)
@@ -137,6 +147,19 @@ class Ingest:
             return refuse(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}", f"cannot be parsed ({cut})")
 
         key = (session, (study, series))
+        with self._lock:
+            self._writing[key[1]] = self._writing.get(key[1], 0) + 1
+        try:
+            return self._store(raw, ds, key, sender, host, via, sop, sop_class)
+        finally:
+            with self._lock:
+                self._writing[key[1]] -= 1
+                if not self._writing[key[1]]:
+                    del self._writing[key[1]]
+
+    def _store(self, raw: bytes, ds: Dataset, key, sender: str, host: str, via: str, sop: str,
+               sop_class: str) -> Verdict:
+        session, (study, series) = key
         try:
             if key not in self._noted:
                 # Who sent the series is needed for routing and 'sender': recorded before the ack.

@@ -270,6 +270,19 @@ class Ledger:
         self._q("UPDATE jobs SET started = COALESCE(?, started), finished = ?, instances_out = ?, progress = NULL"
                 " WHERE id = ?", (started, finished, instances_out, job_id))
 
+    def expired_jobs(self, delivered_before: float, failed_before: float) -> list[Job]:
+        """Finished jobs whose files retention removes: delivered before ``delivered_before``;
+        parked, failed or refused (last changed) before ``failed_before``."""
+        rows = self._q(
+            "SELECT * FROM jobs WHERE purged IS NULL AND ((state = 'delivered' AND COALESCE(delivered, updated) < ?)"
+            " OR (state IN ('parked', 'failed', 'refused') AND updated < ?)) ORDER BY id",
+            (delivered_before, failed_before))
+        return [Job.from_row(r) for r in rows]
+
+    def series_jobs(self, study_uid: str, series_uid: str) -> list[Job]:
+        rows = self._q("SELECT * FROM jobs WHERE study_uid = ? AND series_uid = ? ORDER BY id", (study_uid, series_uid))
+        return [Job.from_row(r) for r in rows]
+
     def set_purged(self, job_id: int, when: float) -> None:
         self._q("UPDATE jobs SET purged = ? WHERE id = ?", (when, job_id))
 

@@ -23,6 +23,7 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.ingest import Ingest
 from node.ledger import Ledger
+from node.retention import Retention
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
 from node.spool import Spool, remove_partial_writes
@@ -62,6 +63,7 @@ class Node:
         self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
         self.ingest = Ingest(self.spool, self.ledger, self.assembler)
         self.scp = StorageSCP(config, self.ingest, self.audit)
+        self.retention = Retention(config, self.spool, self.ledger, self.ingest, self.audit)
         self.stow = StowServer(config, self.ingest) if config.node.stow_port else None
         self._stop = threading.Event()
         self._resubmit = threading.Event()
@@ -87,6 +89,7 @@ class Node:
             self._spawn(self._supervise_worker, "worker-supervisor")
         self._spawn(self._schedule_loop, "scheduler")
         self._spawn(self._dispatch_loop, "dispatcher")
+        self._spawn(self._retention_loop, "retention")
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,6 +152,11 @@ class Node:
                 self.scheduler.resubmit_unfinished(older_than=time.time() - 2 * self.config.queue.visibility_timeout_s)
             self.scheduler.tick()
             self.assembler.wait(0.05)
+
+    def _retention_loop(self) -> None:
+        self.retention.empty_trash()
+        while not self._stop.wait(self.retention.interval):
+            self.retention.sweep()
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():

@@ -14,7 +14,8 @@
 
 Failures that a well-configured peer does not produce (rejected AE, failed TLS handshake, PDU
 violation, no A-ASSOCIATE-RQ in time) count towards the address's back-off; an accepted
-association clears it. Every outcome goes through one callback (``on_outcome``) for the audit.
+association clears it. Outcomes go through one callback (``on_outcome``, the audit); refusals
+that a flood repeats (slots, TLS, ARTIM) only when they are logged, once per host and window.
 """
 from __future__ import annotations
 
@@ -62,13 +63,14 @@ class _LogWindow:
         self._seen: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def warning(self, host: str, kind: str, message: str, *args: object) -> None:
+    def warning(self, host: str, kind: str, message: str, *args: object) -> bool:
+        """Log unless this (host, kind) was logged within the window; True when logged."""
         now = time.monotonic()
         with self._lock:
             entry = self._seen.get((host, kind))
             if entry is not None and now - entry[0] < self.window_s:
                 entry[1] += 1
-                return
+                return False
             repeats = int(entry[1]) if entry else 0
             self._seen[(host, kind)] = [now, 0]
             self._seen.move_to_end((host, kind))
@@ -76,6 +78,7 @@ class _LogWindow:
                 self._seen.popitem(last=False)
         more = f" ({repeats} more like it in the last {self.window_s:.0f} s)" if repeats else ""
         log.warning(message + more, *args)
+        return True
 
 
 def tls_handshake(sock: ssl.SSLSocket, deadline: float) -> str | None:
@@ -111,14 +114,18 @@ class Guard:
     def __init__(self, limits: Limits, max_associations: int, backoff: Backoff,
                  on_outcome: Callable[[AssociationOutcome], None]):
         self.limits = limits
-        self.max_associations = max_associations
-        self.max_pending = PENDING_PER_ASSOCIATION * max_associations
+        self.set_max_associations(max_associations)
         self.backoff = backoff
         self.on_outcome = on_outcome
         self.quiet = _LogWindow()
         self._pending: Counter[str] = Counter()
         self._active: Counter[str] = Counter()
         self._lock = threading.Lock()
+
+    def set_max_associations(self, count: int) -> None:
+        """``node.max_associations`` (reloadable): associations in all, and with it the waiting ones."""
+        self.max_associations = count
+        self.max_pending = PENDING_PER_ASSOCIATION * count
 
     # -- accept ---------------------------------------------------------------------------
     def admit(self, host: str, tls: bool) -> bool:
@@ -133,16 +140,16 @@ class Guard:
             else:
                 self._pending[host] += 1
                 return True
-        self.quiet.warning(host, "pending", "refused a connection from %s: %s", host, why)
-        self.on_outcome(AssociationOutcome(False, host, None, tls, why))
+        if self.quiet.warning(host, "pending", "refused a connection from %s: %s", host, why):
+            self.on_outcome(AssociationOutcome(False, host, None, tls, why))  # a flood: once a window
         return False
 
     def refused(self, host: str, tls: bool, why: str) -> None:
         """A connection ended before an association could be requested (TLS handshake)."""
         self.release(host, active=False)
-        self.quiet.warning(host, "tls", "refused a connection from %s: %s", host, why)
         self.backoff.failure(host)
-        self.on_outcome(AssociationOutcome(False, host, None, tls, why))
+        if self.quiet.warning(host, "tls", "refused a connection from %s: %s", host, why):
+            self.on_outcome(AssociationOutcome(False, host, None, tls, why))
 
     # -- A-ASSOCIATE-RQ ---------------------------------------------------------------------
     def associate(self, assoc: FastAssociation, host: str) -> str | None:
@@ -185,9 +192,9 @@ class Guard:
         if assoc.dul.request_timed_out and not getattr(assoc, "_guard_failed", False):
             why = (f"no complete A-ASSOCIATE-RQ within {self.limits.association_request_timeout_s:g} s "
                    "of connecting")
-            self.quiet.warning(host, "artim", "closed a connection from %s: %s", host, why)
             self.backoff.failure(host)
-            self.on_outcome(AssociationOutcome(False, host, None, _is_tls(assoc), why))
+            if self.quiet.warning(host, "artim", "closed a connection from %s: %s", host, why):
+                self.on_outcome(AssociationOutcome(False, host, None, _is_tls(assoc), why))
 
 
 def _calling(assoc) -> str | None:

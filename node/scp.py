@@ -14,7 +14,7 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Any, Callable
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -22,6 +22,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 
+from node.audit import Audit
 from node.backoff import Backoff
 from node.config import Config
 from node.dicom_guard import AssociationOutcome, Guard, GuardedHandler, GuardedServer
@@ -110,6 +111,11 @@ def encoded_with_meta(event: evt.Event) -> bytes:
     ))
 
 
+def _tls(event: evt.Event) -> bool:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    return isinstance(sock, ssl.SSLSocket)
+
+
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -120,10 +126,10 @@ def _failure(status: int, comment: str) -> Dataset:
 class StorageSCP:
     """The node's listener(s). ``start()`` opens the ports in the background; ``stop()`` closes them.
 
-    ``audit``, when set, is called with every :class:`AssociationOutcome` (see :meth:`record`).
+    ``audit`` (node.audit) gets every association outcome (see :meth:`record`).
     """
 
-    def __init__(self, config: Config, ingest: Ingest):
+    def __init__(self, config: Config, ingest: Ingest, audit: Audit | None = None):
         require_supported()  # the PDU cap and deadlines live in node.fast_reactor
         quiet_peer_tracebacks()
         if config.node.log_level != "DEBUG":
@@ -132,7 +138,7 @@ class StorageSCP:
             pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         self.config = config
         self.ingest = ingest
-        self.audit: Callable[[AssociationOutcome], None] | None = None
+        self.audit = audit
         self._servers: list[GuardedServer] = []
         limits = config.node.limits
         ae = FastAE(ae_title=config.node.ae_title)  # event-driven reactors (node.fast_reactor)
@@ -190,14 +196,22 @@ class StorageSCP:
 
     # -- the audit hook -------------------------------------------------------------------
     def record(self, outcome: AssociationOutcome) -> None:
-        """Every association attempt ends here once: accepted, rejected at A-ASSOCIATE-RQ, refused
-        at the connection (limits, back-off, TLS) or aborted for a PDU violation. Logging is done
-        by the callers; this is where the audit trail hooks in (``self.audit``)."""
-        if self.audit is not None:
-            try:
-                self.audit(outcome)
-            except Exception:
-                log.exception("audit of an association outcome failed")
+        """Every association attempt ends here once: accepted, rejected at A-ASSOCIATE-RQ, aborted
+        for a PDU violation, or refused at the connection (limits, back-off, TLS; these once per
+        host and log window, as they are logged: a flood must not cost an fsync per connection).
+        Logging is done by the callers; this writes the audit trail."""
+        if self.audit is None:
+            return
+        fields = {"calling_ae": outcome.calling_ae, "address": outcome.address, "tls": outcome.tls}
+        if outcome.peer_certificate:
+            fields["peer_certificate"] = outcome.peer_certificate
+        try:
+            if outcome.accepted:
+                self.audit.record("association.accepted", **fields)
+            else:
+                self.audit.record("association.rejected", **fields, reason=outcome.reason)
+        except Exception:
+            log.exception("audit of an association outcome failed")
 
     # -- handlers -------------------------------------------------------------------------
     def _check_association(self, event: evt.Event) -> None:
@@ -207,9 +221,10 @@ class StorageSCP:
         calling = primitive.calling_ae_title.strip()
         host = assoc.requestor.address
         tls = isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
-        peer = self.config.peer(calling)
-        if called != self.config.node.ae_title:
-            why, reason = f"called AE {called!r} is not {self.config.node.ae_title!r}", REJECT_CALLED_AE
+        config = self.config  # one config for the whole check, even if a reload swaps it meanwhile
+        peer = config.peer(calling)
+        if called != config.node.ae_title:
+            why, reason = f"called AE {called!r} is not {config.node.ae_title!r}", REJECT_CALLED_AE
         elif peer is None:
             why, reason = "calling AE is not a configured peer", REJECT_CALLING_AE
         elif not peer.allows(host):
@@ -220,9 +235,10 @@ class StorageSCP:
             busy = self.guard.associate(assoc, host)
             if busy is None:
                 return
-            self.guard.quiet.warning(host, "busy", "rejected association from %s@%s: %s", calling, host, busy)
+            logged = self.guard.quiet.warning(host, "busy", "rejected association from %s@%s: %s", calling, host, busy)
             self._reject(event, REJECT_BUSY)
-            self.record(AssociationOutcome(False, host, calling, tls, busy, peer_subject(assoc.dul.socket.socket)))
+            if logged:  # like the log, once per host and window
+                self.record(AssociationOutcome(False, host, calling, tls, busy, peer_subject(assoc.dul.socket.socket)))
             return
         log.warning("rejected association from %s@%s: %s", calling, host, why)
         self.backoff.failure(host)  # before the answer: the peer's next try must see it
@@ -240,6 +256,19 @@ class StorageSCP:
             log.info("association from %s@%s over %s%s", calling, host, sock.version(),
                      f", client certificate {subject}" if subject else ", no client certificate")
         self.record(AssociationOutcome(True, host, calling, tls, "", subject))
+        self._log_refused_contexts(event)
+
+    def _audit_reject(self, event: evt.Event, reason: str) -> None:
+        if self.audit is not None:
+            primitive = event.assoc.requestor.primitive
+            self.audit.record("association.rejected", calling_ae=primitive.calling_ae_title.strip(),
+                              called_ae=primitive.called_ae_title.strip(), address=event.assoc.requestor.address,
+                              tls=_tls(event), reason=reason)
+
+    def _accepted(self, event: evt.Event) -> None:
+        if self.audit is not None:
+            self.audit.record("association.accepted", calling_ae=event.assoc.requestor.ae_title.strip(),
+                              address=event.assoc.requestor.address, tls=_tls(event))
         self._log_refused_contexts(event)
 
     @staticmethod

@@ -21,9 +21,9 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
                 stow_port: int | None = None, stow_hold_seconds: float = 60,
-                **node_extra: Any) -> dict[str, Any]:
+                retention: dict[str, Any] | None = None, **node_extra: Any) -> dict[str, Any]:
     """``node_extra``: more ``node`` keys (``tls``, ``limits``, ``bind``)."""
-    return {
+    config = {
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
                  "max_associations": max_associations, "stow_port": stow_port, **node_extra},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
@@ -34,6 +34,9 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
         "dispatch": {"max_attempts": max_attempts, "backoff_initial_s": backoff_initial_s,
                      "backoff_max_s": backoff_max_s},
     }
+    if retention is not None:
+        config["retention"] = retention
+    return config
 
 
 def _env() -> dict[str, str]:

@@ -20,8 +20,9 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 peers: list[dict] | None = None, broker: str = "embedded", quiet_seconds: float = 0.5,
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
-                stow_port: int | None = None, stow_hold_seconds: float = 60) -> dict[str, Any]:
-    return {
+                stow_port: int | None = None, stow_hold_seconds: float = 60,
+                retention: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = {
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
                  "max_associations": max_associations, "stow_port": stow_port},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
@@ -32,6 +33,9 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
         "dispatch": {"max_attempts": max_attempts, "backoff_initial_s": backoff_initial_s,
                      "backoff_max_s": backoff_max_s},
     }
+    if retention is not None:
+        config["retention"] = retention
+    return config
 
 
 def _env() -> dict[str, str]:

@@ -1,0 +1,93 @@
+"""Back-off for peers that keep failing: refuse a source address for a growing time.
+
+One :class:`Backoff` per front door (DICOM associations, HTTP credentials). The door calls
+
+* ``blocked(address)`` first, for every new connection or request: seconds the address is still
+  refused for (its connection is then closed / answered at once, with no log line of its own), or 0;
+* ``failure(address)`` when the address did something that must not be repeated freely (a rejected
+  association, a failed TLS handshake, a PDU that breaks the rules, bad credentials);
+* ``success(address)`` when it got in properly (the count starts again).
+
+After ``threshold`` failures without a success the address is refused for ``initial_s``; each
+further failure doubles that, up to ``max_s``. Failures are forgotten ``forget_s`` after the last
+one. The log gets ONE line when an address starts a back-off (with how many attempts were refused
+during its previous one), never one line per refused attempt. At most ``max_tracked`` addresses
+are remembered (the least recently seen go first), so a flood of addresses costs bounded memory.
+Thread-safe.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    failures: int = 0
+    last_failure: float = 0.0
+    until: float = 0.0  # refused until this clock time
+    refused: int = 0  # attempts refused during the current / last back-off, for the next log line
+
+
+class Backoff:
+    def __init__(self, what: str, threshold: int = 5, initial_s: float = 2.0, max_s: float = 300.0,
+                 forget_s: float = 900.0, max_tracked: int = 4096,
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None):
+        if threshold < 1 or initial_s <= 0 or max_s < initial_s or max_tracked < 1:
+            raise ValueError("Backoff needs threshold >= 1, 0 < initial_s <= max_s, max_tracked >= 1")
+        self.what = what  # names the door in the log line: "DICOM associations", "STOW-RS credentials"
+        self.threshold, self.initial_s, self.max_s = threshold, initial_s, max_s
+        self.forget_s, self.max_tracked = max(forget_s, max_s), max_tracked
+        self._clock = clock
+        self._log = logger or log
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def blocked(self, address: str) -> float:
+        """Seconds ``address`` is still refused for (0: let it in). A positive answer counts as one
+        refused attempt: call it once per connection or request."""
+        with self._lock:
+            entry = self._entries.get(address)
+            if entry is None:
+                return 0.0
+            left = entry.until - self._clock()
+            if left <= 0:
+                return 0.0
+            entry.refused += 1
+            return left
+
+    def failure(self, address: str) -> float:
+        """Record a failure; returns the back-off it started (seconds), 0 if none yet."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.pop(address, None)
+            if entry is None or now - entry.last_failure > self.forget_s:
+                entry = _Entry()
+            self._entries[address] = entry  # most recently seen last
+            while len(self._entries) > self.max_tracked:
+                self._entries.popitem(last=False)
+            entry.failures += 1
+            entry.last_failure = now
+            if entry.failures < self.threshold or entry.until > now:
+                return 0.0
+            seconds = min(self.max_s, self.initial_s * 2 ** min(entry.failures - self.threshold, 32))
+            entry.until = now + seconds
+            refused, entry.refused = entry.refused, 0
+        earlier = f"; {refused} attempt(s) refused during its previous back-off" if refused else ""
+        self._log.warning("%s: %s refused for %.0f s after %d failure(s) in a row%s",
+                          self.what, address, seconds, entry.failures, earlier)
+        return seconds
+
+    def success(self, address: str) -> None:
+        """The address got in properly: forget its failures."""
+        with self._lock:
+            self._entries.pop(address, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -21,10 +21,11 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
                 stow_port: int | None = None, stow_hold_seconds: float = 60,
-                retention: dict[str, Any] | None = None) -> dict[str, Any]:
+                retention: dict[str, Any] | None = None, **node_extra: Any) -> dict[str, Any]:
+    """``node_extra``: more ``node`` keys (``tls``, ``limits``, ``bind``)."""
     config = {
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
-                 "max_associations": max_associations, "stow_port": stow_port},
+                 "max_associations": max_associations, "stow_port": stow_port, **node_extra},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
         "destinations": destinations,
         "routes": routes,
@@ -54,7 +55,8 @@ class NodeProcess:
         self.config_path = root / "node.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.config = config
-        self.port = config["node"]["port"]
+        self.tls_port = (config["node"].get("tls") or {}).get("port")
+        self.port = config["node"]["port"] or self.tls_port  # what start() waits for
         self.spool = Path(config["node"]["spool"])
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None

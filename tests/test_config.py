@@ -35,7 +35,7 @@ def test_config_check_cli_accepts_shipped_config():
     ({"node": {"ae_title": "WAY_TOO_LONG_AE_TITLE"}}, ["node.ae_title", "1-16"]),
     ({"node": {"port": "eleven"}}, ["node.port"]),
     ({"node": {"prot": 1}}, ["node.prot", "Extra inputs"]),
-    ({"node": {"port": 11112, "stow_port": 11112}}, ["node", "STOW-RS needs a port of its own"]),
+    ({"node": {"port": 11112, "stow_port": 11112}}, ["node", "port and stow_port are both 11112", "a port of its own"]),
     ({"peers": [{"ae_title": "A", "stow_auth": {"type": "basic", "username": "u", "password_env": "P"}},
                 {"ae_title": "B", "stow_auth": {"type": "basic", "username": "u", "password_env": "Q"}}]},
      ["share a stow_auth username"]),

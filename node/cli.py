@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d"),
-            "sr2d": ("pipelines.train_sr2d", "pipelines.eval_sr2d")}
+FAMILIES = {family: (f"pipelines.training.train_{family}", f"pipelines.evaluation.eval_{family}")
+            for family in ("cxr", "sr3d", "sr2d")}
 
 
 def cmd_train(args) -> int:

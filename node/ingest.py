@@ -236,7 +236,14 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _count(ds: Dataset) -> int | None:
-    """ImagesInAcquisition when it is a positive whole number, else ``None``."""
+    """How many instances the series is expected to have: 1 for a multi-frame image (one Enhanced
+    CT/MR instance is typically the whole series: complete when its association ends, unless more
+    arrive in it), else ImagesInAcquisition when it is a positive whole number, else ``None``."""
+    try:
+        if int(_text(ds, "NumberOfFrames") or 1) > 1:
+            return 1
+    except ValueError:
+        pass
     try:
         value = int(_text(ds, "ImagesInAcquisition"))
     except ValueError:

@@ -45,14 +45,14 @@ from pydicom import Dataset
 from pipelines import weights
 from pipelines.base import Refusal, RunContext
 from pipelines.dicom.derived import LO_MAX, RESEARCH_USE, DerivedSeries, DerivedSlice, volume_slice, write_derived
-from pipelines.dicom.series import Image2D, Volume, load_series
+from pipelines.dicom.series import Image2D, Volume, in_plane_only, load_series
 from pipelines.models import intensity
 from pipelines.models.interpolation import METHODS, resize
 from pipelines.models.lanczos import centres
 from pipelines.models.mdrn import MDRN, load_mdrn_once
 from pipelines.models.mdrn import SCALES as MDRN_SCALES
 from pipelines.models.meta_sr import MAX_SCALE, META_FILE, MetaSR, halo, load_meta
-from pipelines.options import check_keys, geometry, number
+from pipelines.options import check_keys, geometry, number, without_slices
 from pipelines.models.volume_stream import (
     BATCH_VOXELS,
     INTERP_PAD,
@@ -192,6 +192,10 @@ class ArbitraryPipeline:
     def _run_volume(self, vol: Volume, opts, network: Network | None, context: RunContext) -> Iterator[Dataset]:
         n, h, w = vol.shape
         rows, cols = _inplane_plan((h, w), vol.pixel_spacing, opts)
+        target = opts["target_spacing"] or [None, None, None]
+        note = in_plane_only(vol, opts["through_scale"] != 1.0 or target[2] is not None, (rows, cols) != (h, w))
+        if note:
+            opts = without_slices(opts)
         n_out = _through_plan(vol, opts)
         if (rows, cols, n_out) == (h, w, n):
             raise Refusal("the options leave the volume unchanged")
@@ -203,7 +207,9 @@ class ArbitraryPipeline:
         through = n_out != n
         text = _text(h, w, (rows, cols)) + (f", {n} -> {n_out} slices" if through else "")
         label = ", ".join(([_inplane_label(h, w, (rows, cols))] if (rows, cols) != (h, w) else [])
-                          + ([f"slices x{n_out / n:.4g}"] if through else []))
+                          + ([f"slices x{n_out / n:.4g}"] if through else []) + ([note] if note else []))
+        if note:
+            text += f"; every slice kept where it is, as the series has {vol.irregular}"
         series = self._series(opts, network, label, text,
                               spacing_between_slices=n * vol.slice_spacing / n_out if through else None,
                               images_in_acquisition=n_out if through else None)

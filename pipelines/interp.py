@@ -46,7 +46,7 @@ from pydicom import Dataset
 
 from pipelines.base import Refusal, RunContext
 from pipelines.dicom.derived import DerivedSeries, DerivedSlice, volume_slice, write_derived
-from pipelines.options import check_keys, geometry, number
+from pipelines.options import check_keys, geometry, number, without_slices
 from pipelines.models.interpolation import (
     METHODS,
     apply_axis,
@@ -54,7 +54,7 @@ from pipelines.models.interpolation import (
     resize_weights,
     sample_weights,
 )
-from pipelines.dicom.series import Image2D, Volume, load_series
+from pipelines.dicom.series import Image2D, Volume, in_plane_only, load_series
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,11 @@ class InterpPipeline:
     def _run_volume(self, vol: Volume, opts: dict[str, Any], context: RunContext) -> Iterator[Dataset]:
         n, rows, cols = vol.shape
         rows_out, cols_out = _inplane_plan((rows, cols), vol.pixel_spacing, opts)
+        target = opts["target_spacing"] or [None, None, None]
+        note = in_plane_only(vol, opts["through_scale"] != 1.0 or target[2] is not None,
+                             (rows_out, cols_out) != (rows, cols))
+        if note:
+            opts = without_slices(opts)
         new_spacing = (rows * vol.pixel_spacing[0] / rows_out, cols * vol.pixel_spacing[1] / cols_out)
         centres, out_spacing = _through_plan(vol, opts)
         through = out_spacing is not None
@@ -143,8 +148,9 @@ class InterpPipeline:
         if through and out_spacing > (vol.slice_spacing or 0.0):
             thickness = max(vol.slice_thickness or 0.0, out_spacing)
         series = DerivedSeries(
-            description=_label(opts, through=through),
-            derivation_description=_derivation_text(opts, (rows, cols), (rows_out, cols_out), n, n_out),
+            description=_label(opts, through=through) + (f", {note}" if note else ""),
+            derivation_description=_derivation_text(opts, (rows, cols), (rows_out, cols_out), n, n_out)
+            + (f"; every slice kept where it is, as the series has {vol.irregular}" if note else ""),
             model_name=f"interp ({opts['method']})",
             series_number_offset=SERIES_NUMBER_OFFSET,
             slice_thickness=thickness,

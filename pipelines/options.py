@@ -73,3 +73,11 @@ def geometry(options: Mapping[str, Any], scale_key: str, factor: Callable[[Mappi
     if inplane == 1 and through == 1 and target is None:
         raise ValueError(f"options ask for no change: {scale_key!r} and 'through_scale' are both 1")
     return inplane, through, target
+
+
+def without_slices(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated ``opts`` with the slice axis left alone (slice factor 1, no slice target)."""
+    target = opts.get("target_spacing")
+    if target is not None:
+        target = None if target[0] is None else [target[0], target[1], None]
+    return {**opts, "through_scale": 1, "target_spacing": target}

@@ -47,12 +47,12 @@ from pydicom import Dataset
 from pipelines import weights
 from pipelines.base import Refusal, RunContext
 from pipelines.dicom.derived import DerivedSeries, DerivedSlice, volume_slice, write_derived
-from pipelines.dicom.series import Volume, load_series
+from pipelines.dicom.series import Volume, in_plane_only, load_series
 from pipelines.models import intensity
 from pipelines.models.interpolation import METHODS
 from pipelines.models.mdrn import load_mdrn_once
 from pipelines.models.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig
-from pipelines.options import check_keys, geometry
+from pipelines.options import check_keys, geometry, without_slices
 from pipelines.models.volume_stream import (
     Upsampler,
     cnn_upsampler,
@@ -144,6 +144,12 @@ class SR3DPipeline:
 
     def _run_volume(self, vol: Volume, opts: dict[str, Any], context: RunContext) -> Iterator[Dataset]:
         n, rows, cols = vol.shape
+        target = opts["target_spacing"] or [None, None, None]
+        through_wanted = opts["through_scale"] != 1 or target[2] is not None
+        r_in, _ = _resolve_factors(vol, without_slices(opts))
+        note = in_plane_only(vol, through_wanted, r_in != 1)
+        if note:
+            opts = without_slices(opts)
         r_in, r_t = _resolve_factors(vol, opts)
         if r_in == 1 and r_t == 1:
             raise Refusal("the target spacing equals the source spacing: nothing to do")
@@ -177,8 +183,9 @@ class SR3DPipeline:
         out_spacing = vol.slice_spacing / r_t if r_t > 1 else None
         n_out = n * r_t
         series = DerivedSeries(
-            description=_label(r_in, r_t, method, opts["self_ensemble"]),
-            derivation_description=_derivation_text(vol, r_in, r_t, method, opts["self_ensemble"]),
+            description=_label(r_in, r_t, method, opts["self_ensemble"]) + (f", {note}" if note else ""),
+            derivation_description=_derivation_text(vol, r_in, r_t, method, opts["self_ensemble"])
+            + (f"; every slice kept where it is, as the series has {vol.irregular}" if note else ""),
             model_name={"cnn": "sr3d two-stage CNN", "mdrn": "sr3d MDRN + through-plane CNN"}.get(method, f"sr3d ({method})"),
             model_version=version,
             series_number_offset=SERIES_NUMBER_OFFSET,

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import Dataset
@@ -194,3 +195,80 @@ def _check_volume_geometry(sources: Sequence[Dataset], outputs: Sequence[Dataset
     for corner in out_corners:
         offset = corner - src_corners[0]
         assert np.linalg.norm(offset - (offset @ normal) * normal) < atol_mm, "image corner moved in-plane"
+
+
+# ---- multi-frame outputs and in-place (in-plane only) outputs ---------------------------------
+
+def check_enhanced_derived(source: Dataset, out: Dataset, source_path: Path, out_path: Path) -> None:
+    """The derived multi-frame instance: same SOP class and study, derived image and frame types,
+    every frame's Derivation Image item referencing existing source frames (purpose 121322, code
+    113085), the evidence listing the source, the node as equipment, no new dciodvfy error."""
+    assert out.SOPClassUID == source.SOPClassUID
+    assert out.StudyInstanceUID == source.StudyInstanceUID and out.SeriesInstanceUID != source.SeriesInstanceUID
+    assert out.SOPInstanceUID != source.SOPInstanceUID
+    assert list(out.ImageType)[:2] == ["DERIVED", "PRIMARY"] and out.ImageType[3] == "RESAMPLED"
+    assert RESEARCH_USE in out.SeriesDescription
+    assert int(out.NumberOfFrames) == len(out.PerFrameFunctionalGroupsSequence)
+    n_source = int(source.NumberOfFrames)
+    referenced = set()
+    for item in out.PerFrameFunctionalGroupsSequence:
+        [derivation] = item.DerivationImageSequence
+        assert (SPATIAL_RESAMPLING, "DCM") in _codes(derivation.DerivationCodeSequence)
+        for ref in derivation.SourceImageSequence:
+            assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert ref.ReferencedSOPClassUID == source.SOPClassUID
+            assert 1 <= int(ref.ReferencedFrameNumber) <= n_source
+            assert (SOURCE_IMAGE_PURPOSE, "DCM") in _codes(ref.PurposeOfReferenceCodeSequence)
+            referenced.add(int(ref.ReferencedFrameNumber))
+    assert referenced == set(range(1, n_source + 1)), "some source frames are not referenced"
+    [evidence] = out.SourceImageEvidenceSequence
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    [series] = evidence.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == source.SeriesInstanceUID
+    assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == [source.SOPInstanceUID]
+    assert any((PROCESSING_EQUIPMENT, "DCM") in _codes(e.PurposeOfReferenceCodeSequence)
+               for e in out.ContributingEquipmentSequence)
+    assert new_dciodvfy_errors(out_path, source_path) == []
+
+
+def check_grid(source_path: Path, out_path: Path, inplane: int, through: int, *, slab_edges: bool = False) -> None:
+    """highdicom reads the output as one regular volume on the new grid: same orientation, the pixel
+    spacing divided by ``inplane``, the slice spacing by ``through``, the first pixel centre moved by
+    half the spacing change in-plane; interpolated from the first to the last source frame (or slab
+    edge to slab edge); the output frames on source positions hold those frames' content."""
+    src = hd.imread(str(source_path)).get_volume()
+    out = hd.imread(str(out_path)).get_volume()
+    n = src.spatial_shape[0]
+    n_out = n * through if slab_edges else (n - 1) * through + 1
+    assert out.spatial_shape == (n_out, src.spatial_shape[1] * inplane, src.spatial_shape[2] * inplane)
+    np.testing.assert_allclose(out.direction, src.direction, atol=1e-6)
+    np.testing.assert_allclose(out.spacing, [src.spacing[0] / through, src.spacing[1] / inplane,
+                                             src.spacing[2] / inplane], rtol=1e-5)
+    half = 0.5 * (np.array(out.spacing) - np.array(src.spacing))
+    half[0] = half[0] if slab_edges else 0.0
+    np.testing.assert_allclose(out.position, src.position + src.direction @ half, atol=1e-3)
+    if not slab_edges:  # frames on source positions: in-plane mean of the same slice
+        src_means = src.array.reshape(n, -1).mean(axis=1)
+        out_means = out.array[::through].reshape(n, -1).mean(axis=1)
+        np.testing.assert_allclose(out_means, src_means, rtol=0.02, atol=1.0)
+
+
+def _vector(value) -> np.ndarray:
+    return np.array([float(v) for v in value])
+
+
+def check_in_place(sources: list[Dataset], outputs: list[Dataset], scale: int) -> None:
+    """One output per source slice, at the source slice's own position (moved only by half the
+    in-plane spacing change), same orientation, the spacing divided by ``scale``."""
+    by_uid = {ds.SOPInstanceUID: ds for ds in sources}
+    assert len(outputs) == len(sources)
+    for out in outputs:
+        [ref] = out.SourceImageSequence
+        src = by_uid[ref.ReferencedSOPInstanceUID]
+        iop = _vector(src.ImageOrientationPatient)
+        np.testing.assert_allclose(_vector(out.ImageOrientationPatient), iop, atol=1e-6)
+        old, new = _vector(src.PixelSpacing), _vector(out.PixelSpacing)
+        np.testing.assert_allclose(new, old / scale, rtol=1e-5)
+        expected = _vector(src.ImagePositionPatient) + 0.5 * (new[1] - old[1]) * iop[:3] + 0.5 * (new[0] - old[0]) * iop[3:]
+        np.testing.assert_allclose(_vector(out.ImagePositionPatient), expected, atol=1e-3)
+        assert "in-plane only" in out.SeriesDescription

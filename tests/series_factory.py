@@ -3,6 +3,7 @@ fresh UIDs per test so that tests sharing one Orthanc never collide."""
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -12,22 +13,58 @@ from pydicom.uid import generate_uid
 from tests.paths import SHARED_DATA
 
 
-def _relabel(datasets: list[Dataset], out: Path, tag: str) -> list[Path]:
+def _relabelled(datasets: list[Dataset], tag: str) -> list[Dataset]:
     """Same pixels and geometry, new Study/Series/SOP UIDs derived from ``tag``."""
-    out.mkdir(parents=True, exist_ok=True)
     study = generate_uid(entropy_srcs=[tag, "study"])
     series_map: dict[str, str] = {}
-    paths = []
+    out = []
     for i, src in enumerate(datasets):
         ds = copy.deepcopy(src)
         ds.StudyInstanceUID = study
         ds.SeriesInstanceUID = series_map.setdefault(str(src.SeriesInstanceUID), generate_uid(entropy_srcs=[tag, str(src.SeriesInstanceUID)]))
         ds.SOPInstanceUID = generate_uid(entropy_srcs=[tag, "sop", str(i)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out.append(ds)
+    return out
+
+
+def _write(datasets: list[Dataset], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
         path = out / f"{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _relabel(datasets: list[Dataset], out: Path, tag: str) -> list[Path]:
+    return _write(_relabelled(datasets, tag), out)
+
+
+def legacy_enhanced_datasets(folder: Path, tag: str, first: int = 0, count: int | None = None) -> list[Dataset]:
+    """One Legacy Converted Enhanced CT/MR instance made by highdicom's converter from ``count``
+    consecutive slices (along the stack, from ``first``) of the classic series in ``folder``."""
+    import highdicom as hd
+    import numpy as np
+
+    slices = [dcmread(p) for p in sorted(folder.iterdir()) if p.suffix != ".csv" and p.is_file()]
+    iop = np.array([float(v) for v in slices[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    slices.sort(key=lambda ds: float(np.array([float(v) for v in ds.ImagePositionPatient]) @ normal))
+    slices = _relabelled(slices[first:None if count is None else first + count], tag)
+    convert = {"CT": hd.legacy.LegacyConvertedEnhancedCTImage, "MR": hd.legacy.LegacyConvertedEnhancedMRImage}
+    with warnings.catch_warnings():  # the sources' one-component patient names
+        warnings.simplefilter("ignore", UserWarning)
+        enhanced = convert[str(slices[0].Modality)](
+            slices, series_instance_uid=generate_uid(entropy_srcs=[tag, "enhanced series"]), series_number=1,
+            sop_instance_uid=generate_uid(entropy_srcs=[tag, "enhanced"]), instance_number=1)
+    return [enhanced]
+
+
+def legacy_enhanced(out: Path, tag: str, folder: Path, first: int = 0, count: int | None = None) -> list[Path]:
+    """:func:`legacy_enhanced_datasets`, written to ``out``."""
+    return _write(legacy_enhanced_datasets(folder, tag, first, count), out)
 
 
 def ct_small(out: Path, tag: str) -> list[Path]:
@@ -73,3 +110,9 @@ def stepped(ds: Dataset, n: int, spacing: float | None = None) -> list[Dataset]:
 
 def ct_volume(out: Path, tag: str, n: int) -> list[Path]:
     return _relabel(stepped(dcmread(get_testdata_file("CT_small.dcm")), n, 5.0), out, tag)
+
+
+def tilted_ct(out: Path, tag: str) -> list[Path]:
+    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data)."""
+    folder = SHARED_DATA / "ct" / "ge_head_ct_tilt"
+    return _relabel([dcmread(p) for p in sorted(folder.glob("*.dcm"))], out, tag)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
 import node.assembly as assembly
 from node.assembly import Assembler
+from node.ingest import Ingest
 from node.ledger import Ledger
 from node.spool import Spool, make_dirs, remove_partial_writes, write_new
 
@@ -111,3 +114,17 @@ def test_an_instance_is_written_once_and_partial_writes_are_cleared_at_start(tmp
     (path.parent / ".tmp-abc.dcm").write_bytes(b"cut short")
     assert remove_partial_writes(spool.root / "series") == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_one_multiframe_instance_is_a_whole_series_when_its_association_ends(tmp_path):
+    # An Enhanced CT/MR instance typically holds the whole series: no quiet period to wait for.
+    spool = Spool(tmp_path / "spool").ensure()
+    ledger = Ledger(spool.ledger_path)
+    assembler = Assembler(spool, ledger, quiet_seconds=60)
+    ingest = Ingest(spool, ledger, assembler)
+    raw = Path(get_testdata_file("eCT_Supplemental.dcm")).read_bytes()
+    assert ingest.store(raw, session=1, sender="SCANNER", host="127.0.0.1", via="C-STORE from SCANNER").stored
+    assert assembler.due() == []  # its association may still send more
+    ingest.session_ended(1)
+    [entry] = assembler.due()
+    assert entry.count == 1

@@ -43,6 +43,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
+from pipelines.dicom import multiframe
+from pipelines.dicom.derived_multiframe import combine
 from pipelines.dicom.series import Volume, decoded_padding, padding_values
 
 logger = logging.getLogger(__name__)
@@ -167,9 +169,17 @@ def volume_slice(volume: Volume, pixels: np.ndarray, k: float, j: int, n_out: in
 
 
 def write_derived(slices: Iterable[DerivedSlice], series: DerivedSeries, context: RunContext) -> Iterator[Dataset]:
-    """Yield one DICOM dataset per slice, as the slices come (streaming)."""
+    """Yield one DICOM dataset per slice, as the slices come (streaming); frames of a multi-frame
+    source become one multi-frame instance of its SOP class (:mod:`pipelines.dicom.derived_multiframe`),
+    yielded when the last frame is made."""
+    frames = []
     for item in slices:
-        yield build_instance(item, series, context)
+        if multiframe.is_frame(item.template):
+            frames.append((item.template, build_instance(item, series, context)))
+        else:
+            yield build_instance(item, series, context)
+    if frames:
+        yield combine(frames, context.uid(series.key, "dimension organization"))
 
 
 def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContext) -> Dataset:
@@ -382,6 +392,9 @@ def _set_derivation(out: Dataset, sources: Sequence[Dataset], series: DerivedSer
         ref = Dataset()
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        frame = multiframe.pixel_source(source)[1]
+        if frame is not None:
+            ref.ReferencedFrameNumber = frame + 1
         ref.PurposeOfReferenceCodeSequence = DicomSequence([code_item(SOURCE_IMAGE_PURPOSE)])
         refs.append(ref)
     out.SourceImageSequence = DicomSequence(refs)

@@ -10,7 +10,9 @@ handle raises :class:`~pipelines.base.Refusal` with a reason that carries no pat
 Volume checks and tolerances (PS3.3 C.7.6.2 Image Plane module)
 --------------------------------------------------------------
 - one SeriesInstanceUID and SOP class; non-blank Study/Series/SOP Instance UIDs, no duplicate SOP UID;
-- single-frame, grayscale (MONOCHROME1/2) instances with the same Rows/Columns, BitsAllocated 8 or 16;
+- grayscale (MONOCHROME1/2) instances with the same Rows/Columns, BitsAllocated 8 or 16; multi-frame
+  only as (Legacy Converted) Enhanced CT/MR, whose frames are slices here (:mod:`pipelines.dicom.multiframe`
+  reads their functional groups and refuses what is not one volume);
 - ImageOrientationPatient: orthonormal within 1e-3 and equal on all slices within ``ORIENTATION_TOL``
   (1e-3 per direction cosine, about 0.06 deg);
 - PixelSpacing present, non-zero and equal within ``SPACING_RTOL`` (0.1 %);
@@ -19,9 +21,12 @@ Volume checks and tolerances (PS3.3 C.7.6.2 Image Plane module)
 - positions lie on a line along the normal: every position is within
   ``max(0.01 mm, 0.1 x smallest pixel spacing)`` of the axis through the first slice, i.e. the total
   shear is below a tenth of a pixel. Otherwise (gantry tilt, or a stack that is not perpendicular to its
-  slices) the angle between the stack direction and the normal is reported;
+  slices) the angle between the stack direction and the normal is noted in ``Volume.irregular``;
 - regular spacing: every gap within ``max(0.01 mm, 1 %)`` of the median gap (highdicom's default
-  ``rtol`` is also 1 %).
+  ``rtol`` is also 1 %); otherwise the range of gaps is noted in ``Volume.irregular``.
+A tilted or irregular stack is still a volume, for in-plane work only: no regular grid through the
+slices can be justified, so :func:`in_plane_only` drops a through-plane request (or refuses one that
+asks for nothing else) and every output slice stays where its source slice is.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from pydicom.pixels import apply_voi, get_decoder
 from pydicom.uid import UID
 
 from pipelines.base import Refusal
+from pipelines.dicom import multiframe
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +98,14 @@ class Image2D:
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """Parallel, regularly spaced slices of one series, sorted along the slice normal.
+    """Parallel slices of one series, sorted along the slice normal.
 
     ``voxels[k]`` is ``datasets[k]``; the centre of voxel (k, i, j) (slice, row, column) is at
     ``origin + j * pixel_spacing[1] * row_dir + i * pixel_spacing[0] * col_dir
     + k * slice_spacing * normal`` in patient coordinates (mm), with ``normal = row_dir x col_dir``.
-    ``slice_spacing`` is ``None`` for a single slice.
+    ``slice_spacing`` is ``None`` for a single slice, and for a stack that is not regular
+    (``irregular`` then says why: gantry tilt or irregular gaps); such a stack is resampled in-plane
+    only, every output slice where its source slice is (:func:`in_plane_only`).
     """
 
     voxels: np.ndarray
@@ -109,6 +117,7 @@ class Volume:
     pixel_spacing: tuple[float, float]
     slice_spacing: float | None
     slice_thickness: float | None
+    irregular: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -158,6 +167,20 @@ class Volume:
         return first + k * (last - first) / (len(self.datasets) - 1)
 
 
+def in_plane_only(vol: Volume, through_wanted: bool, inplane_changes: bool) -> str | None:
+    """Whether a through-plane request must be dropped: ``None`` when the stack is regular (or no
+    through-plane resampling is asked for), else the note for the SeriesDescription. A regular grid
+    cannot be justified on a tilted or irregularly spaced stack (each slice's own position is kept
+    instead); with nothing left to do in-plane, :class:`Refusal`."""
+    if not through_wanted or vol.irregular is None:
+        return None
+    if not inplane_changes:
+        raise Refusal(f"through-plane resampling needs regularly spaced slices along their normal; this series "
+                      f"has {vol.irregular} (an in-plane factor would still apply)")
+    logger.info("through-plane resampling skipped, in-plane only: %s", vol.irregular)
+    return "in-plane only"
+
+
 def load_series(datasets: Sequence[Dataset], *, min_slices: int = 1) -> Volume | list[Image2D]:
     """Check and decode one series.
 
@@ -183,6 +206,7 @@ def load_series(datasets: Sequence[Dataset], *, min_slices: int = 1) -> Volume |
     for ds in datasets:
         _check_instance(ds)
     _check_same_series(datasets)
+    datasets = multiframe.expand(datasets)
     if _is_volume(datasets):
         return _load_volume(datasets, min_slices)
     return [_load_image2d(ds) for ds in datasets]
@@ -197,8 +221,9 @@ def decode(ds: Dataset) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
         raise Refusal("a Modality LUT Sequence is not supported (only linear rescale)")
     ts = _transfer_syntax(ds) or UID("")
+    source, index = multiframe.pixel_source(ds)
     try:
-        arr, _ = get_decoder(ts).as_array(ds)
+        arr, _ = get_decoder(ts).as_array(source, index=index)
     except Exception as exc:  # decoder errors have no common base class
         raise Refusal(f"pixel data could not be decoded ({ts.name}): {exc}") from exc
     out = arr.astype(np.float32)
@@ -315,8 +340,7 @@ def _check_instance(ds: Dataset) -> None:
         raise Refusal("instance has no Pixel Data (only uncompressed or encapsulated Pixel Data is supported)")
     if not _transfer_syntax(ds):
         raise Refusal("instance has no Transfer Syntax UID (file meta information missing)")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise Refusal("multi-frame input is not supported yet")
+    multiframe.check_class(ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(ds.get("SamplesPerPixel", 1)) != 1:
         raise Refusal(f"photometric interpretation {photometric or '(none)'} is not supported (grayscale only)")
@@ -418,7 +442,7 @@ def _load_volume(datasets: Sequence[Dataset], min_slices: int) -> Volume:
     order = np.argsort(along, kind="stable")
     positions, along = positions[order], along[order]
     sorted_ds = tuple(datasets[i] for i in order)
-    slice_spacing = _check_stack(positions, along, normal, spacing) if n > 1 else None
+    slice_spacing, irregular = _check_stack(positions, along, normal, spacing) if n > 1 else (None, None)
 
     voxels = np.empty((n, int(first.Rows), int(first.Columns)), dtype=np.float32)
     for k, ds in enumerate(sorted_ds):
@@ -435,12 +459,14 @@ def _load_volume(datasets: Sequence[Dataset], min_slices: int) -> Volume:
         pixel_spacing=spacing,
         slice_spacing=slice_spacing,
         slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        irregular=irregular,
     )
 
 
 def _check_stack(positions: np.ndarray, along: np.ndarray, normal: np.ndarray,
-                 spacing: tuple[float, float]) -> float:
-    """Check sorted slice positions; return the slice spacing in mm."""
+                 spacing: tuple[float, float]) -> tuple[float | None, str | None]:
+    """Check sorted slice positions: (slice spacing in mm, None) for a regular stack along the
+    normal, else (None, why not: gantry tilt or irregular gaps). Duplicates are refused."""
     gaps = np.diff(along)
     duplicates = int((gaps < DUPLICATE_TOL_MM).sum())
     if duplicates:
@@ -449,12 +475,15 @@ def _check_stack(positions: np.ndarray, along: np.ndarray, normal: np.ndarray,
     offsets = positions - positions[0]
     shear = offsets - np.outer(offsets @ normal, normal)
     shear_tol = max(SHEAR_ATOL_MM, SHEAR_PIXEL_FRACTION * min(spacing))
+    problems = []
     if np.linalg.norm(shear, axis=1).max() > shear_tol:
         stack = offsets[-1] / np.linalg.norm(offsets[-1])
         angle = math.degrees(math.acos(min(1.0, abs(float(stack @ normal)))))
-        raise Refusal(f"gantry tilt {angle:.1f} deg: slice positions are not along the slice normal")
+        problems.append(f"gantry tilt {angle:.1f} deg (slice positions are not along the slice normal)")
     median = float(np.median(gaps))
     worst = float(np.abs(gaps - median).max())
     if worst > max(GAP_ATOL_MM, GAP_RTOL * median):
-        raise Refusal(f"irregular slice spacing: gaps from {gaps.min():.3f} to {gaps.max():.3f} mm")
-    return float((along[-1] - along[0]) / (len(along) - 1))
+        problems.append(f"irregular slice spacing (gaps from {gaps.min():.2f} to {gaps.max():.2f} mm)")
+    if problems:
+        return None, " and ".join(problems)
+    return float((along[-1] - along[0]) / (len(along) - 1)), None

@@ -38,16 +38,50 @@ class NodeSection(Strict):
     bind: str = "0.0.0.0"
     spool: Path = Path("../var/spool")
     max_associations: int = Field(16, ge=1)
-    stow_port: int | None = Field(None, ge=1, le=65535)  # STOW-RS receiver (node.stow); None: off
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _check_ae = field_validator("ae_title")(_ae)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stow_port" in data:
+            port = data["stow_port"]
+            raise ValueError(
+                "node.stow_port is gone: STOW-RS is served by the node's one HTTP service; remove "
+                f"node.stow_port and write `http: {{port: {port if port else 8080}}}` instead (the peers keep their stow_auth)")
+        return data
+
+
+class HttpToken(Strict):
+    """A bearer token for people and tools (not for STOW-RS peers: they have ``stow_auth``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")  # shown in the log and the audit trail
+    role: Literal["admin", "viewer"]
+    token_env: str = Field(min_length=1)  # the environment variable holding the token
+
+
+class HttpSection(Strict):
+    """The node's one HTTP service (node.http): STOW-RS, health, metrics, admin API, status page.
+    HTTPS when ``node.tls`` is set. No default token: without tokens only /healthz and STOW-RS."""
+
+    port: int = Field(8080, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    tokens: list[HttpToken] = Field(default_factory=list)
+
     @model_validator(mode="after")
-    def _ports(self) -> "NodeSection":
-        if self.stow_port == self.port:
-            raise ValueError(f"stow_port and port are both {self.port}: STOW-RS needs a port of its own")
+    def _unique(self) -> "HttpSection":
+        for field in ("name", "token_env"):
+            values = [getattr(t, field) for t in self.tokens]
+            if len(values) != len(set(values)):
+                raise ValueError(f"two tokens share a {field}")
         return self
+
+
+class Retention(Strict):
+    delivered_seconds: float = Field(604800, ge=0)  # a delivered job's originals and outputs leave the spool after this
+    failed_seconds: float = Field(2592000, ge=0)  # parked/failed jobs are kept this long, for replay
+    min_free_bytes: int = Field(1_000_000_000, ge=0)  # below this free in the spool, new instances are refused
 
 
 class DicomwebAuth(Strict):
@@ -173,7 +207,7 @@ class Route(Strict):
 class Completion(Strict):
     quiet_seconds: float = Field(2.0, ge=0, le=600)
     # A STOW-RS peer that keeps sending holds a series it sent this long after its last instance
-    # (node.stow.PeerSessions): a batch of the series may still be uploading in another request.
+    # (node.http.stow.PeerSessions): a batch of the series may still be uploading in another request.
     stow_hold_seconds: float = Field(60.0, ge=0, le=3600)
 
 
@@ -203,6 +237,8 @@ class Config(Strict):
     completion: Completion = Completion()
     queue: Queue = Queue()
     dispatch: Dispatch = Dispatch()
+    http: HttpSection | None = None  # no HTTP service (no STOW-RS, health, metrics) when absent
+    retention: Retention = Retention()
     source: Path | None = None  # the file this was read from
 
     @model_validator(mode="after")
@@ -215,6 +251,8 @@ class Config(Strict):
             used = [getattr(p.stow_auth, field) for p in self.peers if p.stow_auth and getattr(p.stow_auth, field)]
             if len(used) != len(set(used)):
                 raise ValueError(f"peers: two peers share a stow_auth {field}; a STOW-RS sender must be one peer")
+        if self.http is not None and self.http.port == self.node.port:
+            raise ValueError(f"http.port and node.port are both {self.node.port}: HTTP needs a port of its own")
         if SENDER in self.destinations:
             raise ValueError(f"'{SENDER}' is reserved (results back to the calling peer); rename that destination")
         for route in self.routes:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -113,11 +114,13 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     if done is not None:
         log.info("job %s already finished (%s), nothing to do", job_id, done["state"])
         return done
+    started = time.monotonic()
     try:
         result = _run(spool, job_id)
     except Exception as exc:  # the job fails with its reason; the worker keeps serving
         log.exception("job %s failed", job_id)
         result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = round(time.monotonic() - started, 3)  # the node's srnode_job_duration_seconds
     if read_result(spool, job_id) is None:
         job_dir.mkdir(parents=True, exist_ok=True)
         write_json(job_dir / "result.json", result)

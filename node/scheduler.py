@@ -9,8 +9,11 @@ One thread of the node runs :meth:`Scheduler.tick` in a loop:
 from __future__ import annotations
 
 import logging
+import time
+
 from pydicom import dcmread
 
+from node import metrics
 from node.assembly import ROUTE_RETRY_SECONDS, Assembler, OpenSeries
 from node.config import Config
 from node.jobs import input_key, read_result, write_job_spec
@@ -28,6 +31,7 @@ class Scheduler:
         self.ledger = ledger
         self.assembler = assembler
         self.submit = submit  # callable(job_id) that puts the job on the queue
+        self._last_instance: dict[int, float] = {}  # job id -> monotonic time of its series' last activity
 
     def tick(self) -> None:
         for entry in self.assembler.due():
@@ -58,12 +62,15 @@ class Scheduler:
                 log.info("series %s: route %s already ran on these %d instances", entry.series_uid, route.name, len(files))
                 continue
             write_job_spec(self.spool, job.id, files, job.pipeline, job.options, job.version)
+            metrics.JOBS.labels(job.pipeline, "pending").inc()
+            self._last_instance[job.id] = entry.last_activity
             log.info("series %s -> job %s (route %s, pipeline %s, v%d, %d instances)",
                      entry.series_uid, job.id, route.name, route.pipeline, job.version, len(files))
             jobs.append(job)
         if not routes:
             log.info("series %s (%s, %d instances) matched no route", entry.series_uid, header.get("Modality", "?"), len(files))
         self.ledger.mark_routed(entry.series_uid, len(files))
+        metrics.SERIES_COMPLETED.inc()
         return jobs
 
     def _submit(self, job: Job) -> None:
@@ -87,15 +94,23 @@ class Scheduler:
         except Exception:
             self.ledger.set_job_state(job.id, "pending", "could not be queued; trying again")
             raise
+        metrics.JOBS.labels(job.pipeline, "queued").inc()
+        last = self._last_instance.pop(job.id, None)
+        if last is not None:
+            metrics.COMPLETION_LATENCY.observe(time.monotonic() - last)
 
     def _collect(self, job: Job) -> None:
         result = read_result(self.spool, job.id)
         if result is None:
             return
+        metrics.JOBS.labels(job.pipeline, result["state"]).inc()
+        if "seconds" in result:
+            metrics.JOB_DURATION.labels(job.pipeline).observe(result["seconds"])
         if result["state"] == "done":
             outputs = [(o["sop_uid"], o["file"]) for o in result["outputs"]]
             if not outputs:
                 self.ledger.set_job_state(job.id, "delivered", "pipeline produced no output")
+                metrics.JOBS.labels(job.pipeline, "delivered").inc()
                 return
             self.ledger.add_deliveries(job.id, outputs, job.send_to)
             log.info("job %s done: %d outputs to %s", job.id, len(outputs), ", ".join(job.send_to))

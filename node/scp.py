@@ -115,6 +115,13 @@ class StorageSCP:
         )
         log.info("listening as %s on %s:%s", self.config.node.ae_title, self.config.node.bind, self.config.node.port)
 
+    def active_associations(self) -> int:
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.socket.fileno() != -1
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

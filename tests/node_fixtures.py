@@ -20,10 +20,15 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 peers: list[dict] | None = None, broker: str = "embedded", quiet_seconds: float = 0.5,
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
-                stow_port: int | None = None, stow_hold_seconds: float = 60) -> dict[str, Any]:
+                http_port: int | None = None, tokens: list[dict] | None = None, min_free_bytes: int = 0,
+                stow_hold_seconds: float = 60) -> dict[str, Any]:
+    """A node's config; ``http_port`` turns the HTTP service on (STOW-RS, /healthz, /metrics)."""
+    http = {"http": {"port": http_port, "bind": "127.0.0.1", "tokens": tokens or []}} if http_port else {}
     return {
+        **http,
+        "retention": {"min_free_bytes": min_free_bytes},
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
-                 "max_associations": max_associations, "stow_port": stow_port},
+                 "max_associations": max_associations},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
         "destinations": destinations,
         "routes": routes,

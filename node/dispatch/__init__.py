@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from node import metrics
 from node.config import SENDER, Config, DicomDestination, DicomwebDestination, FolderDestination
 from node.dispatch import dicom, dicomweb, folder
 from node.dispatch.outcome import Outcome
@@ -92,7 +93,9 @@ class Dispatcher:
                 if outcomes and all(o.kind == "retry" and o.unreachable for o in outcomes):
                     unreachable[name] = outcomes[0].status
             self._record(job_id, name, items, outcomes)
-            self.ledger.settle_job(job_id)
+            final = self.ledger.settle_job(job_id)
+            if final:
+                metrics.JOBS.labels(job.pipeline, final).inc()
         return len(due)
 
     def _record(self, job_id: int, name: str, items: list[Delivery], outcomes: list[Outcome]) -> None:
@@ -107,6 +110,8 @@ class Dispatcher:
             else:
                 rows.append((d, "parked", o.status, None))
         self.ledger.record_attempts(rows)
+        for _, state, _, _ in rows:
+            metrics.DELIVERIES.labels(name, "retry" if state == "pending" else state).inc()
         summary = defaultdict(int)
         for _, state, _, _ in rows:
             summary[state] += 1

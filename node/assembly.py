@@ -11,6 +11,7 @@ An association that stays silent for ``STALLED_SECONDS`` no longer holds its ser
 Instances arriving after completion re-open the series; the next completion routes it again
 with the larger set of instances and the new outputs supersede the earlier ones (a new version).
 State is in memory and rebuilt from the spool and the ledger after a restart (:meth:`recover`).
+A series is its (Study, Series) UID pair: a Series UID reused in another study is another series.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ class OpenSeries:
     acquisitions: set[str] = field(default_factory=set)  # AcquisitionNumber values seen ("" when absent)
     not_before: float = 0.0  # monotonic time before which the series is not due (routing retry)
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.study_uid, self.series_uid
+
     def complete_by_count(self) -> bool:
         if not self.expected or self.count != self.expected or len(self.acquisitions) > 1:
             return False
@@ -50,7 +55,7 @@ class Assembler:
         self.spool = spool
         self.ledger = ledger
         self.quiet_seconds = quiet_seconds
-        self._open: dict[str, OpenSeries] = {}
+        self._open: dict[tuple[str, str], OpenSeries] = {}  # by (study, series)
         self._ended: dict[int, None] = {}  # recently ended associations, oldest first
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -59,12 +64,12 @@ class Assembler:
                         expected: int | None, acquisition: str = "") -> None:
         now = time.monotonic()
         with self._lock:
-            entry = self._open.get(series_uid)
+            entry = self._open.get((study_uid, series_uid))
             if entry is None:
                 if not new:
                     return  # a re-sent instance of a series we already hold: nothing new to do
                 entry = OpenSeries(study_uid, series_uid, len(self.spool.instances(study_uid, series_uid)) - 1, now)
-                self._open[series_uid] = entry
+                self._open[entry.key] = entry
             if assoc_id not in self._ended:  # a store that finished after its connection closed
                 entry.associations.add(assoc_id)
             entry.last_activity = now
@@ -83,10 +88,10 @@ class Assembler:
             self._let_go(assoc_id, self._open.values())
         self._wake.set()
 
-    def release(self, assoc_id: int, series_uids) -> None:
-        """``assoc_id`` stays open but no longer holds these series (a STOW-RS peer moved on)."""
+    def release(self, assoc_id: int, series_keys) -> None:
+        """``assoc_id`` stays open but no longer holds these (study, series) (a STOW-RS peer moved on)."""
         with self._lock:
-            self._let_go(assoc_id, [self._open[uid] for uid in series_uids if uid in self._open])
+            self._let_go(assoc_id, [self._open[key] for key in series_keys if key in self._open])
         self._wake.set()
 
     @staticmethod
@@ -103,10 +108,14 @@ class Assembler:
         with self._lock:
             self._ended.pop(assoc_id, None)
 
+    def is_open(self, study_uid: str, series_uid: str) -> bool:
+        with self._lock:
+            return (study_uid, series_uid) in self._open
+
     def reopen(self, entry: OpenSeries, after_seconds: float = ROUTE_RETRY_SECONDS) -> None:
         """Put a series back (its routing failed); it is due again after ``after_seconds``."""
         with self._lock:
-            current = self._open.setdefault(entry.series_uid, entry)
+            current = self._open.setdefault(entry.key, entry)
             current.not_before = time.monotonic() + after_seconds
 
     def due(self) -> list[OpenSeries]:
@@ -114,17 +123,17 @@ class Assembler:
         now = time.monotonic()
         done = []
         with self._lock:
-            for uid, entry in list(self._open.items()):
+            for key, entry in list(self._open.items()):
                 if now < entry.not_before:
                     continue
                 idle = now - entry.last_activity
                 stalled = idle >= STALLED_SECONDS + self.quiet_seconds
                 quiet = (not entry.associations or stalled) and idle >= self.quiet_seconds
                 if entry.complete_by_count() or quiet:
-                    done.append(self._open.pop(uid))
+                    done.append(self._open.pop(key))
         for entry in done:
-            log.info("series %s complete: %d instances (%s)", entry.series_uid, entry.count,
-                     "expected count reached" if entry.complete_by_count() else "quiet period")
+            log.info("series %s complete: %d instances (%s), study %s", entry.series_uid, entry.count,
+                     "expected count reached" if entry.complete_by_count() else "quiet period", entry.study_uid)
         return done
 
     def wait(self, timeout: float) -> None:
@@ -137,10 +146,10 @@ class Assembler:
         reopened = 0
         for study_uid, series_uid in self.spool.all_series():
             count = len(self.spool.instances(study_uid, series_uid))
-            row = self.ledger.series(series_uid)
+            row = self.ledger.series(study_uid, series_uid)
             if count and (row is None or row["routed_count"] != count):
                 with self._lock:
-                    self._open.setdefault(series_uid, OpenSeries(study_uid, series_uid, count, now))
+                    self._open.setdefault((study_uid, series_uid), OpenSeries(study_uid, series_uid, count, now))
                 reopened += 1
         if reopened:
             log.info("recovered %d series with instances not yet processed", reopened)

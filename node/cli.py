@@ -217,51 +217,110 @@ def cmd_route(args) -> int:
     return 0
 
 
-def _ledger(args):
+def _spool(args):
     config = _load(args.config, check_pipelines=False)
-    from node.ledger import Ledger
     from node.spool import Spool
 
     spool = Spool(config.spool)
     if not spool.ledger_path.exists():
         sys.exit(f"srnode: no ledger at {spool.ledger_path} (has the node run with this config?)")
-    return Ledger(spool.ledger_path)
+    return spool
+
+
+def _ledger(args):
+    from node.ledger import Ledger
+
+    return Ledger(_spool(args).ledger_path)
+
+
+def _cli_actor() -> str:
+    """Who an admin action from the command line is audited as."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid {os.getuid()}"
+
+
+def _duration(start: float | None, end: float | None) -> str:
+    if start is None or end is None:
+        return "-"
+    seconds = max(end - start, 0.0)
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.1f}m" if seconds < 3600 else f"{seconds / 3600:.1f}h"
 
 
 def cmd_jobs(args) -> int:
+    from node.ledger import JOB_STATES
+
+    if args.state and args.state not in JOB_STATES:
+        sys.exit(f"srnode: --state {args.state!r} is not a job state; the states are {', '.join(JOB_STATES)}")
     ledger = _ledger(args)
     jobs = ledger.jobs([args.state] if args.state else None, limit=args.limit, newest_first=True)
-    rows = []
-    for job in jobs:
-        counts = ledger.delivery_counts(job.id)
-        rows.append({
-            "id": job.id, "state": job.state, "route": job.route, "pipeline": job.pipeline,
-            "version": job.version, "series_uid": job.series_uid, "deliveries": counts,
-            "reason": job.reason, "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.updated)),
-        })
+    rows = [ledger.describe(job) for job in jobs]
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     if not rows:
         print("no jobs")
+        return 0
+    now = time.time()
+    print(f"{'id':>6}  {'state':<11} {'updated':<19}  {'route/pipeline':<22} {'mod':<4} {'series':<24} "
+          f"{'in->out':>9}  {'queued':>6} {'ran':>6} {'sent':>6} {'total':>6}  deliveries")
     for r in rows:
         deliveries = " ".join(f"{k}={v}" for k, v in sorted(r["deliveries"].items())) or "-"
-        print(f"{r['id']:>6}  {r['state']:<11} {r['updated']}  {r['route']}/{r['pipeline']} v{r['version']}"
-              f"  series ...{r['series_uid'][-16:]}  deliveries: {deliveries}" + (f"  ({r['reason']})" if r["reason"] else ""))
+        state = r["state"] if r["progress"] is None else f"running {100 * r['progress']:.0f}%"
+        counts = f"{r['instances_in'] if r['instances_in'] is not None else '?'}->" \
+                 f"{r['instances_out'] if r['instances_out'] is not None else '-'}"
+        end = r["delivered"] or (r["finished"] if r["state"] in ("refused", "failed") else None) or \
+            (now if r["state"] in ("pending", "queued", "dispatching") else r["updated"])
+        description = (r["series_description"] or "")[:24]
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
+        print(f"{r['id']:>6}  {state:<11} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
+              f"{(r['modality'] or '?'):<4} {description:<24} {counts:>9}  "
+              f"{_duration(r['complete'], r['started']):>6} {_duration(r['started'], r['finished']):>6} "
+              f"{_duration(r['finished'], r['delivered']):>6} {_duration(r['received'] or r['complete'], end):>6}"
+              f"  {deliveries}" + (f"  ({r['reason']})" if r["reason"] else ""))
     return 0
 
 
 def cmd_retry(args) -> int:
-    ledger = _ledger(args)
+    from node.audit import Audit
+    from node.ledger import Ledger
+
+    spool = _spool(args)
+    ledger = Ledger(spool.ledger_path)
     ids = [args.job] if args.job is not None else [j.id for j in ledger.jobs(["parked", "failed"], limit=100000)]
     if not ids:
         print("nothing parked or failed")
     for job_id in ids:
         try:
-            print(ledger.retry(job_id))
+            outcome = ledger.retry(job_id)
         except KeyError as exc:
             sys.exit(f"srnode: {exc.args[0]}")
+        Audit(spool.audit_dir).record("admin", actor=_cli_actor(), action="retry", job=job_id, outcome=outcome)
+        print(outcome)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from node.audit import parse_since, read
+
+    spool = _spool(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        sys.exit(f"srnode: {exc}")
+    events = read(spool.audit_dir, since=since, limit=args.limit)
+    if args.json:
+        json.dump(events, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    for e in events:
+        rest = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in e.items()
+                        if k not in ("ts", "at", "event"))
+        print(f"{e.get('at', '?')}  {e.get('event', '?'):<22} {rest}")
     return 0
 
 
@@ -300,10 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_route)
     p = with_config(sub.add_parser("jobs", help="recent jobs and their state"))
-    p.add_argument("--state", help="only jobs in this state (pending, queued, dispatching, delivered, parked, refused, failed)")
+    p.add_argument("--state", help="only jobs in this state (pending, queued, dispatching, delivered, parked, refused, "
+                                   "failed; a running job is queued)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+    p = with_config(sub.add_parser("audit", help="print the audit trail: associations, series, jobs, deliveries, "
+                                                 "admin actions, config reloads"))
+    p.add_argument("--since", help="age (90s, 15m, 2h, 7d), ISO date/time (UTC unless given) or epoch seconds")
+    p.add_argument("--limit", type=int, default=None, help="only the newest N events")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
     p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)

@@ -229,6 +229,15 @@ class Dispatch(Strict):
     backoff_max_s: float = Field(600, gt=0)
 
 
+class Retention(Strict):
+    """How long finished work stays in the spool (node.retention); the ledger and the audit keep
+    its record. ``min_free_bytes``: below this free space new instances are refused."""
+
+    delivered_seconds: float = Field(604800, ge=0)
+    failed_seconds: float = Field(2592000, ge=0)  # parked, failed and refused jobs: kept longer for replay
+    min_free_bytes: int = Field(5_000_000_000, ge=0)
+
+
 class Config(Strict):
     node: NodeSection = NodeSection()
     peers: list[Peer] = Field(default_factory=list)

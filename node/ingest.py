@@ -55,10 +55,16 @@ class Verdict:
     sop_class: str = ""  # as read from the data set, "" when unreadable
     sop_instance: str = ""
     series: str = ""  # of a stored instance
+    study: str = ""
 
     @property
     def stored(self) -> bool:
         return self.status == SUCCESS
+
+    @property
+    def series_key(self) -> tuple[str, str]:
+        """A series is (Study, Series) UID: a Series UID reused in another study is another series."""
+        return self.study, self.series
 
 
 class Ingest:
@@ -70,8 +76,18 @@ class Ingest:
         self.ledger = ledger
         self.assembler = assembler
         self.min_free_bytes = min_free_bytes  # retention.min_free_bytes: below it, instances are refused
-        self._noted: set[tuple[int, str]] = set()  # (session, series) already in the ledger
+        self._noted: set[tuple[int, tuple[str, str]]] = set()  # (session, (study, series)) in the ledger
+        self._writing: dict[tuple[str, str], int] = {}  # (study, series) -> stores under way
         self._lock = threading.Lock()
+
+    def remove_series(self, study: str, series: str, remove) -> bool:
+        """Run ``remove()`` (retention moving the series folder away) unless an instance of the series
+        is being stored or the series is open: an acknowledged instance is never removed unrouted."""
+        with self._lock:
+            if self._writing.get((study, series)) or self.assembler.is_open(study, series):
+                return False
+            remove()
+            return True
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.spool.root).free
@@ -88,11 +104,11 @@ class Ingest:
     def session_started(self, session: int) -> None:
         self.assembler.association_started(session)
 
-    def session_released(self, session: int, series_uids) -> None:
-        """The open ``session`` no longer holds these series open (see :class:`node.http.stow.PeerSessions`)."""
+    def session_released(self, session: int, series_keys) -> None:
+        """The open ``session`` no longer holds these (study, series) open (:class:`node.http.stow.PeerSessions`)."""
         with self._lock:
-            self._noted -= {(session, uid) for uid in series_uids}  # a long-lived session stays small
-        self.assembler.release(session, series_uids)
+            self._noted -= {(session, key) for key in series_keys}  # a long-lived session stays small
+        self.assembler.release(session, series_keys)
 
     def session_ended(self, session: int) -> None:
         with self._lock:
@@ -151,7 +167,23 @@ class Ingest:
             log.error("%s: SOP %s refused: %s", via, named, short)
             metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL).inc()
             return Verdict(OUT_OF_RESOURCES, "node disk nearly full", sop_class, sop)
-        key = (session, series)
+        key = (session, (study, series))
+        with self._lock:
+            self._writing[key[1]] = self._writing.get(key[1], 0) + 1
+        try:
+            verdict = self._store(raw, ds, key, sender, host, via, sop, sop_class)
+            if verdict.stored:
+                metrics.INSTANCES_RECEIVED.labels("dimse" if negotiated else "stow").inc()
+            return verdict
+        finally:
+            with self._lock:
+                self._writing[key[1]] -= 1
+                if not self._writing[key[1]]:
+                    del self._writing[key[1]]
+
+    def _store(self, raw: bytes, ds: Dataset, key, sender: str, host: str, via: str, sop: str,
+               sop_class: str) -> Verdict:
+        session, (study, series) = key
         try:
             if key not in self._noted:
                 # Who sent the series is needed for routing and 'sender': recorded before the ack.
@@ -179,8 +211,7 @@ class Ingest:
             return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
         self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
                                        acquisition=_text(ds, "AcquisitionNumber"))
-        metrics.INSTANCES_RECEIVED.labels("dimse" if negotiated else "stow").inc()
-        return Verdict(SUCCESS, "", sop_class, sop, series)
+        return Verdict(SUCCESS, "", sop_class, sop, series, study)
 
     @staticmethod
     def _refuse(via: str, named: str, status: int, comment: str, why: str, sop_class: str, sop: str) -> Verdict:

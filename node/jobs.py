@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -103,6 +104,74 @@ def read_result(spool: Spool, job_id: int) -> dict[str, Any] | None:
 MAX_STARTS = 3  # a job interrupted this many times (worker OOM, segfault, node killed) fails instead of looping
 
 
+PROGRESS_EVERY_S = 1.0  # how often a running job rewrites its progress.json (the node reads it)
+
+
+class ProgressFile:
+    """``jobs/<id>/progress.json`` of a running job: when it started, slices done of total. The
+    node (node.scheduler) copies it into the ledger; a worker on another host only needs the spool."""
+
+    def __init__(self, job_dir: Path):
+        self.path = job_dir / "progress.json"
+        self.started = time.time()
+        self._last = 0.0
+        self._write(0, 0)
+
+    def _write(self, done: int, total: int) -> None:
+        write_atomic(self.path, json.dumps({"started": self.started, "done": done, "total": total}).encode(),
+                     durable=False)  # advisory: a crash loses nothing that matters
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_S or done >= total:
+            self._last = now
+            self._write(done, total)
+
+
+def read_progress(spool: Spool, job_id: int) -> dict[str, Any] | None:
+    try:
+        return read_json(spool.job_dir(job_id) / "progress.json")
+    except (OSError, ValueError):
+        return None
+
+
+_HEX = re.compile(r"(?<![0-9a-f])[0-9a-f]{8,64}(?![0-9a-f])")
+
+
+def models_claimed(headers: Iterable[Dataset]) -> list[dict[str, str]]:
+    """The shipped weights the outputs name in SoftwareVersions (their own or their Contributing
+    Equipment's: pipelines write each model as ``name:<sha256 prefix>``), with each file's full
+    sha256 and model name from its card: what the audit says produced a result."""
+    tokens = set()
+    for ds in headers:
+        items = [ds, *ds.get("ContributingEquipmentSequence", [])]
+        for item in items:
+            for value in item.get("SoftwareVersions") or []:
+                tokens.update(_HEX.findall(str(value).lower()))
+    if not tokens:
+        return []
+    found = []
+    for card in _weight_cards():
+        if any(card["sha256"].startswith(t) for t in tokens):
+            found.append(card)
+    return found
+
+
+def _weight_cards() -> list[dict[str, str]]:
+    from pipelines import weights
+
+    cards = []
+    for path in sorted(weights.weights_dir().glob("*.safetensors")):
+        try:
+            header = weights.read_card_header(path)
+            model = json.loads(header.get("config") or "{}").get("model", path.stem)
+        except (weights.WeightsError, OSError, ValueError):
+            continue
+        if header.get("sha256"):
+            cards.append({"model": str(model), "file": path.name, "sha256": header["sha256"]})
+    return cards
+
+
 def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     """Run job ``job_id`` from its spool folder; returns (and writes) its ``result.json``.
 
@@ -120,7 +189,7 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     except Exception as exc:  # the job fails with its reason; the worker keeps serving
         log.exception("job %s failed", job_id)
         result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-    result["seconds"] = round(time.monotonic() - started, 3)  # the node's srnode_job_duration_seconds
+    result.setdefault("finished", time.time())
     if read_result(spool, job_id) is None:
         job_dir.mkdir(parents=True, exist_ok=True)
         write_json(job_dir / "result.json", result)
@@ -146,9 +215,11 @@ def _run(spool: Spool, job_id: int) -> dict[str, Any]:
             return {"state": "failed", "reason": f"interrupted {starts - 1} times (the worker or the node died "
                                                  "while running it: out of memory?)"}
         tmp = Path(tempfile.mkdtemp(dir=job_dir, prefix=".out-"))
+        progress = ProgressFile(job_dir)
+        started = progress.started
         try:
             datasets = [dcmread(spool.abs(rel)) for rel in spec["inputs"]]
-            run_pipeline(datasets, spec["pipeline"], spec["options"], tmp, spec["version"])
+            run_pipeline(datasets, spec["pipeline"], spec["options"], tmp, spec["version"], progress=progress)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -156,14 +227,17 @@ def _run(spool: Spool, job_id: int) -> dict[str, Any]:
                     raise
                 log.warning("job %s: outputs already in place from another run; keeping those", job_id)
         except pipelines.Refusal as exc:
-            return {"state": "refused", "reason": str(exc)}
+            return {"state": "refused", "reason": str(exc), "started": started}
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     else:
         log.info("job %s: outputs already complete from an earlier run", job_id)
-    outputs = []
+        started = (read_progress(spool, job_id) or {}).get("started")
+    outputs, headers = [], []
     for path in sorted(final.glob("*.dcm")):  # what is on disk is what gets delivered
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[
+            "SOPInstanceUID", "SeriesInstanceUID", "SoftwareVersions", "ContributingEquipmentSequence"])
         outputs.append({"file": spool.rel(path), "sop_uid": ds.SOPInstanceUID, "series_uid": ds.SeriesInstanceUID})
-    return {"state": "done", "outputs": outputs}
+        headers.append(ds)
+    return {"state": "done", "outputs": outputs, "started": started, "models": models_claimed(headers)}

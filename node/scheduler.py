@@ -16,21 +16,29 @@ from pydicom import dcmread
 from node import metrics
 from node.assembly import ROUTE_RETRY_SECONDS, Assembler, OpenSeries
 from node.config import Config
-from node.jobs import input_key, read_result, write_job_spec
+from node.audit import Audit
+from node.jobs import input_key, read_progress, read_result, write_job_spec
 from node.ledger import Job, Ledger
 from node.routing import SeriesFacts, select
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
 
+PROGRESS_POLL_S = 1.0  # how often running jobs' progress.json is copied into the ledger
+PROGRESS_LOG_S = 10.0  # one progress line a running job this often
+
 
 class Scheduler:
-    def __init__(self, config: Config, spool: Spool, ledger: Ledger, assembler: Assembler, submit):
+    def __init__(self, config: Config, spool: Spool, ledger: Ledger, assembler: Assembler, submit,
+                 audit: Audit | None = None):
         self.config = config
         self.spool = spool
         self.ledger = ledger
         self.assembler = assembler
         self.submit = submit  # callable(job_id) that puts the job on the queue
+        self.audit = audit
+        self._progress_polled = 0.0
+        self._progress_logged: dict[int, float] = {}  # job id -> monotonic time of its last progress line
         self._last_instance: dict[int, float] = {}  # job id -> monotonic time of its series' last activity
 
     def tick(self) -> None:
@@ -42,34 +50,73 @@ class Scheduler:
                 self.assembler.reopen(entry)
         for job in self.ledger.jobs(["pending"]):
             self._submit(job)
-        for job in self.ledger.jobs(["queued"], limit=1000):
+        queued = self.ledger.jobs(["queued"], limit=1000)
+        for job in queued:
             self._collect(job)
+        if time.monotonic() - self._progress_polled >= PROGRESS_POLL_S:
+            self._progress_polled = time.monotonic()
+            self.poll_progress(queued)
+
+    def poll_progress(self, jobs: list[Job]) -> None:
+        """Copy running jobs' progress into the ledger; log one line a job every PROGRESS_LOG_S."""
+        now = time.monotonic()
+        running = set()
+        for job in jobs:
+            progress = read_progress(self.spool, job.id)
+            if not progress or (self.ledger.job(job.id) or job).state != "queued":
+                continue
+            running.add(job.id)
+            done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
+            fraction = min(done / total, 1.0) if total else 0.0
+            self.ledger.set_progress(job.id, progress.get("started"), fraction)
+            last = self._progress_logged.get(job.id)
+            if last is None:
+                self._progress_logged[job.id] = now  # the first line after PROGRESS_LOG_S of running
+            elif now - last >= PROGRESS_LOG_S:
+                self._progress_logged[job.id] = now
+                elapsed = time.time() - float(progress.get("started") or time.time())
+                left = f", about {elapsed / fraction - elapsed:.0f} s left" if 0 < fraction < 1 else ""
+                log.info("job %s (%s/%s) running %.0f s: %d of %d slices (%.0f%%)%s", job.id, job.route,
+                         job.pipeline, elapsed, done, total, 100 * fraction, left)
+        for job_id in set(self._progress_logged) - running:
+            del self._progress_logged[job_id]
 
     def route(self, entry: OpenSeries) -> list[Job]:
         files = self.spool.instances(entry.study_uid, entry.series_uid)
         if not files:
             return []
         header = dcmread(files[0], stop_before_pixels=True)
-        row = self.ledger.series(entry.series_uid)
+        row = self.ledger.series(entry.study_uid, entry.series_uid)
         facts = SeriesFacts(header, row["calling_ae"] if row else None, len(files))
-        routes = select(self.config, facts)
+        config = self.config  # one config for the whole series, even if a reload swaps it meanwhile
+        routes = select(config, facts)
         key = input_key(p.stem for p in files)
+        details = {"modality": _text(header, "Modality"), "series_description": _text(header, "SeriesDescription"),
+                   "instances_in": len(files), "received": row["first_seen"] if row else None}
+        if self.audit is not None:
+            self.audit.record("series.received", study_uid=entry.study_uid, series_uid=entry.series_uid,
+                              instances=len(files), calling_ae=row["calling_ae"] if row else None,
+                              address=row["peer_host"] if row else None, routes=[r.name for r in routes])
         jobs = []
         for route in routes:
             job = self.ledger.add_job(entry.series_uid, entry.study_uid, route.name, route.pipeline,
-                                      route.options, route.send_to, key)
+                                      route.options, route.send_to, key, details)
             if job is None:
                 log.info("series %s: route %s already ran on these %d instances", entry.series_uid, route.name, len(files))
                 continue
             write_job_spec(self.spool, job.id, files, job.pipeline, job.options, job.version)
             metrics.JOBS.labels(job.pipeline, "pending").inc()
             self._last_instance[job.id] = entry.last_activity
+            if self.audit is not None:
+                self.audit.record("job.created", job=job.id, route=route.name, pipeline=route.pipeline,
+                                  options=route.options, send_to=route.send_to, version=job.version,
+                                  study_uid=entry.study_uid, series_uid=entry.series_uid, instances=len(files))
             log.info("series %s -> job %s (route %s, pipeline %s, v%d, %d instances)",
                      entry.series_uid, job.id, route.name, route.pipeline, job.version, len(files))
             jobs.append(job)
         if not routes:
             log.info("series %s (%s, %d instances) matched no route", entry.series_uid, header.get("Modality", "?"), len(files))
-        self.ledger.mark_routed(entry.series_uid, len(files))
+        self.ledger.mark_routed(entry.study_uid, entry.series_uid, len(files))
         metrics.SERIES_COMPLETED.inc()
         return jobs
 
@@ -86,6 +133,7 @@ class Scheduler:
         if result is not None and result["state"] != "done":  # `srnode retry` of a failed run
             (job_dir / "result.json").unlink()
             (job_dir / "starts").unlink(missing_ok=True)
+            (job_dir / "progress.json").unlink(missing_ok=True)
         # Recorded before it is queued: a ledger that cannot be written (a full disk) must not leave
         # a pending job that every tick queues again.
         self.ledger.set_job_state(job.id, "queued")
@@ -104,8 +152,17 @@ class Scheduler:
         if result is None:
             return
         metrics.JOBS.labels(job.pipeline, result["state"]).inc()
-        if "seconds" in result:
-            metrics.JOB_DURATION.labels(job.pipeline).observe(result["seconds"])
+        if result.get("started") and result.get("finished"):
+            metrics.JOB_DURATION.labels(job.pipeline).observe(max(result["finished"] - result["started"], 0))
+        outputs = result.get("outputs") or []
+        self.ledger.set_finished(job.id, result.get("started"), result.get("finished") or time.time(), len(outputs))
+        if self.audit is not None:
+            import node
+
+            self.audit.record("job.finished", job=job.id, state=result["state"], route=job.route,
+                              pipeline=job.pipeline, models=result.get("models", []),
+                              software_version=node.__version__, instances_out=len(outputs),
+                              reason=result.get("reason"))
         if result["state"] == "done":
             outputs = [(o["sop_uid"], o["file"]) for o in result["outputs"]]
             if not outputs:
@@ -134,3 +191,11 @@ class Scheduler:
             log.info("re-submitted %d unfinished jobs", count)
         return count
 
+
+
+def _text(ds, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a header from the wild
+        return None
+    return None if value is None else str(value).strip()[:64]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -17,6 +18,7 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import Verification
 
+from node.audit import Audit
 from node.config import Config
 from node.fast_reactor import FastAE
 from node.ingest import STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest
@@ -77,6 +79,11 @@ def encoded_with_meta(event: evt.Event) -> bytes:
     ))
 
 
+def _tls(event: evt.Event) -> bool:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    return isinstance(sock, ssl.SSLSocket)
+
+
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -87,9 +94,10 @@ def _failure(status: int, comment: str) -> Dataset:
 class StorageSCP:
     """The node's listener. ``start()`` opens the port in the background; ``stop()`` closes it."""
 
-    def __init__(self, config: Config, ingest: Ingest):
+    def __init__(self, config: Config, ingest: Ingest, audit: Audit | None = None):
         self.config = config
         self.ingest = ingest
+        self.audit = audit
         self._server = None
         ae = FastAE(ae_title=config.node.ae_title)  # event-driven reactors (node.fast_reactor)
         ae.maximum_associations = config.node.max_associations
@@ -104,7 +112,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_CONN_OPEN, self._opened),
             (evt.EVT_REQUESTED, self._check_association),
-            (evt.EVT_ACCEPTED, self._log_refused_contexts),
+            (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_REJECTED, self._log_negotiation_reject),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._store),
@@ -133,20 +141,37 @@ class StorageSCP:
         called = primitive.called_ae_title.strip()
         calling = primitive.calling_ae_title.strip()
         host = event.assoc.requestor.address
-        if called != self.config.node.ae_title:
+        config = self.config  # one config for the whole check, even if a reload swaps it meanwhile
+        if called != config.node.ae_title:
             log.warning("rejected association from %s@%s: called AE %r is not %r",
-                        calling, host, called, self.config.node.ae_title)
+                        calling, host, called, config.node.ae_title)
+            self._audit_reject(event, f"called AE {called!r} is not {config.node.ae_title!r}")
             self._reject(event, REJECT_CALLED_AE)
             return
-        peer = self.config.peer(calling)
+        peer = config.peer(calling)
         if peer is None:
             log.warning("rejected association from %s@%s: calling AE is not a configured peer", calling, host)
+            self._audit_reject(event, "calling AE is not a configured peer")
             self._reject(event, REJECT_CALLING_AE)
             return
         if not peer.allows(host):
             log.warning("rejected association from %s@%s: peer %s is only allowed from %s",
                         calling, host, calling, peer.host)
+            self._audit_reject(event, f"peer is only allowed from {peer.host}")
             self._reject(event, REJECT_CALLING_AE)
+
+    def _audit_reject(self, event: evt.Event, reason: str) -> None:
+        if self.audit is not None:
+            primitive = event.assoc.requestor.primitive
+            self.audit.record("association.rejected", calling_ae=primitive.calling_ae_title.strip(),
+                              called_ae=primitive.called_ae_title.strip(), address=event.assoc.requestor.address,
+                              tls=_tls(event), reason=reason)
+
+    def _accepted(self, event: evt.Event) -> None:
+        if self.audit is not None:
+            self.audit.record("association.accepted", calling_ae=event.assoc.requestor.ae_title.strip(),
+                              address=event.assoc.requestor.address, tls=_tls(event))
+        self._log_refused_contexts(event)
 
     @staticmethod
     def _log_refused_contexts(event: evt.Event) -> None:
@@ -169,6 +194,7 @@ class StorageSCP:
         why = (f"the node's limit of {self.ae.maximum_associations} associations is reached"
                if len(acceptors) > self.ae.maximum_associations else "the association negotiation failed")
         log.warning("rejected association from %s@%s: %s", calling, host, why)
+        self._audit_reject(event, why)
 
     @staticmethod
     def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:

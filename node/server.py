@@ -17,11 +17,13 @@ import threading
 import time
 
 from node.assembly import Assembler
+from node.audit import Audit
 from node.celery_app import PIPELINE_QUEUE, configure
 from node.config import Config
 from node.dispatch import Dispatcher
 from node.ingest import Ingest
 from node.ledger import Ledger
+from node.retention import Retention
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
 from node.spool import Spool, remove_partial_writes
@@ -50,15 +52,17 @@ class Node:
         self.config = config
         self.spool = Spool(config.spool).ensure()
         self.ledger = Ledger(self.spool.ledger_path)
+        self.audit = Audit(self.spool.audit_dir)
         self.assembler = Assembler(self.spool, self.ledger, config.completion.quiet_seconds)
         self.app = configure(config)
         from node.tasks import run_job  # registers the task on the configured app
 
         self._run_job = run_job
-        self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit)
-        self.dispatcher = Dispatcher(config, self.spool, self.ledger)
+        self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit, self.audit)
+        self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
         self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes)
-        self.scp = StorageSCP(config, self.ingest)
+        self.scp = StorageSCP(config, self.ingest, self.audit)
+        self.retention = Retention(config, self.spool, self.ledger, self.ingest, self.audit)
         self.http = None
         if config.http is not None:
             from node.http.app import HttpService  # the web stack is loaded only when it is used
@@ -88,6 +92,7 @@ class Node:
             self._spawn(self._supervise_worker, "worker-supervisor")
         self._spawn(self._schedule_loop, "scheduler")
         self._spawn(self._dispatch_loop, "dispatcher")
+        self._spawn(self._retention_loop, "retention")
 
     def stop(self) -> None:
         self._stop.set()
@@ -150,6 +155,11 @@ class Node:
                 self.scheduler.resubmit_unfinished(older_than=time.time() - 2 * self.config.queue.visibility_timeout_s)
             self.scheduler.tick()
             self.assembler.wait(0.05)
+
+    def _retention_loop(self) -> None:
+        self.retention.empty_trash()
+        while not self._stop.wait(self.retention.interval):
+            self.retention.sweep()
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():

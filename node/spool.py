@@ -7,6 +7,8 @@ spool/
   jobs/<id>/job.json                  what a worker must do (inputs, pipeline, options, uid seed)
   jobs/<id>/out/*.dcm                 outputs, renamed into place only when complete
   jobs/<id>/result.json               the worker's verdict: done / refused / failed
+  jobs/<id>/progress.json             a running job's slices done / total (advisory)
+  audit/<date>.jsonl                  the audit trail (node.audit), kept past retention
   broker/                             the embedded Celery broker's messages
 ```
 A worker on another host needs only this folder (mounted at the same path) and the broker.
@@ -136,6 +138,10 @@ class Spool:
     @property
     def ledger_path(self) -> Path:
         return self.root / "ledger.sqlite3"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
 
     @property
     def broker_dir(self) -> Path:

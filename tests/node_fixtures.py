@@ -20,13 +20,12 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 peers: list[dict] | None = None, broker: str = "embedded", quiet_seconds: float = 0.5,
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
-                http_port: int | None = None, tokens: list[dict] | None = None, min_free_bytes: int = 0,
-                stow_hold_seconds: float = 60) -> dict[str, Any]:
-    """A node's config; ``http_port`` turns the HTTP service on (STOW-RS, /healthz, /metrics)."""
-    http = {"http": {"port": http_port, "bind": "127.0.0.1", "tokens": tokens or []}} if http_port else {}
-    return {
-        **http,
-        "retention": {"min_free_bytes": min_free_bytes},
+                http_port: int | None = None, tokens: list[dict] | None = None,
+                stow_hold_seconds: float = 60, retention: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A node's config; ``http_port`` turns the HTTP service on (STOW-RS, /healthz, /metrics);
+    ``retention.min_free_bytes`` is 0 unless given (test machines' disks vary)."""
+    config = {
+        "retention": {"min_free_bytes": 0, **(retention or {})},
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
                  "max_associations": max_associations},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
@@ -37,6 +36,9 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
         "dispatch": {"max_attempts": max_attempts, "backoff_initial_s": backoff_initial_s,
                      "backoff_max_s": backoff_max_s},
     }
+    if http_port:
+        config["http"] = {"port": http_port, "bind": "127.0.0.1", "tokens": tokens or []}
+    return config
 
 
 def _env() -> dict[str, str]:

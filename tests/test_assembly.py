@@ -99,7 +99,7 @@ def test_a_temporary_file_left_by_a_crash_is_not_an_instance(assembler):
     assert [p.name for p in assembler.spool.instances(STUDY, SERIES)] == ["1.2.3.4.1.dcm"]
     fresh = Assembler(assembler.spool, assembler.ledger, quiet_seconds=0.2)
     fresh.recover()
-    assert fresh._open[SERIES].count == 1
+    assert fresh._open[STUDY, SERIES].count == 1
 
 
 def test_an_instance_is_written_once_and_partial_writes_are_cleared_at_start(tmp_path):

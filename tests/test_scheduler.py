@@ -45,7 +45,7 @@ def test_a_series_that_cannot_be_routed_waits_and_does_not_stop_the_others(tmp_p
     assert submitted == [ledger.jobs()[0].id]
     scheduler.tick()
     assert len(ledger.jobs()) == 1  # the bad series is not retried in a tight loop
-    assert assembler._open["1.2.1"].not_before > time.monotonic()
+    assert assembler._open["1.2", "1.2.1"].not_before > time.monotonic()
 
 
 def test_a_ledger_that_cannot_be_written_does_not_queue_the_job_again_and_again(tmp_path, monkeypatch):
@@ -93,3 +93,44 @@ def test_a_loop_failing_the_same_way_logs_one_traceback_then_one_line_and_backs_
     assert pauses == [1, 2, 4, 8, 16, GUARD_MAX_PAUSE_S, GUARD_MAX_PAUSE_S]
     assert caplog.text.count("Traceback") == 1
     assert caplog.text.count("loop still failing (OperationalError: database or disk is full)") == 6
+
+
+def test_a_series_uid_reused_in_another_study_is_another_series(tmp_path):
+    """Both studies are routed (the second was stored and never processed when a series was its
+    Series UID alone), each job with its own instances; `sender` resolves per study."""
+    spool, ledger, assembler, scheduler, submitted = _scheduler(tmp_path)
+    for study, peer in (("1.2", "CT_A"), ("1.3", "CT_B")):
+        make.ct_volume(spool.series_dir(study, "1.9.9"), f"reused {study}", 2)
+        ledger.note_series("1.9.9", study, peer, "127.0.0.1")
+        assembler.instance_stored(1, study, "1.9.9", new=True, expected=None)
+    assembler.association_ended(1)
+    time.sleep(0.05)
+    scheduler.tick()
+    jobs = ledger.jobs()
+    assert sorted((j.study_uid, j.series_uid, j.version) for j in jobs) == [("1.2", "1.9.9", 1), ("1.3", "1.9.9", 1)]
+    assert len(submitted) == 2  # same file names here, so the same input key: unique per study too
+    assert [ledger.series(s, "1.9.9")["calling_ae"] for s in ("1.2", "1.3")] == ["CT_A", "CT_B"]
+    assert all(ledger.series(s, "1.9.9")["routed_count"] == 2 for s in ("1.2", "1.3"))
+
+
+def test_a_ledger_keyed_by_series_uid_alone_is_rebuilt_keeping_its_rows(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, calling_ae TEXT, peer_host TEXT,
+            first_seen REAL NOT NULL, routed_count INTEGER NOT NULL DEFAULT 0, routed_at REAL);
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
+            route TEXT NOT NULL, pipeline TEXT NOT NULL, options TEXT NOT NULL, send_to TEXT NOT NULL,
+            input_key TEXT NOT NULL, version INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT,
+            created REAL NOT NULL, updated REAL NOT NULL, UNIQUE (series_uid, route, input_key));
+        CREATE INDEX jobs_state ON jobs (state);
+        INSERT INTO series VALUES ('1.9.9', '1.2', 'CT_A', 'h', 1.0, 2, 2.0);
+        INSERT INTO jobs VALUES (7, '1.9.9', '1.2', 'ct', 'interp', '{}', '["out"]', 'k', 1, 'delivered', NULL, 1, 2);
+    """)
+    old.close()
+    ledger = Ledger(path)
+    assert ledger.series("1.2", "1.9.9")["routed_count"] == 2 and ledger.job(7).state == "delivered"
+    ledger.note_series("1.9.9", "1.3", "CT_B", "h")
+    assert ledger.series("1.3", "1.9.9")["calling_ae"] == "CT_B"
+    assert ledger.add_job("1.9.9", "1.3", "ct", "interp", {}, ["out"], "k").id == 8  # same key, other study
+    assert Ledger(path).series("1.2", "1.9.9") is not None  # opened again: nothing to rebuild

@@ -384,7 +384,7 @@ def test_a_peers_series_stay_open_while_its_next_uploads_run_and_close_after_it_
         make_dirs(path.parent)
         path.write_bytes(b"x")
         assembler.instance_stored(session, "1.2", series, new=True, expected=None)
-        sessions.end("PACS", {series})
+        sessions.end("PACS", {("1.2", series)})
 
     request("1.2.1", 1)
     request("1.2.2", 1)

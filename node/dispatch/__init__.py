@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from node import metrics
+from node.audit import Audit
 from node.config import SENDER, Config, DicomDestination, DicomwebDestination, FolderDestination
 from node.dispatch import dicom, dicomweb, folder
 from node.dispatch.outcome import Outcome
@@ -24,12 +25,12 @@ log = logging.getLogger(__name__)
 Destination = DicomDestination | DicomwebDestination | FolderDestination
 
 
-def resolve(config: Config, ledger: Ledger, name: str, series_uid: str) -> Destination | str:
+def resolve(config: Config, ledger: Ledger, name: str, study_uid: str, series_uid: str) -> Destination | str:
     """The destination object for a name; for ``sender``, the calling peer's configured address.
     Returns a reason string when it cannot be resolved."""
     if name != SENDER:
         return config.destinations[name] if name in config.destinations else f"destination {name!r} is no longer configured"
-    row = ledger.series(series_uid)
+    row = ledger.series(study_uid, series_uid)
     calling = row["calling_ae"] if row else None
     peer = config.peer(calling) if calling else None
     if peer is None or peer.port is None:
@@ -58,11 +59,12 @@ def check(config: Config, dest: Destination) -> tuple[bool, str]:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, spool: Spool, ledger: Ledger, batch: int = 200):
+    def __init__(self, config: Config, spool: Spool, ledger: Ledger, batch: int = 200, audit: Audit | None = None):
         self.config = config
         self.spool = spool
         self.ledger = ledger
         self.batch = batch
+        self.audit = audit
 
     def backoff(self, attempts: int) -> float:
         d = self.config.dispatch
@@ -77,7 +79,7 @@ class Dispatcher:
         unreachable: dict[str, str] = {}  # destination -> why, for the rest of this round
         for (job_id, name), items in groups.items():
             job = self.ledger.job(job_id)
-            dest = resolve(self.config, self.ledger, name, job.series_uid)
+            dest = resolve(self.config, self.ledger, name, job.study_uid, job.series_uid)
             if isinstance(dest, str):
                 outcomes = [Outcome("fail", dest)] * len(items)
             elif name in unreachable and name != SENDER:
@@ -96,6 +98,8 @@ class Dispatcher:
             final = self.ledger.settle_job(job_id)
             if final:
                 metrics.JOBS.labels(job.pipeline, final).inc()
+            if final and self.audit is not None:
+                self.audit.record("job.settled", job=job_id, state=final)
         return len(due)
 
     def _record(self, job_id: int, name: str, items: list[Delivery], outcomes: list[Outcome]) -> None:
@@ -116,6 +120,10 @@ class Dispatcher:
         for _, state, _, _ in rows:
             summary[state] += 1
         last = outcomes[-1].status if outcomes else ""
+        if self.audit is not None:
+            outcome = {"pending": "retry later"}
+            self.audit.record("delivery", job=job_id, destination=name,
+                              outcomes={outcome.get(s, s): n for s, n in sorted(summary.items())}, status=last)
         level = logging.INFO if set(summary) <= {"sent"} else logging.WARNING
         log.log(level, "job %s -> %s: %s (%s)", job_id, name,
                 ", ".join(f"{n} {'retry later' if s == 'pending' else s}" for s, n in sorted(summary.items())), last)

@@ -81,17 +81,17 @@ class PeerSessions:
             session.requests += 1
             return id(session)
 
-    def end(self, peer: str, stored_series: set[str]) -> None:
-        """A request of ``peer`` is answered, having stored into ``stored_series``."""
+    def end(self, peer: str, stored_series: set[tuple[str, str]]) -> None:
+        """A request of ``peer`` is answered, having stored into ``stored_series`` ((study, series) pairs)."""
         with self._lock:
             session = self._open[peer]
             session.requests -= 1
             now = time.monotonic()
-            for uid in stored_series:
-                session.series[uid] = now
-            done = [uid for uid, last in session.series.items() if now - last > self.hold]
-            for uid in done:
-                del session.series[uid]
+            for key in stored_series:
+                session.series[key] = now
+            done = [key for key, last in session.series.items() if now - last > self.hold]
+            for key in done:
+                del session.series[key]
             if done:
                 self.ingest.session_released(id(session), done)
             if session.requests == 0:
@@ -127,7 +127,7 @@ class PeerSessions:
 class _PeerSession:
     def __init__(self) -> None:
         self.requests = 0
-        self.series: dict[str, float] = {}  # series held -> when a request last stored into it
+        self.series: dict[tuple[str, str], float] = {}  # (study, series) held -> when last stored into
         self.timer: threading.Timer | None = None
 
 
@@ -200,7 +200,7 @@ class StowService:
             self.busy += 1
             try:
                 session = self.sessions.begin(peer.ae_title)
-                stored: set[str] = set()
+                stored: set[tuple[str, str]] = set()
                 try:
                     await self._full_refusal(request)
                     body = await self._buffered_body(request)
@@ -293,7 +293,7 @@ class StowService:
         return failed
 
     def _store_parts(self, body: IO[bytes], boundary: bytes, peer: Peer, address: str, study: str | None,
-                     session: int, stored_series: set[str]) -> tuple[int, dict]:
+                     session: int, stored_series: set[tuple[str, str]]) -> tuple[int, dict]:
         if os.fstat(body.fileno()).st_size == 0:
             raise HttpError(400, "empty request body")
         via = f"STOW-RS from {peer.ae_title}"
@@ -305,7 +305,7 @@ class StowService:
                                           expected_study=study, negotiated=False) for start, end in spans]
         stored = [v for v in verdicts if v.stored]
         failed = [v for v in verdicts if not v.stored]
-        stored_series.update(v.series for v in stored)
+        stored_series.update(v.series_key for v in stored)
         code = 200 if not failed else 202 if stored else 409
         log.info("%s@%s: %d instance(s) stored, %d refused (HTTP %d)", via, address, len(stored), len(failed), code)
         return code, _response(stored, failed)

@@ -304,6 +304,45 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def cmd_reload(args) -> int:
+    import signal
+
+    from node.reload import pid_path, read_answer, request_path
+    from node.spool import Spool, write_json
+
+    from node.config import ConfigError, NodeSection, load_config
+
+    try:  # only the spool is needed here: the node checks the whole file itself, logs and audits
+        spool = Spool(load_config(args.config, check_pipelines=False).spool)
+    except ConfigError as exc:
+        try:
+            raw = (yaml.safe_load(Path(args.config).read_text()) or {}).get("node") or {}
+            spool = Spool((Path(args.config).resolve().parent / Path(raw.get("spool") or NodeSection().spool)).resolve())
+        except (OSError, yaml.YAMLError, AttributeError, TypeError):
+            sys.exit(f"srnode: {exc}")
+    try:
+        pid = int(pid_path(spool.root).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        sys.exit(f"srnode: no node is running with the spool {spool.root} (no live pid in {pid_path(spool.root)})")
+    started = time.time()
+    write_json(request_path(spool.root), {"actor": _cli_actor()})
+    os.kill(pid, signal.SIGHUP)
+    deadline = started + args.timeout
+    while time.time() < deadline:
+        answer = read_answer(spool.root)
+        if answer and answer.get("at", 0) >= started and answer.get("pid") == pid:
+            if answer["ok"]:
+                print(f"reloaded: {'; '.join(answer['changes']) or 'no change'}")
+                return 0
+            print("refused, the running config stays:", file=sys.stderr)
+            for reason in answer["reasons"]:
+                print(f"  {reason}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    sys.exit(f"srnode: the node (pid {pid}) did not answer within {args.timeout:.0f} s; see its log")
+
+
 def cmd_audit(args) -> int:
     from node.audit import parse_since, read
 
@@ -370,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the newest N events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
+    p = with_config(sub.add_parser("reload", help="make the running node re-read its config file (validated first; "
+                                                  "a bad one is refused and the running config stays)"))
+    p.add_argument("--timeout", type=float, default=30, help="seconds to wait for the node's answer")
+    p.set_defaults(func=cmd_reload)
     p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
@@ -383,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d"),
-            "sr2d": ("pipelines.train_sr2d", "pipelines.eval_sr2d")}
+FAMILIES = {family: (f"pipelines.training.train_{family}", f"pipelines.evaluation.eval_{family}")
+            for family in ("cxr", "sr3d", "sr2d")}
 
 
 def cmd_train(args) -> int:

@@ -32,9 +32,37 @@ def _ae(value: str) -> str:
     return value
 
 
+class NodeTls(Strict):
+    """The DICOM TLS listener (PS3.15 B.9; TLS 1.2 minimum). Paths are relative to the config file."""
+
+    port: int = Field(2762, ge=1, le=65535)  # IANA dicom-tls
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None  # verifies client certificates
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _ca(self) -> "NodeTls":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that signs the clients)")
+        return self
+
+
+class Limits(Strict):
+    """What one unauthenticated peer can make the DICOM listener hold (node.dicom_guard)."""
+
+    max_pdu_bytes: int = Field(262144, ge=4096, le=2**28)  # advertised; a longer incoming PDU aborts
+    association_request_timeout_s: float = Field(10, gt=0, le=300)  # TCP accept -> whole A-ASSOCIATE-RQ
+    idle_timeout_s: float = Field(60, gt=0, le=3600)  # no PDU for this long -> A-ABORT
+    max_associations_per_host: int = Field(4, ge=1)
+    max_pending_per_host: int = Field(4, ge=1)  # connections not yet associated, per host
+
+
 class NodeSection(Strict):
     ae_title: str = "SRNODE"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int | None = Field(11112, ge=1, le=65535)  # plain DICOM; None: off
+    tls: NodeTls | None = None
+    limits: Limits = Limits()
     bind: str = "0.0.0.0"
     spool: Path = Path("../var/spool")
     max_associations: int = Field(16, ge=1)
@@ -51,6 +79,14 @@ class NodeSection(Strict):
                 "node.stow_port is gone: STOW-RS is served by the node's one HTTP service; remove "
                 f"node.stow_port and write `http: {{port: {port if port else 8080}}}` instead (the peers keep their stow_auth)")
         return data
+
+    @model_validator(mode="after")
+    def _ports(self) -> "NodeSection":
+        if self.port is None and self.tls is None:
+            raise ValueError("port is null and there is no tls listener: the node would not listen for DICOM")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"port and tls.port are both {self.port}: each listener needs a port of its own")
+        return self
 
 
 class HttpToken(Strict):
@@ -76,12 +112,6 @@ class HttpSection(Strict):
             if len(values) != len(set(values)):
                 raise ValueError(f"two tokens share a {field}")
         return self
-
-
-class Retention(Strict):
-    delivered_seconds: float = Field(604800, ge=0)  # a delivered job's originals and outputs leave the spool after this
-    failed_seconds: float = Field(2592000, ge=0)  # parked/failed jobs are kept this long, for replay
-    min_free_bytes: int = Field(1_000_000_000, ge=0)  # below this free in the spool, new instances are refused
 
 
 class DicomwebAuth(Strict):
@@ -115,6 +145,7 @@ class Peer(Strict):
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     stow_auth: DicomwebAuth | None = None
+    tls: bool = False  # its associations must come over the TLS listener; plain ones are rejected
 
     _check_ae = field_validator("ae_title")(_ae)
 
@@ -128,6 +159,21 @@ class Peer(Strict):
             return self.host == address
 
 
+class DestinationTls(Strict):
+    """DICOM TLS to a PACS: ``ca_certificates`` verifies it (the system's CAs when unset); the
+    node's own certificate and key, when the PACS asks for a client certificate."""
+
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "DestinationTls":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (the client certificate and its key)")
+        return self
+
+
 class DicomDestination(Strict):
     type: Literal["dicom"]
     ae_title: str
@@ -135,6 +181,7 @@ class DicomDestination(Strict):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None  # defaults to node.ae_title
     timeout_s: float = Field(30, gt=0)
+    tls: DestinationTls | None = None
 
     _check_ae = field_validator("ae_title", "calling_ae_title")(_ae)
 
@@ -260,8 +307,8 @@ class Config(Strict):
             used = [getattr(p.stow_auth, field) for p in self.peers if p.stow_auth and getattr(p.stow_auth, field)]
             if len(used) != len(set(used)):
                 raise ValueError(f"peers: two peers share a stow_auth {field}; a STOW-RS sender must be one peer")
-        if self.http is not None and self.http.port == self.node.port:
-            raise ValueError(f"http.port and node.port are both {self.node.port}: HTTP needs a port of its own")
+        if self.http is not None and self.http.port in (self.node.port, self.node.tls.port if self.node.tls else None):
+            raise ValueError(f"http.port {self.http.port} is also a DICOM port: HTTP needs a port of its own")
         if SENDER in self.destinations:
             raise ValueError(f"'{SENDER}' is reserved (results back to the calling peer); rename that destination")
         for route in self.routes:
@@ -289,6 +336,14 @@ def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _resolve_paths(base: Path, section: Strict | None) -> Strict | None:
+    """The same section with every Path field made absolute against ``base``."""
+    if section is None:
+        return None
+    return section.model_copy(update={name: _resolve(base, value) for name, value in section
+                                      if isinstance(value, Path)})
+
+
 def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config:
     """Read, validate and resolve a config file. Raises :class:`ConfigError` with every problem."""
     path = Path(path)
@@ -309,9 +364,12 @@ def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config
             lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
     base = path.resolve().parent
-    node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool)})
+    node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool),
+                                           "tls": _resolve_paths(base, config.node.tls)})
     dests = {
-        name: d.model_copy(update={"path": _resolve(base, d.path)}) if isinstance(d, FolderDestination) else d
+        name: d.model_copy(update={"path": _resolve(base, d.path)}) if isinstance(d, FolderDestination)
+        else d.model_copy(update={"tls": _resolve_paths(base, d.tls)}) if isinstance(d, DicomDestination)
+        else d
         for name, d in config.destinations.items()
     }
     config = config.model_copy(update={"node": node, "destinations": dests})

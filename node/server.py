@@ -23,6 +23,7 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.ingest import Ingest
 from node.ledger import Ledger
+from node.reload import changes, pid_path, prepare, take_request, write_answer
 from node.retention import Retention
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
@@ -69,6 +70,8 @@ class Node:
 
             self.http = HttpService(self)
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reload_lock = threading.Lock()
         self._resubmit = threading.Event()
         self._threads: list[threading.Thread] = []
         self._worker: subprocess.Popen | None = None
@@ -109,12 +112,44 @@ class Node:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.start()
+        pid_file = pid_path(self.spool.root)
+        pid_file.write_text(f"{os.getpid()}\n")
         try:
-            while not self._stop.wait(0.5):
-                pass
+            while not self._stop.wait(0.2):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    ok, reasons, changed = self.reload(actor=take_request(self.spool.root) or "SIGHUP")
+                    write_answer(self.spool.root, ok, reasons, changed)
         finally:
+            pid_file.unlink(missing_ok=True)
             self.stop()
+
+    # -- config reload --------------------------------------------------------------------
+    def reload(self, actor: str, path=None) -> tuple[bool, list[str], list[str]]:
+        """Validate the config file (the running one's unless ``path``) and swap it in (see
+        node.reload); returns (applied, reasons it was refused, what changed)."""
+        with self._reload_lock:
+            old = self.config
+            new, reasons = prepare(old, path)
+            if new is None:
+                log.warning("config reload refused, the running config stays: %s", "; ".join(reasons))
+                self.audit.record("config.reload", actor=actor, ok=False, reasons=reasons)
+                return False, reasons, []
+            changed = changes(old, new)
+            self.dispatcher.retire({n: d for n, d in old.destinations.items() if n not in new.destinations})
+            for part in (self.scheduler, self.dispatcher, self.scp, self.retention):
+                if part is not None and hasattr(part, "config"):
+                    part.config = new
+            self.ingest.min_free_bytes = new.retention.min_free_bytes  # the HTTP service reads self.config
+            self.scp.guard.set_max_associations(new.node.max_associations)
+            self.assembler.quiet_seconds = new.completion.quiet_seconds
+            logging.getLogger().setLevel(new.node.log_level)
+            self.config = new
+            log.info("config reloaded from %s: %s", new.source, "; ".join(changed) or "no change")
+            self.audit.record("config.reload", actor=actor, ok=True, changes=changed)
+            return True, [], changed
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=self._guard(target), name=name, daemon=True)

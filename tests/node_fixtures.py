@@ -21,13 +21,15 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
                 http_port: int | None = None, tokens: list[dict] | None = None,
-                stow_hold_seconds: float = 60, retention: dict[str, Any] | None = None) -> dict[str, Any]:
+                stow_hold_seconds: float = 60, retention: dict[str, Any] | None = None,
+                **node_extra: Any) -> dict[str, Any]:
     """A node's config; ``http_port`` turns the HTTP service on (STOW-RS, /healthz, /metrics);
-    ``retention.min_free_bytes`` is 0 unless given (test machines' disks vary)."""
+    ``retention.min_free_bytes`` is 0 unless given (test machines' disks vary); ``node_extra``: more
+    ``node`` keys (``tls``, ``limits``, ``bind``)."""
     config = {
         "retention": {"min_free_bytes": 0, **(retention or {})},
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
-                 "max_associations": max_associations},
+                 "max_associations": max_associations, **node_extra},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
         "destinations": destinations,
         "routes": routes,
@@ -57,7 +59,8 @@ class NodeProcess:
         self.config_path = root / "node.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.config = config
-        self.port = config["node"]["port"]
+        self.tls_port = (config["node"].get("tls") or {}).get("port")
+        self.port = config["node"]["port"] or self.tls_port  # what start() waits for
         self.spool = Path(config["node"]["spool"])
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None

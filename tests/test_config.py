@@ -36,7 +36,7 @@ def test_config_check_cli_accepts_shipped_config():
     ({"node": {"port": "eleven"}}, ["node.port"]),
     ({"node": {"prot": 1}}, ["node.prot", "Extra inputs"]),
     ({"node": {"stow_port": 8081}}, ["node.stow_port is gone", "write `http: {port: 8081}` instead"]),
-    ({"node": {"port": 11112}, "http": {"port": 11112}}, ["HTTP needs a port of its own"]),
+    ({"node": {"port": 11112}, "http": {"port": 11112}}, ["http.port 11112 is also a DICOM port"]),
     ({"http": {"tokens": [{"name": "ops", "role": "root", "token_env": "T"}]}}, ["http.tokens.0.role"]),
     ({"http": {"tokens": [{"name": "a", "role": "admin", "token_env": "T"},
                           {"name": "b", "role": "viewer", "token_env": "T"}]}}, ["two tokens share a token_env"]),

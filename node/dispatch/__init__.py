@@ -65,6 +65,10 @@ class Dispatcher:
         self.ledger = ledger
         self.batch = batch
         self.audit = audit
+        self.retired: dict[str, Destination] = {}  # dropped by a config reload, kept for pending deliveries
+
+    def retire(self, destinations: dict[str, Destination]) -> None:
+        self.retired.update(destinations)
 
     def backoff(self, attempts: int) -> float:
         d = self.config.dispatch
@@ -79,7 +83,9 @@ class Dispatcher:
         unreachable: dict[str, str] = {}  # destination -> why, for the rest of this round
         for (job_id, name), items in groups.items():
             job = self.ledger.job(job_id)
-            dest = resolve(self.config, self.ledger, name, job.study_uid, job.series_uid)
+            config = self.config
+            dest = self.retired[name] if name in self.retired and name not in config.destinations else \
+                resolve(config, self.ledger, name, job.study_uid, job.series_uid)
             if isinstance(dest, str):
                 outcomes = [Outcome("fail", dest)] * len(items)
             elif name in unreachable and name != SENDER:
@@ -88,7 +94,7 @@ class Dispatcher:
             else:
                 paths = [self.spool.abs(d.path) for d in items]
                 try:
-                    outcomes = send(self.config, dest, paths)
+                    outcomes = send(config, dest, paths)
                 except Exception as exc:  # a bug or an unreadable output must not stop dispatch
                     log.exception("job %s: sending to %s failed", job_id, name)
                     outcomes = [Outcome("retry", f"{type(exc).__name__}: {exc}")] * len(items)

@@ -162,7 +162,7 @@ def test_orthanc_can_stow_to_the_node_as_its_configured_peer(compose):
     peer ORTHANC, whose password both services read from the same variable."""
     server = json.loads(compose["services"]["orthanc"]["environment"]["ORTHANC__DICOM_WEB__SERVERS"])["srnode"]
     node = _node_config()
-    assert server["Url"] == f"http://node:{node['node']['stow_port']}/dicom-web"
+    assert server["Url"] == f"http://node:{node['http']['port']}/dicom-web"
     [peer] = [p for p in node["peers"] if p["ae_title"] == "ORTHANC"]
     assert peer["stow_auth"] == {"type": "basic", "username": server["Username"], "password_env": "SRNODE_STOW_PASSWORD"}
     raw = yaml.safe_load(COMPOSE.read_text())["services"]
@@ -252,8 +252,9 @@ def test_ports_agree(compose):
     assert published <= exposed, (published, exposed)
     node = _node_config().get("node", {})
     assert str(node.get("port", 11112)) in published, f"config node.port {node.get('port')} is not published"
-    if node.get("stow_port"):
-        assert str(node["stow_port"]) in published, f"config node.stow_port {node['stow_port']} is not published"
+    http = _node_config().get("http")
+    if http:
+        assert str(http.get("port", 8080)) in published, f"config http.port {http.get('port')} is not published"
     assert node.get("bind", "0.0.0.0") not in ("127.0.0.1", "localhost"), "a container must not bind loopback"
 
 

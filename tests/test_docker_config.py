@@ -5,6 +5,7 @@ machine where the variable is unset.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -204,6 +205,30 @@ def test_copy_sources_are_in_the_repository(name):
                 files = [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
                 assert files, (f"{name}: COPY {source}: the folder is empty here, so a fresh clone has no "
                                f"{source}/ and the build fails; add a file to it or drop the COPY")
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_copy_sources_pass_the_dockerignore_and_include_what_pip_install_reads(name):
+    """The build context is filtered by <Dockerfile>.dockerignore ('*' then '!path' lines, the last
+    match wins): a COPY of a path it leaves out fails the build. `pip install` needs pyproject.toml,
+    setup.py and the packages, weights/ included (installed as srnode_weights)."""
+    patterns = [line.strip() for line in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def kept(path: str) -> bool:
+        keep = True
+        for pattern in patterns:
+            negated, bare = pattern.startswith("!"), pattern.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, bare) or path.startswith(bare + "/"):
+                keep = negated
+        return keep
+
+    copied = []
+    for keyword, args in _instructions(DOCKER / name):
+        if keyword == "COPY":
+            copied += [a.rstrip("*") for a in shlex.split(args)[:-1] if not a.startswith("--")]
+    assert [source for source in copied if not kept(source)] == [], f"{name}: COPY of paths its dockerignore drops"
+    assert {"pyproject.toml", "setup.py", "node", "pipelines", "weights"} <= set(copied)
 
 
 def test_cpu_image_installs_cpu_torch_before_the_project():

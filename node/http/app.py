@@ -2,7 +2,8 @@
 (HTTPS when ``node.tls`` is set), in a thread of the node process.
 
 Routes: STOW-RS (``/dicom-web/studies``, peers' ``stow_auth``: :mod:`node.http.stow`),
-``GET /healthz`` (no auth: :mod:`node.http.health`), ``GET /metrics`` (viewer: :mod:`node.metrics`).
+``GET /healthz`` (no auth: :mod:`node.http.health`), ``GET /metrics`` (viewer: :mod:`node.metrics`),
+the admin API (``/api/...``: :mod:`node.http.admin`) and the status page (``/``: :mod:`node.http.ui`).
 
 Adding a route: write ``async def endpoint(request) -> Response`` in a module of this package,
 decorate it with ``@requires("viewer")`` or ``@requires("admin")`` from :mod:`node.http.auth`
@@ -30,7 +31,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from node.backoff import Backoff
-from node.http import health
+from node.http import admin, health, ui
 from node.http.auth import requires
 from node.http.stow import PATHS, StowService
 from node.metrics import exposition
@@ -54,6 +55,8 @@ def routes(stow: StowService) -> list[BaseRoute]:
         *(Route(path, stow.endpoint, methods=ALL_METHODS) for path in PATHS),  # 405 with a reason, not Starlette's
         Route("/healthz", health.endpoint, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *admin.routes(),  # /api/...: jobs, destinations, audit, config reload
+        *ui.routes(),  # /: the status page, /signin, /signout
     ]
 
 

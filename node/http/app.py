@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
 
@@ -36,6 +35,7 @@ from node.http import admin, health, ui
 from node.http.auth import requires
 from node.http.stow import PATHS, StowService
 from node.metrics import exposition
+from node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +71,6 @@ def create_app(node, extra: list[BaseRoute] = ()) -> Starlette:
     return app
 
 
-def tls_context(tls) -> ssl.SSLContext:
-    """The server side of ``node.tls``: TLS 1.2 or later, the client's certificate required when
-    ``require_client_certificate`` (checked against ``ca_certificates``)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if getattr(tls, "ca_certificates", None):
-        context.load_verify_locations(str(tls.ca_certificates))
-    if getattr(tls, "require_client_certificate", False):
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 class HttpService:
     """``start()`` opens ``http.port`` (a port in use fails the start) and serves in a thread;
     ``stop()`` drains STOW-RS and closes it."""
@@ -115,7 +102,7 @@ class HttpService:
         sock.bind((http.bind, http.port))
         sock.listen(128)
         sock.setblocking(False)
-        factory = (lambda config, default: tls_context(self.tls)) if self.tls else None
+        factory = (lambda config, default: server_context(self.tls)) if self.tls else None
         config = uvicorn.Config(self.app, http="httptools", lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5,
                                 ssl_context_factory=factory, server_header=False, date_header=False)

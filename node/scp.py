@@ -185,6 +185,13 @@ class StorageSCP:
             extra = ", client certificate required" if node.tls.require_client_certificate else ""
         log.info("listening as %s on %s:%s (%s%s)", node.ae_title, node.bind, port, what, extra)
 
+    def active_associations(self) -> int:
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers) and all(server.socket.fileno() != -1 for server in self._servers)
+
     def stop(self) -> None:
         while self._servers:
             self._servers.pop().shutdown()

@@ -190,14 +190,17 @@ def cmd_config_check(args) -> int:
           f" idle {limits.idle_timeout_s:g} s, per host {limits.max_associations_per_host} associations"
           f" + {limits.max_pending_per_host} waiting")
     print(f"  peers: {', '.join(p.ae_title + (f'@{p.host}' if p.host else '') for p in config.peers) or 'none (every association will be rejected)'}")
-    if config.node.stow_port:
+    if config.http is not None:
         senders = [p.ae_title for p in config.peers if p.stow_auth]
         unset = [p.ae_title for p in config.peers if p.stow_auth and not os.environ.get(p.stow_auth.secret_env)]
-        print(f"  STOW-RS on {config.node.bind}:{config.node.stow_port}/dicom-web/studies for "
+        print(f"  HTTP on {config.http.bind}:{config.http.port}: STOW-RS /dicom-web/studies for "
               f"{', '.join(senders) or 'no peer (give one stow_auth)'}"
               + (f"; credentials not set in this environment for {', '.join(unset)}" if unset else ""))
+        tokens = [f"{t.name} ({t.role})" + ("" if os.environ.get(t.token_env) else f": {t.token_env} not set")
+                  for t in config.http.tokens]
+        print(f"  tokens: {', '.join(tokens) or 'none (only /healthz and STOW-RS are served)'}")
     elif any(p.stow_auth for p in config.peers):
-        print("  STOW-RS is off (no node.stow_port): the peers' stow_auth is not used")
+        print("  STOW-RS is off (no http section): the peers' stow_auth is not used")
     for name, dest in config.destinations.items():
         print(f"  destination {name}: {dest.type}" + (" over TLS" if getattr(dest, "tls", None) else ""))
     for route in config.routes:
@@ -294,7 +297,8 @@ def cmd_jobs(args) -> int:
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
         print(f"{r['id']:>6}  {state:<11} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
               f"{(r['modality'] or '?'):<4} {description:<24} {counts:>9}  "
-              f"{_duration(r['complete'], r['started']):>6} {_duration(r['started'], r['finished']):>6} "
+              f"{_duration(r['complete'], r['started']):>6} "
+              f"{_duration(r['started'], r['finished'] or (now if r['progress'] is not None else None)):>6} "
               f"{_duration(r['finished'], r['delivered']):>6} {_duration(r['received'] or r['complete'], end):>6}"
               f"  {deliveries}" + (f"  ({r['reason']})" if r["reason"] else ""))
     return 0

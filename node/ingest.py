@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import shutil
 import sqlite3
 import struct
 import threading
@@ -23,6 +24,7 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
+from node import metrics
 from node.assembly import Assembler
 from node.ledger import Ledger
 from node.spool import Spool, fsync_dir, make_dirs, valid_uid, write_new
@@ -69,10 +71,11 @@ class Ingest:
     """The node's one way in. A *session* (an association, a STOW-RS peer's requests) groups
     instances for the assembler: a series is not complete while a session that sent to it holds it."""
 
-    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler):
+    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler, min_free_bytes: int = 0):
         self.spool = spool
         self.ledger = ledger
         self.assembler = assembler
+        self.min_free_bytes = min_free_bytes  # retention.min_free_bytes: below it, instances are refused
         self._noted: set[tuple[int, tuple[str, str]]] = set()  # (session, (study, series)) in the ledger
         self._writing: dict[tuple[str, str], int] = {}  # (study, series) -> stores under way
         self._lock = threading.Lock()
@@ -86,11 +89,23 @@ class Ingest:
             remove()
             return True
 
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.spool.root).free
+
+    def short_of_space(self) -> str | None:
+        """Why the spool takes no more instances (free space under ``min_free_bytes``), else None."""
+        if not self.min_free_bytes:
+            return None
+        free = self.free_bytes()
+        if free >= self.min_free_bytes:
+            return None
+        return f"node disk nearly full: {free} bytes free in the spool, under retention.min_free_bytes"
+
     def session_started(self, session: int) -> None:
         self.assembler.association_started(session)
 
     def session_released(self, session: int, series_keys) -> None:
-        """The open ``session`` no longer holds these (study, series) open (:class:`node.stow.PeerSessions`)."""
+        """The open ``session`` no longer holds these (study, series) open (:class:`node.http.stow.PeerSessions`)."""
         with self._lock:
             self._noted -= {(session, key) for key in series_keys}  # a long-lived session stays small
         self.assembler.release(session, series_keys)
@@ -119,6 +134,7 @@ class Ingest:
         except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
             named = _uid_shown(expected_sop or "")
             log.warning("%s: SOP %s cannot be parsed (%s): refused", via, named, type(exc).__name__)
+            metrics.INSTANCES_REFUSED.labels(metrics.CANNOT_PARSE).inc()
             return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed", sop_instance=expected_sop or "")
         named = next((u for u in (expected_sop, sop) if valid_uid(u)), _uid_shown(""))
         refuse = lambda status, comment, why: self._refuse(via, named, status, comment, why, sop_class, sop)  # noqa: E731
@@ -146,11 +162,19 @@ class Ingest:
         if cut:
             return refuse(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}", f"cannot be parsed ({cut})")
 
+        short = self.short_of_space()  # before the disk is full: the ledger and the jobs need room too
+        if short:
+            log.error("%s: SOP %s refused: %s", via, named, short)
+            metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL).inc()
+            return Verdict(OUT_OF_RESOURCES, "node disk nearly full", sop_class, sop)
         key = (session, (study, series))
         with self._lock:
             self._writing[key[1]] = self._writing.get(key[1], 0) + 1
         try:
-            return self._store(raw, ds, key, sender, host, via, sop, sop_class)
+            verdict = self._store(raw, ds, key, sender, host, via, sop, sop_class)
+            if verdict.stored:
+                metrics.INSTANCES_RECEIVED.labels("dimse" if negotiated else "stow").inc()
+            return verdict
         finally:
             with self._lock:
                 self._writing[key[1]] -= 1
@@ -177,10 +201,13 @@ class Ingest:
                 log.info("%s: SOP %s already stored; kept once", via, sop)
         except OSError as exc:
             log.error("%s: cannot store SOP %s: %s", via, sop, exc.strerror)
-            comment = "node disk full" if exc.errno == errno.ENOSPC else "node cannot write to its spool"
+            full = exc.errno == errno.ENOSPC
+            metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL if full else metrics.SPOOL_ERROR).inc()
+            comment = "node disk full" if full else "node cannot write to its spool"
             return Verdict(OUT_OF_RESOURCES, comment, sop_class, sop)
         except sqlite3.Error as exc:
             log.error("%s: cannot record SOP %s in the ledger: %s", via, sop, exc)
+            metrics.INSTANCES_REFUSED.labels(metrics.LEDGER_ERROR).inc()
             return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
         self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
                                        acquisition=_text(ds, "AcquisitionNumber"))
@@ -189,7 +216,12 @@ class Ingest:
     @staticmethod
     def _refuse(via: str, named: str, status: int, comment: str, why: str, sop_class: str, sop: str) -> Verdict:
         log.warning("%s: SOP %s %s: refused", via, named, why)
+        metrics.INSTANCES_REFUSED.labels(_REFUSED.get(status, metrics.CANNOT_PARSE)).inc()
         return Verdict(status, comment, sop_class, sop)
+
+
+_REFUSED = {CANNOT_UNDERSTAND: metrics.CANNOT_PARSE, DATASET_DOES_NOT_MATCH_SOP_CLASS: metrics.BAD_UIDS,
+            SOP_CLASS_NOT_SUPPORTED: metrics.SOP_CLASS, TRANSFER_SYNTAX_NOT_SUPPORTED: metrics.TRANSFER_SYNTAX}
 
 
 def _uid_shown(value: str) -> str:

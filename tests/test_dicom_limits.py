@@ -33,6 +33,7 @@ def node(tmp_path_factory):
     yield proc
     proc.stop()
     assert "Traceback" not in proc.log(), proc.log()[-5000:]
+    assert "\nFORGED line" not in proc.log()  # the AE title's newline never starts a line of its own
 
 
 _sources = iter(range(10, 250))

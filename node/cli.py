@@ -169,8 +169,26 @@ def cmd_echo(args) -> int:
 
 def cmd_config_check(args) -> int:
     config = _load(args.file)
+    from node.tls import check_files
+
+    problems, warnings = check_files(config)
+    if problems:
+        sys.exit("\n".join([f"srnode: {args.file}: {len(problems)} problem(s)", *("  " + p for p in problems)]))
     print(f"{args.file}: OK")
-    print(f"  listens as {config.node.ae_title} on {config.node.bind}:{config.node.port}, spool {config.spool}")
+    for warning in warnings:
+        print(f"  warning: {warning}")
+    node = config.node
+    plain = f"{node.bind}:{node.port}" if node.port else "no plain port"
+    print(f"  listens as {node.ae_title} on {plain}, spool {config.spool}")
+    if node.tls:
+        clients = ("client certificate required" if node.tls.require_client_certificate
+                   else "client certificate optional" if node.tls.ca_certificates else "no client certificates")
+        print(f"  DICOM TLS on {node.bind}:{node.tls.port} ({clients}); "
+              f"TLS-only peers: {', '.join(p.ae_title for p in config.peers if p.tls) or 'none'}")
+    limits = node.limits
+    print(f"  limits: PDU {limits.max_pdu_bytes} bytes, A-ASSOCIATE-RQ within {limits.association_request_timeout_s:g} s,"
+          f" idle {limits.idle_timeout_s:g} s, per host {limits.max_associations_per_host} associations"
+          f" + {limits.max_pending_per_host} waiting")
     print(f"  peers: {', '.join(p.ae_title + (f'@{p.host}' if p.host else '') for p in config.peers) or 'none (every association will be rejected)'}")
     if config.node.stow_port:
         senders = [p.ae_title for p in config.peers if p.stow_auth]
@@ -181,7 +199,7 @@ def cmd_config_check(args) -> int:
     elif any(p.stow_auth for p in config.peers):
         print("  STOW-RS is off (no node.stow_port): the peers' stow_auth is not used")
     for name, dest in config.destinations.items():
-        print(f"  destination {name}: {dest.type}")
+        print(f"  destination {name}: {dest.type}" + (" over TLS" if getattr(dest, "tls", None) else ""))
     for route in config.routes:
         print(f"  route {route.name}: {route.pipeline} {route.options} -> {', '.join(route.send_to)}")
     print(f"  queue: {config.queue.broker}; series complete after {config.completion.quiet_seconds} s quiet")
@@ -423,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d"),
-            "sr2d": ("pipelines.train_sr2d", "pipelines.eval_sr2d")}
+FAMILIES = {family: (f"pipelines.training.train_{family}", f"pipelines.evaluation.eval_{family}")
+            for family in ("cxr", "sr3d", "sr2d")}
 
 
 def cmd_train(args) -> int:

@@ -19,8 +19,9 @@ from typing import Any
 
 from node.config import Config, ConfigError, load_config
 
-# node.* keys a reload may change; every other node.* key, queue and http's port/bind need a restart.
-NODE_RELOADABLE = {"max_associations", "log_level"}
+# node.* keys a reload may change (for new associations); every other node.* key (listeners, TLS,
+# spool), queue and http's port/bind need a restart.
+NODE_RELOADABLE = {"max_associations", "log_level", "limits"}
 RESTART_SECTIONS = ("queue",)
 HTTP_RESTART_KEYS = ("port", "bind")
 

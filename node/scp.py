@@ -111,11 +111,6 @@ def encoded_with_meta(event: evt.Event) -> bytes:
     ))
 
 
-def _tls(event: evt.Event) -> bool:
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    return isinstance(sock, ssl.SSLSocket)
-
-
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -256,19 +251,6 @@ class StorageSCP:
             log.info("association from %s@%s over %s%s", calling, host, sock.version(),
                      f", client certificate {subject}" if subject else ", no client certificate")
         self.record(AssociationOutcome(True, host, calling, tls, "", subject))
-        self._log_refused_contexts(event)
-
-    def _audit_reject(self, event: evt.Event, reason: str) -> None:
-        if self.audit is not None:
-            primitive = event.assoc.requestor.primitive
-            self.audit.record("association.rejected", calling_ae=primitive.calling_ae_title.strip(),
-                              called_ae=primitive.called_ae_title.strip(), address=event.assoc.requestor.address,
-                              tls=_tls(event), reason=reason)
-
-    def _accepted(self, event: evt.Event) -> None:
-        if self.audit is not None:
-            self.audit.record("association.accepted", calling_ae=event.assoc.requestor.ae_title.strip(),
-                              address=event.assoc.requestor.address, tls=_tls(event))
         self._log_refused_contexts(event)
 
     @staticmethod

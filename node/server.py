@@ -140,6 +140,11 @@ class Node:
                 if part is not None and hasattr(part, "config"):
                     part.config = new
             self.scp.guard.set_max_associations(new.node.max_associations)
+            limits = new.node.limits
+            self.scp.guard.limits = limits
+            self.scp.ae.maximum_pdu_size = limits.max_pdu_bytes
+            self.scp.ae.acse_timeout = limits.association_request_timeout_s
+            self.scp.ae.network_timeout = limits.idle_timeout_s
             self.assembler.quiet_seconds = new.completion.quiet_seconds
             logging.getLogger().setLevel(new.node.log_level)
             self.config = new

@@ -162,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     dev = device()
     models = hydra.load_models(args.weights).to(dev)
     samples = cxr_data.load_split(args.data, "test")
+    mdrn_path = args.weights / MDRN_FILE  # else the shipped one (a folder of freshly trained Hydra weights)
+    mdrn_path = mdrn_path if mdrn_path.exists() else weights.weights_dir() / MDRN_FILE
     images = [cxr_data.read_image(s.image) for s in samples]
     print(f"evaluating on {len(samples)} held-out images", file=sys.stderr)
     report = {"data": f"{args.data.name}/ test split ({len(samples)} images: manifest 'val' rows)",
               "command": "srnode eval cxr " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "sr": eval_sr(models.trunk, load_mdrn(args.weights / MDRN_FILE).to(dev), images, args.scales, dev)}
+              "sr": eval_sr(models.trunk, load_mdrn(mdrn_path).to(dev), images, args.scales, dev)}
     report["lungs"], report["abnormality"] = eval_heads(models, samples, args.head_scales, dev)
     report["cost"] = eval_cost(models, dev)
     cards = [args.weights / name for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE)] if args.update_cards else []

@@ -209,7 +209,7 @@ class Ingest:
             log.error("%s: cannot record SOP %s in the ledger: %s", via, sop, exc)
             metrics.INSTANCES_REFUSED.labels(metrics.LEDGER_ERROR).inc()
             return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
-        self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
+        self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds), sop=sop,
                                        acquisition=_text(ds, "AcquisitionNumber"))
         return Verdict(SUCCESS, "", sop_class, sop, series, study)
 

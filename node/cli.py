@@ -437,9 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "
                                       "in-plane and through-plane CNNs; sr2d: Meta-Upscale, MDRN)"),
                             ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d)")):
-        p = sub.add_parser(name, help=help_text, add_help=False)
+        p = sub.add_parser(name, help=help_text, description=help_text + "; the family's own options: "
+                           f"srnode {name} FAMILY --help")
         p.add_argument("family", choices=sorted(FAMILIES))
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="the family's arguments")
         p.set_defaults(func=cmd_train if name == "train" else cmd_eval)
     return parser
 

@@ -29,3 +29,36 @@ def test_every_subcommand_help_exits_0(command, capsys):
         cli.main([*command, "--help"])
     assert exited.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def _config(tmp_path, destinations: dict, send_to: list[str]):
+    import yaml
+
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({
+        "node": {"ae_title": "SRNODE", "port": 11112, "spool": str(tmp_path / "spool")},
+        "peers": [{"ae_title": "STORESCU"}],
+        "destinations": destinations,
+        "routes": [{"name": "ct-route", "match": {"Modality": "CT"}, "pipeline": "interp", "options": {"scale": 2},
+                    "send_to": send_to}],
+    }))
+    return path
+
+
+def test_config_check_names_the_route_whose_destination_is_unknown(tmp_path):
+    path = _config(tmp_path, {"archive": {"type": "folder", "path": str(tmp_path / "out")}}, ["archvie"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["config", "check", str(path)])
+    message = str(exited.value.code)
+    assert message.splitlines()[1:] == ["  route 'ct-route': send_to 'archvie' is not a destination "
+                                        "(known: ['archive'] or 'sender')"]
+
+
+def test_echo_to_a_dicomweb_destination_that_is_down_is_one_line(tmp_path, capsys):
+    from tests.peers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    path = _config(tmp_path, {"web": {"type": "dicomweb", "url": url}}, ["web"])
+    assert cli.main(["echo", "web", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out == f"DICOMweb {url}: cannot connect (Connection refused): is it running?\n"

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -80,8 +82,34 @@ def cmd_run(args) -> int:
     _setup_logging(config.node.log_level)
     from node.server import Node
 
-    Node(config).serve_forever()
+    try:
+        Node(config).serve_forever()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        sys.exit(f"srnode: {_port_in_use(exc, config)}")
     return 0
+
+
+def _port_in_use(exc: OSError, config) -> str:
+    """Which listener's port is taken, from the failed bind (socketserver's server_address, or the
+    address in asyncio's message), said as an admin can act on it."""
+    address = None
+    tb = exc.__traceback__
+    while tb is not None:
+        candidate = getattr(tb.tb_frame.f_locals.get("self"), "server_address", None)
+        address = candidate if isinstance(candidate, tuple) else address
+        tb = tb.tb_next
+    port = address[1] if address else next(iter(int(m) for m in re.findall(r"'?, (\d+)\)", str(exc))), None)
+    listeners = {config.node.port: ("DICOM", "node.port")}
+    if config.node.tls:
+        listeners[config.node.tls.port] = ("DICOM TLS", "node.tls.port")
+    if getattr(config, "http", None) is not None:
+        listeners[config.http.port] = ("HTTP", "http.port")
+    kind, key = listeners.get(port, ("a", "the port in the config"))
+    held_by = "another DICOM service (or another srnode)" if kind.startswith("DICOM") else "another service"
+    return (f"port {port if port is not None else '(unknown)'} ({kind} listener) is already in use: {held_by} "
+            f"may hold it; stop that or change {key}")
 
 
 def cmd_worker(args) -> int:

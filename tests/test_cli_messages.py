@@ -62,3 +62,25 @@ def test_echo_to_a_dicomweb_destination_that_is_down_is_one_line(tmp_path, capsy
     assert cli.main(["echo", "web", "--config", str(path)]) == 1
     out = capsys.readouterr().out
     assert out == f"DICOMweb {url}: cannot connect (Connection refused): is it running?\n"
+
+
+def test_run_with_its_port_taken_says_which_port_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.paths import REPO
+    from tests.peers import free_port
+
+    path = _config(tmp_path, {"archive": {"type": "folder", "path": str(tmp_path / "out")}}, ["archive"])
+    port = free_port()
+    path.write_text(path.read_text().replace("port: 11112", f"port: {port}"))
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", port))
+        holder.listen()
+        ran = subprocess.run([sys.executable, "-m", "node.cli", "run", "--config", str(path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 1
+    assert "Traceback" not in ran.stderr
+    assert ran.stderr.splitlines()[-1] == (f"srnode: port {port} (DICOM listener) is already in use: another DICOM "
+                                           f"service (or another srnode) may hold it; stop that or change node.port")

@@ -260,7 +260,26 @@ def cmd_route(args) -> int:
                 chosen = not verdict.route.continue_
         if not any(v.matched for v in explain(config, facts)):
             print("  -> no route matches: the series would be stored and not processed")
+        print(f"  {_series_check(datasets)}")
     return 0
+
+
+def _series_check(datasets: list) -> str:
+    """What the pipelines' series loader makes of these instances: the volume or images, or its refusal
+    (tilt, gaps, mixed matrices, ...), so a dry run shows what a job would say."""
+    from pipelines import Refusal
+    from pipelines.dicom.series import Volume, load_series
+
+    try:
+        loaded = load_series(datasets)
+    except Refusal as exc:
+        return f"series check: REFUSED, a job would say: {exc}"
+    if isinstance(loaded, Volume):
+        slices, rows, columns = loaded.shape
+        spacing = f", slices {loaded.slice_spacing:g} mm apart" if loaded.slice_spacing else ""
+        return (f"series check: OK, a volume of {slices} slice(s) of {rows}x{columns}, pixels "
+                f"{loaded.pixel_spacing[0]:g}x{loaded.pixel_spacing[1]:g} mm{spacing}")
+    return f"series check: OK, {len(loaded)} projection image(s)"
 
 
 def _spool(args):

@@ -84,3 +84,20 @@ def test_run_with_its_port_taken_says_which_port_in_one_line(tmp_path):
     assert "Traceback" not in ran.stderr
     assert ran.stderr.splitlines()[-1] == (f"srnode: port {port} (DICOM listener) is already in use: another DICOM "
                                            f"service (or another srnode) may hold it; stop that or change node.port")
+
+
+def test_route_dry_run_says_whether_the_series_loader_would_refuse_the_series(tmp_path, capsys):
+    from tests.synthetic import ct_series, write_all
+
+    path = _config(tmp_path, {"archive": {"type": "folder", "path": str(tmp_path / "out")}}, ["archive"])
+    (tmp_path / "gaps").mkdir()
+    (tmp_path / "regular").mkdir()
+    write_all(ct_series(4, offsets=[0, 5, 10, 20]), tmp_path / "gaps")
+    write_all(ct_series(3), tmp_path / "regular")
+    for folder, verdict in (("gaps", "series check: REFUSED, a job would say: irregular slice spacing: gaps from "
+                                     "5.000 to 10.000 mm"),
+                            ("regular", "series check: OK, a volume of 3 slice(s) of 128x128, pixels "
+                                        "0.661468x0.661468 mm, slices 5 mm apart")):
+        assert cli.main(["route", "--config", str(path), "--dry-run", str(tmp_path / folder)]) == 0
+        out = capsys.readouterr().out
+        assert "route ct-route: MATCH" in out and out.splitlines()[-1] == f"  {verdict}"

@@ -135,7 +135,7 @@ def cmd_worker(args) -> int:
 def cmd_process(args) -> int:
     _setup_logging("WARNING")
     import pipelines
-    from tqdm import tqdm
+    from pipelines.progress import Progress
 
     from node.jobs import run_pipeline
 
@@ -149,12 +149,10 @@ def cmd_process(args) -> int:
     summary = {"pipeline": args.pipeline, "options": options, "skipped_not_dicom": skipped, "series": []}
     for uid, datasets in series.items():
         entry = {"input_series": uid, "instances": len(datasets)}
-        bar = tqdm(total=0, desc=f"series {uid[-12:]}", unit="img", file=sys.stderr, disable=args.quiet)
+        bar = Progress(f"series {uid[-12:]}", unit="images", every_s=10, enabled=not args.quiet)
 
         def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done, total)
 
         try:
             outputs = run_pipeline(datasets, args.pipeline, options, out / "tmp-in-progress", progress=progress)
@@ -447,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="pipeline option (repeatable)")
     p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 10 s)")
     p.set_defaults(func=cmd_process)
     p = with_config(sub.add_parser("echo", help="check a destination: C-ECHO, QIDO-RS or a write test"))
     p.add_argument("destination")

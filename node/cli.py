@@ -342,7 +342,8 @@ def cmd_jobs(args) -> int:
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
         print(f"{r['id']:>6}  {state:<11} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
               f"{(r['modality'] or '?'):<4} {description:<24} {counts:>9}  "
-              f"{_duration(r['complete'], r['started']):>6} {_duration(r['started'], r['finished']):>6} "
+              f"{_duration(r['complete'], r['started']):>6} "
+              f"{_duration(r['started'], r['finished'] or (now if r['progress'] is not None else None)):>6} "
               f"{_duration(r['finished'], r['delivered']):>6} {_duration(r['received'] or r['complete'], end):>6}"
               f"  {deliveries}" + (f"  ({r['reason']})" if r["reason"] else ""))
     return 0

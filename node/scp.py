@@ -48,12 +48,18 @@ PEER_FACING_LOGGERS = ("acse", "dimse", "dimse_messages", "dul", "fsm", "pdu", "
                        "presentation", "transport", "utils", "_validators")
 
 
+VALIDATION_LOGGERS = ("pynetdicom.utils", "pynetdicom._validators")
+
+
 class _NoTraceback(logging.Filter):
     """One line, not a traceback, for what a peer can cause (issue 21); tracebacks stay at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-            record.exc_info = record.exc_text = None
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            return True
+        if record.name in VALIDATION_LOGGERS:
+            return False  # "Invalid 'Calling AE Title' value '<the peer's bytes>'": the PDU violation line says it, escaped
+        record.exc_info = record.exc_text = None
         return True
 
 

@@ -30,9 +30,20 @@ def node(tmp_path_factory):
     config = node_config(free_port(), root / "spool", routes=[], destinations={}, bind="0.0.0.0",
                          limits={"association_request_timeout_s": REQUEST_TIMEOUT, "idle_timeout_s": IDLE_TIMEOUT})
     proc = NodeProcess(root, config).start()
+    time.sleep(0.5)
+    baseline = threads(proc.proc.pid)
     yield proc
+    # every connection's threads (request handler, association, DUL) have ended: none left blocked
+    wait_for(lambda: threads(proc.proc.pid) <= baseline, REQUEST_TIMEOUT + IDLE_TIMEOUT + 5,
+             what=lambda: f"the node's threads back to {baseline} (now {threads(proc.proc.pid)})")
     proc.stop()
     assert "Traceback" not in proc.log(), proc.log()[-5000:]
+    assert "\nFORGED line" not in proc.log()  # the AE title's newline never starts a line of its own
+
+
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
 
 
 _sources = iter(range(10, 250))

@@ -2,7 +2,8 @@
 (HTTPS when ``node.tls`` is set), in a thread of the node process.
 
 Routes: STOW-RS (``/dicom-web/studies``, peers' ``stow_auth``: :mod:`node.http.stow`),
-``GET /healthz`` (no auth: :mod:`node.http.health`), ``GET /metrics`` (viewer: :mod:`node.metrics`).
+``GET /healthz`` (no auth: :mod:`node.http.health`), ``GET /metrics`` (viewer: :mod:`node.metrics`),
+the admin API (``/api/...``: :mod:`node.http.admin`) and the status page (``/``: :mod:`node.http.ui`).
 
 Adding a route: write ``async def endpoint(request) -> Response`` in a module of this package,
 decorate it with ``@requires("viewer")`` or ``@requires("admin")`` from :mod:`node.http.auth`
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
 
@@ -31,10 +31,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from node.backoff import Backoff
-from node.http import health
+from node.http import admin, health, ui
 from node.http.auth import requires
 from node.http.stow import PATHS, StowService
 from node.metrics import exposition
+from node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def routes(stow: StowService) -> list[BaseRoute]:
         *(Route(path, stow.endpoint, methods=ALL_METHODS) for path in PATHS),  # 405 with a reason, not Starlette's
         Route("/healthz", health.endpoint, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *admin.routes(),  # /api/...: jobs, destinations, audit, config reload
+        *ui.routes(),  # /: the status page, /signin, /signout
     ]
 
 
@@ -64,20 +67,8 @@ def create_app(node, extra: list[BaseRoute] = ()) -> Starlette:
     app.state.node = node
     app.state.stow = stow
     app.state.backoff = Backoff("HTTP credentials")
+    app.state.sessions = ui.Sessions()  # the status page's signed-in people
     return app
-
-
-def tls_context(tls) -> ssl.SSLContext:
-    """The server side of ``node.tls``: TLS 1.2 or later, the client's certificate required when
-    ``require_client_certificate`` (checked against ``ca_certificates``)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if getattr(tls, "ca_certificates", None):
-        context.load_verify_locations(str(tls.ca_certificates))
-    if getattr(tls, "require_client_certificate", False):
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class HttpService:
@@ -111,7 +102,7 @@ class HttpService:
         sock.bind((http.bind, http.port))
         sock.listen(128)
         sock.setblocking(False)
-        factory = (lambda config, default: tls_context(self.tls)) if self.tls else None
+        factory = (lambda config, default: server_context(self.tls)) if self.tls else None
         config = uvicorn.Config(self.app, http="httptools", lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5,
                                 ssl_context_factory=factory, server_header=False, date_header=False)

@@ -154,6 +154,22 @@ class StorageSCP:
         self.backoff = Backoff("DICOM associations")
         self.guard = Guard(limits, config.node.max_associations, self.backoff, self.record)
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (node.server) sets the new config: new connections get its limits."""
+        self._config = config
+        if hasattr(self, "guard"):
+            limits = config.node.limits
+            self.guard.limits = limits
+            self.guard.set_max_associations(config.node.max_associations)
+            self.ae.maximum_pdu_size = limits.max_pdu_bytes
+            self.ae.acse_timeout = limits.association_request_timeout_s
+            self.ae.network_timeout = limits.idle_timeout_s
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [

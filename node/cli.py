@@ -92,24 +92,30 @@ def cmd_run(args) -> int:
 
 
 def _port_in_use(exc: OSError, config) -> str:
-    """Which listener's port is taken, from the failed bind (socketserver's server_address, or the
-    address in asyncio's message), said as an admin can act on it."""
-    address = None
-    tb = exc.__traceback__
-    while tb is not None:
-        candidate = getattr(tb.tb_frame.f_locals.get("self"), "server_address", None)
-        address = candidate if isinstance(candidate, tuple) else address
-        tb = tb.tb_next
-    port = address[1] if address else next(iter(int(m) for m in re.findall(r"'?, (\d+)\)", str(exc))), None)
+    """Which listener's port is taken, said as an admin can act on it. The port is read from the failed
+    bind's frames, innermost first (a socketserver's server_address, a ``port`` variable, or a config
+    section's ``port``), else from the address in asyncio's message."""
     listeners = {config.node.port: ("DICOM", "node.port")}
     if config.node.tls:
         listeners[config.node.tls.port] = ("DICOM TLS", "node.tls.port")
     if getattr(config, "http", None) is not None:
         listeners[config.http.port] = ("HTTP", "http.port")
-    kind, key = listeners.get(port, ("a", "the port in the config"))
-    held_by = "another DICOM service (or another srnode)" if kind.startswith("DICOM") else "another service"
-    return (f"port {port if port is not None else '(unknown)'} ({kind} listener) is already in use: {held_by} "
-            f"may hold it; stop that or change {key}")
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_locals)
+        tb = tb.tb_next
+    candidates = [int(m) for m in re.findall(r"'?, (\d+)\)", str(exc))]
+    for names in reversed(frames):
+        address = getattr(names.get("self"), "server_address", None)
+        candidates += [address[1]] if isinstance(address, tuple) and len(address) > 1 else []
+        candidates += [names["port"]] if isinstance(names.get("port"), int) else []
+        candidates += [v.port for v in names.values() if isinstance(getattr(v, "port", None), int)]
+    port = next((c for c in candidates if c in listeners), None)
+    if port is None:
+        return f"a port the node listens on is already in use ({exc.strerror}): check node.port, node.tls.port, http.port"
+    kind, key = listeners[port]
+    held_by = "another DICOM service (or another srnode)" if kind.startswith("DICOM") else "another web service"
+    return f"port {port} ({kind} listener) is already in use: {held_by} may hold it; stop that or change {key}"
 
 
 def cmd_worker(args) -> int:

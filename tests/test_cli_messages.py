@@ -64,26 +64,45 @@ def test_echo_to_a_dicomweb_destination_that_is_down_is_one_line(tmp_path, capsy
     assert out == f"DICOMweb {url}: cannot connect (Connection refused): is it running?\n"
 
 
-def test_run_with_its_port_taken_says_which_port_in_one_line(tmp_path):
+@pytest.mark.parametrize("listener", ["DICOM", "HTTP"])
+def test_run_with_its_port_taken_says_which_port_in_one_line(tmp_path, listener):
     import socket
     import subprocess
     import sys
+
+    import yaml
 
     from tests.paths import REPO
     from tests.peers import free_port
 
     path = _config(tmp_path, {"archive": {"type": "folder", "path": str(tmp_path / "out")}}, ["archive"])
-    port = free_port()
-    path.write_text(path.read_text().replace("port: 11112", f"port: {port}"))
+    dicom_port, http_port = free_port(), free_port()
+    config = yaml.safe_load(path.read_text())
+    config["node"]["port"] = dicom_port
+    config["http"] = {"port": http_port, "bind": "127.0.0.1"}
+    path.write_text(yaml.safe_dump(config))
+    taken = dicom_port if listener == "DICOM" else http_port
     with socket.socket() as holder:
-        holder.bind(("0.0.0.0", port))
+        holder.bind(("0.0.0.0" if listener == "DICOM" else "127.0.0.1", taken))
         holder.listen()
         ran = subprocess.run([sys.executable, "-m", "node.cli", "run", "--config", str(path)], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert ran.returncode == 1
     assert "Traceback" not in ran.stderr
-    assert ran.stderr.splitlines()[-1] == (f"srnode: port {port} (DICOM listener) is already in use: another DICOM "
-                                           f"service (or another srnode) may hold it; stop that or change node.port")
+    held_by, key = (("another DICOM service (or another srnode)", "node.port") if listener == "DICOM"
+                    else ("another web service", "http.port"))
+    assert ran.stderr.splitlines()[-1] == (f"srnode: port {taken} ({listener} listener) is already in use: {held_by} "
+                                           f"may hold it; stop that or change {key}")
+
+
+def test_jobs_with_an_unknown_state_lists_the_states(tmp_path):
+    from node.ledger import JOB_STATES
+
+    path = _config(tmp_path, {"archive": {"type": "folder", "path": str(tmp_path / "out")}}, ["archive"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["jobs", "--config", str(path), "--state", "bogus"])
+    states = ", ".join(JOB_STATES)
+    assert str(exited.value.code) == f"srnode: --state 'bogus' is not a job state; the states are {states}"
 
 
 def test_route_dry_run_says_whether_the_series_loader_would_refuse_the_series(tmp_path, capsys):

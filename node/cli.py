@@ -112,7 +112,8 @@ def _port_in_use(exc: OSError, config) -> str:
         candidates += [v.port for v in names.values() if isinstance(getattr(v, "port", None), int)]
     port = next((c for c in candidates if c in listeners), None)
     if port is None:
-        return f"a port the node listens on is already in use ({exc.strerror}): check node.port, node.tls.port, http.port"
+        return (f"a port the node listens on is already in use ({exc.strerror}): "
+                "check node.port, node.tls.port, http.port")
     kind, key = listeners[port]
     held_by = "another DICOM service (or another srnode)" if kind.startswith("DICOM") else "another web service"
     return f"port {port} ({kind} listener) is already in use: {held_by} may hold it; stop that or change {key}"

@@ -19,7 +19,7 @@ from tests.paths import REPO
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 CONFIG_IN_CONTAINER = PurePosixPath("/config/node.yaml")
-SERVICES = {"node", "worker", "redis", "orthanc"}
+SERVICES = {"node", "worker", "redis", "orthanc", "prometheus"}
 _VAR = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
 
 
@@ -168,6 +168,27 @@ def test_orthanc_can_stow_to_the_node_as_its_configured_peer(compose):
     raw = yaml.safe_load(COMPOSE.read_text())["services"]
     assert "SRNODE_STOW_PASSWORD" in raw["node"]["environment"]
     assert "${SRNODE_STOW_PASSWORD" in raw["orthanc"]["environment"]["ORTHANC__DICOM_WEB__SERVERS"]
+
+
+def test_prometheus_scrapes_the_node_with_a_viewer_token(compose):
+    """Prometheus scrapes the node's http.port at /metrics with the bearer token from a compose
+    secret; the node's environment carries the same variable, which its config names as a viewer
+    token."""
+    prometheus = compose["services"]["prometheus"]
+    mounts = _volumes(prometheus)
+    source = mounts["/etc/prometheus/prometheus.yml"]
+    scrape_file = (COMPOSE.parent / source).resolve()
+    assert scrape_file.is_file(), f"{source} is not in docker/"
+    assert any(a.startswith("--config.file=/etc/prometheus/prometheus.yml") for a in prometheus["command"])
+    [job] = [j for j in yaml.safe_load(scrape_file.read_text())["scrape_configs"] if j["job_name"] == "srnode"]
+    http = _node_config()["http"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert [t for c in job["static_configs"] for t in c["targets"]] == [f"node:{http.get('port', 8080)}"]
+    [secret] = prometheus["secrets"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": f"/run/secrets/{secret}"}
+    variable = yaml.safe_load(COMPOSE.read_text())["secrets"][secret]["environment"]
+    assert variable in compose["services"]["node"]["environment"]
+    assert any(t["token_env"] == variable and t["role"] in ("viewer", "admin") for t in http["tokens"])
 
 
 def test_commands_match_the_dockerfiles(compose):

@@ -32,9 +32,10 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from node.jobs import run_pipeline  # noqa: E402
-from pipelines import cxr, hydra, weights  # noqa: E402
-from pipelines.interpolation import resize  # noqa: E402
-from pipelines.series import decode  # noqa: E402
+from pipelines import cxr, weights  # noqa: E402
+from pipelines.dicom.series import decode  # noqa: E402
+from pipelines.models import hydra  # noqa: E402
+from pipelines.models.interpolation import resize  # noqa: E402
 
 
 def square_cr(size: int):

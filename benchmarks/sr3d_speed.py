@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from node.jobs import run_pipeline  # noqa: E402
 from pipelines import sr3d, weights  # noqa: E402
-from pipelines.interpolation import resize  # noqa: E402
+from pipelines.models.interpolation import resize  # noqa: E402
 
 
 def ct_volume(slices: int, size: int = 512) -> list:

@@ -108,6 +108,10 @@ class Assembler:
         with self._lock:
             self._ended.pop(assoc_id, None)
 
+    def is_open(self, study_uid: str, series_uid: str) -> bool:
+        with self._lock:
+            return (study_uid, series_uid) in self._open
+
     def reopen(self, entry: OpenSeries, after_seconds: float = ROUTE_RETRY_SECONDS) -> None:
         """Put a series back (its routing failed); it is due again after ``after_seconds``."""
         with self._lock:

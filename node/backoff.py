@@ -8,9 +8,10 @@ One :class:`Backoff` per front door (DICOM associations, HTTP credentials). The 
   association, a failed TLS handshake, a PDU that breaks the rules, bad credentials);
 * ``success(address)`` when it got in properly (the count starts again).
 
-After ``threshold`` failures without a success the address is refused for ``initial_s``; each
-further failure doubles that, up to ``max_s``. Failures are forgotten ``forget_s`` after the last
-one. The log gets ONE line when an address starts a back-off (with how many attempts were refused
+After ``threshold`` failures without a success the address is refused for ``initial_s``; the
+first failure after a back-off starts the next one, twice as long, up to ``max_s`` (failures that
+end while it is refused, e.g. connections it opened before, do not lengthen it). Failures are
+forgotten ``forget_s`` after the last one. The log gets ONE line when an address starts a back-off (with how many attempts were refused
 during its previous one), never one line per refused attempt. At most ``max_tracked`` addresses
 are remembered (the least recently seen go first), so a flood of addresses costs bounded memory.
 Thread-safe.
@@ -32,6 +33,7 @@ class _Entry:
     failures: int = 0
     last_failure: float = 0.0
     until: float = 0.0  # refused until this clock time
+    blocks: int = 0  # back-offs so far in this streak of failures
     refused: int = 0  # attempts refused during the current / last back-off, for the next log line
 
 
@@ -76,7 +78,8 @@ class Backoff:
             entry.last_failure = now
             if entry.failures < self.threshold or entry.until > now:
                 return 0.0
-            seconds = min(self.max_s, self.initial_s * 2 ** min(entry.failures - self.threshold, 32))
+            seconds = min(self.max_s, self.initial_s * 2 ** min(entry.blocks, 32))
+            entry.blocks += 1
             entry.until = now + seconds
             refused, entry.refused = entry.refused, 0
         earlier = f"; {refused} attempt(s) refused during its previous back-off" if refused else ""

@@ -170,19 +170,40 @@ def cmd_echo(args) -> int:
 
 def cmd_config_check(args) -> int:
     config = _load(args.file)
+    from node.tls import check_files
+
+    problems, warnings = check_files(config)
+    if problems:
+        sys.exit("\n".join([f"srnode: {args.file}: {len(problems)} problem(s)", *("  " + p for p in problems)]))
     print(f"{args.file}: OK")
-    print(f"  listens as {config.node.ae_title} on {config.node.bind}:{config.node.port}, spool {config.spool}")
+    for warning in warnings:
+        print(f"  warning: {warning}")
+    node = config.node
+    plain = f"{node.bind}:{node.port}" if node.port else "no plain port"
+    print(f"  listens as {node.ae_title} on {plain}, spool {config.spool}")
+    if node.tls:
+        clients = ("client certificate required" if node.tls.require_client_certificate
+                   else "client certificate optional" if node.tls.ca_certificates else "no client certificates")
+        print(f"  DICOM TLS on {node.bind}:{node.tls.port} ({clients}); "
+              f"TLS-only peers: {', '.join(p.ae_title for p in config.peers if p.tls) or 'none'}")
+    limits = node.limits
+    print(f"  limits: PDU {limits.max_pdu_bytes} bytes, A-ASSOCIATE-RQ within {limits.association_request_timeout_s:g} s,"
+          f" idle {limits.idle_timeout_s:g} s, per host {limits.max_associations_per_host} associations"
+          f" + {limits.max_pending_per_host} waiting")
     print(f"  peers: {', '.join(p.ae_title + (f'@{p.host}' if p.host else '') for p in config.peers) or 'none (every association will be rejected)'}")
-    if config.node.stow_port:
+    if config.http is not None:
         senders = [p.ae_title for p in config.peers if p.stow_auth]
         unset = [p.ae_title for p in config.peers if p.stow_auth and not os.environ.get(p.stow_auth.secret_env)]
-        print(f"  STOW-RS on {config.node.bind}:{config.node.stow_port}/dicom-web/studies for "
+        print(f"  HTTP on {config.http.bind}:{config.http.port}: STOW-RS /dicom-web/studies for "
               f"{', '.join(senders) or 'no peer (give one stow_auth)'}"
               + (f"; credentials not set in this environment for {', '.join(unset)}" if unset else ""))
+        tokens = [f"{t.name} ({t.role})" + ("" if os.environ.get(t.token_env) else f": {t.token_env} not set")
+                  for t in config.http.tokens]
+        print(f"  tokens: {', '.join(tokens) or 'none (only /healthz and STOW-RS are served)'}")
     elif any(p.stow_auth for p in config.peers):
-        print("  STOW-RS is off (no node.stow_port): the peers' stow_auth is not used")
+        print("  STOW-RS is off (no http section): the peers' stow_auth is not used")
     for name, dest in config.destinations.items():
-        print(f"  destination {name}: {dest.type}")
+        print(f"  destination {name}: {dest.type}" + (" over TLS" if getattr(dest, "tls", None) else ""))
     for route in config.routes:
         print(f"  route {route.name}: {route.pipeline} {route.options} -> {', '.join(route.send_to)}")
     print(f"  queue: {config.queue.broker}; series complete after {config.completion.quiet_seconds} s quiet")
@@ -302,6 +323,45 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def cmd_reload(args) -> int:
+    import signal
+
+    from node.reload import pid_path, read_answer, request_path
+    from node.spool import Spool, write_json
+
+    from node.config import ConfigError, NodeSection, load_config
+
+    try:  # only the spool is needed here: the node checks the whole file itself, logs and audits
+        spool = Spool(load_config(args.config, check_pipelines=False).spool)
+    except ConfigError as exc:
+        try:
+            raw = (yaml.safe_load(Path(args.config).read_text()) or {}).get("node") or {}
+            spool = Spool((Path(args.config).resolve().parent / Path(raw.get("spool") or NodeSection().spool)).resolve())
+        except (OSError, yaml.YAMLError, AttributeError, TypeError):
+            sys.exit(f"srnode: {exc}")
+    try:
+        pid = int(pid_path(spool.root).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        sys.exit(f"srnode: no node is running with the spool {spool.root} (no live pid in {pid_path(spool.root)})")
+    started = time.time()
+    write_json(request_path(spool.root), {"actor": _cli_actor()})
+    os.kill(pid, signal.SIGHUP)
+    deadline = started + args.timeout
+    while time.time() < deadline:
+        answer = read_answer(spool.root)
+        if answer and answer.get("at", 0) >= started and answer.get("pid") == pid:
+            if answer["ok"]:
+                print(f"reloaded: {'; '.join(answer['changes']) or 'no change'}")
+                return 0
+            print("refused, the running config stays:", file=sys.stderr)
+            for reason in answer["reasons"]:
+                print(f"  {reason}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    sys.exit(f"srnode: the node (pid {pid}) did not answer within {args.timeout:.0f} s; see its log")
+
+
 def cmd_audit(args) -> int:
     from node.audit import parse_since, read
 
@@ -368,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the newest N events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
+    p = with_config(sub.add_parser("reload", help="make the running node re-read its config file (validated first; "
+                                                  "a bad one is refused and the running config stays)"))
+    p.add_argument("--timeout", type=float, default=30, help="seconds to wait for the node's answer")
+    p.set_defaults(func=cmd_reload)
     p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
@@ -381,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FAMILIES = {"cxr": ("pipelines.train_cxr", "pipelines.eval_cxr"), "sr3d": ("pipelines.train_sr3d", "pipelines.eval_sr3d"),
-            "sr2d": ("pipelines.train_sr2d", "pipelines.eval_sr2d")}
+FAMILIES = {family: (f"pipelines.training.train_{family}", f"pipelines.evaluation.eval_{family}")
+            for family in ("cxr", "sr3d", "sr2d")}
 
 
 def cmd_train(args) -> int:

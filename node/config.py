@@ -32,21 +32,85 @@ def _ae(value: str) -> str:
     return value
 
 
+class NodeTls(Strict):
+    """The DICOM TLS listener (PS3.15 B.9; TLS 1.2 minimum). Paths are relative to the config file."""
+
+    port: int = Field(2762, ge=1, le=65535)  # IANA dicom-tls
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None  # verifies client certificates
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _ca(self) -> "NodeTls":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that signs the clients)")
+        return self
+
+
+class Limits(Strict):
+    """What one unauthenticated peer can make the DICOM listener hold (node.dicom_guard)."""
+
+    max_pdu_bytes: int = Field(262144, ge=4096, le=2**28)  # advertised; a longer incoming PDU aborts
+    association_request_timeout_s: float = Field(10, gt=0, le=300)  # TCP accept -> whole A-ASSOCIATE-RQ
+    idle_timeout_s: float = Field(60, gt=0, le=3600)  # no PDU for this long -> A-ABORT
+    max_associations_per_host: int = Field(4, ge=1)
+    max_pending_per_host: int = Field(4, ge=1)  # connections not yet associated, per host
+
+
 class NodeSection(Strict):
     ae_title: str = "SRNODE"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int | None = Field(11112, ge=1, le=65535)  # plain DICOM; None: off
+    tls: NodeTls | None = None
+    limits: Limits = Limits()
     bind: str = "0.0.0.0"
     spool: Path = Path("../var/spool")
     max_associations: int = Field(16, ge=1)
-    stow_port: int | None = Field(None, ge=1, le=65535)  # STOW-RS receiver (node.stow); None: off
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _check_ae = field_validator("ae_title")(_ae)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stow_port" in data:
+            port = data["stow_port"]
+            raise ValueError(
+                "node.stow_port is gone: STOW-RS is served by the node's one HTTP service; remove "
+                f"node.stow_port and write `http: {{port: {port if port else 8080}}}` instead (the peers keep their stow_auth)")
+        return data
+
     @model_validator(mode="after")
     def _ports(self) -> "NodeSection":
-        if self.stow_port == self.port:
-            raise ValueError(f"stow_port and port are both {self.port}: STOW-RS needs a port of its own")
+        if self.port is None and self.tls is None:
+            raise ValueError("port is null and there is no tls listener: the node would not listen for DICOM")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"port and tls.port are both {self.port}: each listener needs a port of its own")
+        return self
+
+
+class HttpToken(Strict):
+    """A bearer token for people and tools (not for STOW-RS peers: they have ``stow_auth``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")  # shown in the log and the audit trail
+    role: Literal["admin", "viewer"]
+    token_env: str = Field(min_length=1)  # the environment variable holding the token
+
+
+class HttpSection(Strict):
+    """The node's one HTTP service (node.http): STOW-RS, health, metrics, admin API, status page.
+    HTTPS when ``node.tls`` is set. No default token: without tokens only /healthz and STOW-RS."""
+
+    port: int = Field(8080, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    tokens: list[HttpToken] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "HttpSection":
+        for field in ("name", "token_env"):
+            values = [getattr(t, field) for t in self.tokens]
+            if len(values) != len(set(values)):
+                raise ValueError(f"two tokens share a {field}")
         return self
 
 
@@ -81,6 +145,7 @@ class Peer(Strict):
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     stow_auth: DicomwebAuth | None = None
+    tls: bool = False  # its associations must come over the TLS listener; plain ones are rejected
 
     _check_ae = field_validator("ae_title")(_ae)
 
@@ -94,6 +159,21 @@ class Peer(Strict):
             return self.host == address
 
 
+class DestinationTls(Strict):
+    """DICOM TLS to a PACS: ``ca_certificates`` verifies it (the system's CAs when unset); the
+    node's own certificate and key, when the PACS asks for a client certificate."""
+
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "DestinationTls":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (the client certificate and its key)")
+        return self
+
+
 class DicomDestination(Strict):
     type: Literal["dicom"]
     ae_title: str
@@ -101,6 +181,7 @@ class DicomDestination(Strict):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None  # defaults to node.ae_title
     timeout_s: float = Field(30, gt=0)
+    tls: DestinationTls | None = None
 
     _check_ae = field_validator("ae_title", "calling_ae_title")(_ae)
 
@@ -173,7 +254,7 @@ class Route(Strict):
 class Completion(Strict):
     quiet_seconds: float = Field(2.0, ge=0, le=600)
     # A STOW-RS peer that keeps sending holds a series it sent this long after its last instance
-    # (node.stow.PeerSessions): a batch of the series may still be uploading in another request.
+    # (node.http.stow.PeerSessions): a batch of the series may still be uploading in another request.
     stow_hold_seconds: float = Field(60.0, ge=0, le=3600)
 
 
@@ -195,6 +276,15 @@ class Dispatch(Strict):
     backoff_max_s: float = Field(600, gt=0)
 
 
+class Retention(Strict):
+    """How long finished work stays in the spool (node.retention); the ledger and the audit keep
+    its record. ``min_free_bytes``: below this free space new instances are refused."""
+
+    delivered_seconds: float = Field(604800, ge=0)
+    failed_seconds: float = Field(2592000, ge=0)  # parked, failed and refused jobs: kept longer for replay
+    min_free_bytes: int = Field(5_000_000_000, ge=0)
+
+
 class Config(Strict):
     node: NodeSection = NodeSection()
     peers: list[Peer] = Field(default_factory=list)
@@ -203,6 +293,8 @@ class Config(Strict):
     completion: Completion = Completion()
     queue: Queue = Queue()
     dispatch: Dispatch = Dispatch()
+    http: HttpSection | None = None  # no HTTP service (no STOW-RS, health, metrics) when absent
+    retention: Retention = Retention()
     source: Path | None = None  # the file this was read from
 
     @model_validator(mode="after")
@@ -215,6 +307,8 @@ class Config(Strict):
             used = [getattr(p.stow_auth, field) for p in self.peers if p.stow_auth and getattr(p.stow_auth, field)]
             if len(used) != len(set(used)):
                 raise ValueError(f"peers: two peers share a stow_auth {field}; a STOW-RS sender must be one peer")
+        if self.http is not None and self.http.port in (self.node.port, self.node.tls.port if self.node.tls else None):
+            raise ValueError(f"http.port {self.http.port} is also a DICOM port: HTTP needs a port of its own")
         if SENDER in self.destinations:
             raise ValueError(f"'{SENDER}' is reserved (results back to the calling peer); rename that destination")
         for route in self.routes:
@@ -242,6 +336,14 @@ def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _resolve_paths(base: Path, section: Strict | None) -> Strict | None:
+    """The same section with every Path field made absolute against ``base``."""
+    if section is None:
+        return None
+    return section.model_copy(update={name: _resolve(base, value) for name, value in section
+                                      if isinstance(value, Path)})
+
+
 def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config:
     """Read, validate and resolve a config file. Raises :class:`ConfigError` with every problem."""
     path = Path(path)
@@ -262,9 +364,12 @@ def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config
             lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
     base = path.resolve().parent
-    node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool)})
+    node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool),
+                                           "tls": _resolve_paths(base, config.node.tls)})
     dests = {
-        name: d.model_copy(update={"path": _resolve(base, d.path)}) if isinstance(d, FolderDestination) else d
+        name: d.model_copy(update={"path": _resolve(base, d.path)}) if isinstance(d, FolderDestination)
+        else d.model_copy(update={"tls": _resolve_paths(base, d.tls)}) if isinstance(d, DicomDestination)
+        else d
         for name, d in config.destinations.items()
     }
     config = config.model_copy(update={"node": node, "destinations": dests})

@@ -25,32 +25,45 @@ Here both loops *block* until there is work instead of sleeping:
   message or an ACSE primitive arrives, when the DUL thread ends and on ``kill()``, with the same
   ceiling for the network idle timer.
 
-Everything else is pynetdicom's own code: the same state machine, the same PDU reading
-(``_process_recv_primitive``/``_is_transport_event``), the same order of checks in both loops, the
-same pause protocol (``_reactor_checkpoint``/``_is_paused``) used by ``send_c_*``/``release()``.
+Everything else is pynetdicom's own code: the same state machine, the same order of checks in both
+loops, the same pause protocol (``_reactor_checkpoint``/``_is_paused``) used by ``send_c_*``/``release()``.
+
+PDU reading is replaced too (:meth:`FastDUL._read_pdu_data`), because the stock reader blocks in
+``recv()`` until a whole PDU has arrived: a peer that drips bytes holds the DUL thread there, where
+the ARTIM timer is never checked, and a peer that announces 1 GiB gets 1 GiB buffered. Here the
+socket is read without blocking into one buffer per PDU, sized from the PDU header only after the
+header passed the checks (known PDU type, length within :attr:`FastDUL.max_pdu_bytes`); a PDU that
+breaks them is answered as pynetdicom answers an invalid PDU (Evt19: A-ABORT) and nothing more is
+read from that peer. The network idle timer restarts on whole PDUs only, so a drip cannot hold an
+association open either.
 
 It touches private pynetdicom attributes, so it is pinned to the versions it was written and
-tested against (:data:`SUPPORTED`; written against 3.0.4). With any other version
-:func:`accelerate` logs a warning once and leaves the association on pynetdicom's stock reactors.
+tested against (:data:`SUPPORTED`; written against 3.0.4) and checks at import that the internals
+it relies on still look as it expects (:data:`PATCHED`, :func:`internals_changed`). With any other
+version :func:`accelerate` logs a warning once and leaves the association on pynetdicom's stock
+reactors; a listener that needs the PDU cap and deadlines must refuse to start instead
+(:func:`require_supported`).
 
 Use :class:`FastAE` instead of :class:`pynetdicom.AE` (both server and ``associate``), or call
 :func:`accelerate` on an association that has not been started yet.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pynetdicom
 from pynetdicom import AE, evt
 from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler
 from pynetdicom.utils import make_target
@@ -61,6 +74,27 @@ log = logging.getLogger(__name__)
 SUPPORTED = ((3, 0, 0), (3, 1, 0))
 #: Longest time either loop blocks without a wake-up (timers, anything not signalled).
 IDLE_WAIT = 0.05
+#: PDUs other than P-DATA-TF are not bound by the advertised maximum (PS3.8 D.1); an
+#: A-ASSOCIATE-RQ with every storage SOP class is ~15 KB.
+MIN_OTHER_PDU_CAP = 65536
+
+#: The pynetdicom internals this module overrides or calls, with the parameters it relies on.
+#: Checked at import (:func:`internals_changed`) so an upgrade that moves them fails loudly.
+PATCHED = {
+    "DULServiceProvider.run_reactor": (DULServiceProvider.run_reactor, ["self"]),
+    "DULServiceProvider._is_transport_event": (DULServiceProvider._is_transport_event, ["self"]),
+    "DULServiceProvider._read_pdu_data": (DULServiceProvider._read_pdu_data, ["self"]),
+    "DULServiceProvider._decode_pdu": (DULServiceProvider._decode_pdu, ["self", "bytestream"]),
+    "DULServiceProvider._process_recv_primitive": (DULServiceProvider._process_recv_primitive, ["self"]),
+    "Association._run_reactor": (Association._run_reactor, ["self"]),
+    "Association.run_reactor": (Association.run_reactor, ["self"]),
+    "Association.kill": (Association.kill, ["self"]),
+    "RequestHandler._create_association": (RequestHandler._create_association, ["self"]),
+    "AE._create_socket": (AE._create_socket, ["self", "assoc", "address", "tls_args"]),
+}
+#: Private attributes read or replaced on a live DUL / association.
+PATCHED_ATTRIBUTES = ("_idle_timer", "artim_timer", "_recv_pdu", "event_queue", "to_provider_queue",
+                      "to_user_queue", "state_machine", "_kill_thread", "_run_loop_delay")
 
 
 def _version() -> tuple[int, ...]:
@@ -71,9 +105,34 @@ def _version() -> tuple[int, ...]:
     return tuple(parts)
 
 
+def internals_changed() -> list[str]:
+    """What of :data:`PATCHED` no longer matches pynetdicom (empty: all as expected)."""
+    problems = []
+    for name, (func, params) in PATCHED.items():
+        got = list(inspect.signature(func).parameters)
+        if got[:len(params)] != params:
+            problems.append(f"{name}{tuple(got)} (expected {tuple(params)})")
+    if set(_PDU_TYPES) != {bytes([t]) for t in range(1, 8)}:
+        problems.append(f"dul._PDU_TYPES is {sorted(_PDU_TYPES)}")
+    return problems
+
+
+_CHANGED = internals_changed()
+
+
 def supported() -> bool:
     low, high = SUPPORTED
-    return low <= _version() < high
+    return low <= _version() < high and not _CHANGED
+
+
+def require_supported() -> None:
+    """Raise unless the fast reactors (and with them the PDU cap and deadlines) will be used."""
+    if not supported():
+        raise RuntimeError(
+            f"pynetdicom {pynetdicom.__version__} is not supported by node.fast_reactor "
+            f"({'.'.join(map(str, SUPPORTED[0]))} <= version < {'.'.join(map(str, SUPPORTED[1]))}"
+            + (f"; changed internals: {'; '.join(_CHANGED)}" if _CHANGED else "")
+            + "): the DICOM listener's PDU size cap and deadlines depend on it")
 
 
 _warned = False
@@ -108,7 +167,19 @@ class FastDUL(DULServiceProvider):
     the thread starts, so every attribute and timer the association set up is kept).
     """
 
+    #: Longest PDU length field accepted (None: no limit); a longer PDU is refused before it is read.
+    max_pdu_bytes: int | None = None
+    #: Called (in the DUL thread) with the reason when the peer breaks the PDU rules; it logs.
+    on_violation: Callable[[str], None] | None = None
+    #: Set when the ARTIM timer ended the wait for the A-ASSOCIATE-RQ.
+    request_timed_out = False
+
     def _adopt(self, wake_assoc) -> None:
+        self._head = bytearray(6)  # the PDU being read: header, then the whole PDU
+        self._pdu: bytearray | None = None
+        self._got = 0
+        self._refused = False  # after a violation nothing more is read from the peer
+        self._woke_user = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -169,6 +240,121 @@ class FastDUL(DULServiceProvider):
             except (BlockingIOError, OSError):
                 pass
 
+    # -- PDU reading: non-blocking, one bounded buffer per PDU -------------------------------
+    def _hard_close(self) -> None:
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        try:
+            if self.socket is not None and self.socket.socket is not None:
+                self.socket.send(abort_pdu.encode())
+                self.socket.close()
+        except Exception:
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+        if self.assoc.is_acceptor:
+            self.to_user_queue.put(None)
+
+    def _violate(self, reason: str, queue_event: bool = True) -> None:
+        """The peer broke the PDU rules: say so once, answer as for an invalid PDU (Evt19: A-ABORT,
+        then the connection is closed), and read nothing more from it."""
+        self._refused = True
+        self._pdu = None
+        if self.on_violation is not None:
+            try:
+                self.on_violation(reason)
+            except Exception:
+                log.exception("on_violation failed")
+        if queue_event:
+            self.event_queue.put("Evt19")
+
+    def _recv_into(self, view: memoryview) -> int | None:
+        """Read what is there into ``view`` without blocking: bytes read, 0 when the peer closed,
+        None when nothing is there yet (a TLS record not yet complete)."""
+        raw = self.socket.socket
+        if isinstance(raw, ssl.SSLSocket):
+            timeout = raw.gettimeout()
+            raw.settimeout(0.0)  # only this thread uses the socket (sends happen in the DUL too)
+            try:
+                return raw.recv_into(view, len(view))
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
+            except ssl.SSLZeroReturnError:
+                return 0
+            finally:
+                raw.settimeout(timeout)
+        try:
+            return raw.recv_into(view, len(view), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def _read_pdu_data(self) -> bool:
+        """Read what the peer sent, without blocking. True when a whole PDU was queued (or the
+        connection ended): the idle timer restarts on that, not on single bytes."""
+        if self._refused:
+            self.socket.close()  # Evt17
+            return True
+        try:
+            if self._pdu is None:
+                got = self._recv_into(memoryview(self._head)[self._got:])
+            else:
+                got = self._recv_into(memoryview(self._pdu)[self._got:])
+        except OSError:
+            got = 0
+        if got is None:
+            return False
+        if got == 0:  # closed, possibly mid-PDU: as stock, Evt17 (transport closed)
+            self._pdu, self._got = None, 0
+            self.event_queue.put("Evt17")
+            return True
+        self._got += got
+        if self._pdu is None:
+            if self._got < 6:
+                return False
+            pdu_type, _, length = struct.unpack(">BBL", self._head)
+            if bytes([pdu_type]) not in _PDU_TYPES:
+                self._violate(f"unknown PDU type 0x{pdu_type:02X}")
+                return True
+            cap = self.max_pdu_bytes
+            if cap is not None and pdu_type != 0x04:
+                cap = max(cap, MIN_OTHER_PDU_CAP)
+            if cap is not None and length > cap:
+                what = "P-DATA-TF" if pdu_type == 0x04 else f"PDU type 0x{pdu_type:02X}"
+                self._violate(f"{what} of {length} bytes, over the maximum of {cap}")
+                return True
+            self._pdu = bytearray(6 + length)
+            self._pdu[:6] = self._head
+            if length:
+                return False
+        elif self._got < len(self._pdu):
+            return False
+        data, self._pdu, self._got = self._pdu, None, 0
+        try:
+            pdu, event = self._decode_pdu(data)
+        except Exception as exc:
+            detail = repr(str(exc))[:120]
+            name = _PDU_TYPES[bytes(data[0:1])][0].__name__.replace("_", "-")
+            self._violate(f"{name} that cannot be decoded ({type(exc).__name__}: {detail})")
+            return True
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+        return True
+
+    def _is_transport_event(self) -> bool:
+        """Stock, except that a partial PDU read is not an event."""
+        if self.state_machine.current_state == "Sta13":
+            if self.socket and self.socket.ready:
+                self._read_pdu_data()
+                return True
+            self.socket.close()
+            return True
+        if self.socket and self.socket.ready:
+            return self._read_pdu_data()
+        return False
+
     def run_reactor(self) -> None:
         """``DULServiceProvider.run_reactor`` with ``time.sleep`` replaced by :meth:`_wait`."""
         self._idle_timer.start()
@@ -182,6 +368,8 @@ class FastDUL(DULServiceProvider):
             if self._kill_thread:
                 break
             if self.artim_timer.expired:
+                if self.state_machine.current_state == "Sta2":
+                    self.request_timed_out = True  # no whole A-ASSOCIATE-RQ in time
                 self.event_queue.put("Evt18")
             try:
                 if self._process_recv_primitive():
@@ -189,25 +377,30 @@ class FastDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                # As stock: bypass the state machine and send an A-ABORT.
-                log.error("Exception in DUL.run(), aborting association")
-                log.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                # As stock: bypass the state machine and send an A-ABORT. One line (the peer's
+                # bytes can cause this); the traceback only at DEBUG.
+                log.error("DUL failed (%s: %s), aborting the association", type(exc).__name__, exc)
+                log.debug("DUL failure", exc_info=True)
+                self._hard_close()
                 return
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:  # pynetdicom logged it; the association cannot go on
+                self._violate(f"the state machine failed on {event}: {type(exc).__name__}: {exc}", queue_event=False)
+                self._hard_close()
+                return
             idle = False
+            if (not self._woke_user and self.state_machine.current_state == "Sta1"
+                    and self.assoc.is_acceptor and not self.assoc.is_established):
+                # Closed before an association (ARTIM, a bad PDU, the peer left): the association
+                # thread waits for the A-ASSOCIATE-RQ on to_user_queue; let it end now.
+                self._woke_user = True
+                self.to_user_queue.put(None)
 
 
 class FastAssociation(Association):
@@ -217,9 +410,19 @@ class FastAssociation(Association):
         self._fast_wake = threading.Event()
         self.dimse.msg_queue = _WakingQueue(self._fast_wake.set, self.dimse.msg_queue)
 
+    #: Called in the association's thread when it ends, whatever happened (the listener's slot).
+    on_end: Callable[["FastAssociation"], None] | None = None
+
     def kill(self) -> None:
         self._fast_wake.set()
         super().kill()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self.on_end is not None:
+                self.on_end(self)
 
     def _run_reactor(self) -> None:
         """``Association._run_reactor`` with ``time.sleep(0.001)`` replaced by a wait on

@@ -11,6 +11,7 @@ import errno
 import io
 import logging
 import re
+import shutil
 import sqlite3
 import struct
 import threading
@@ -24,6 +25,7 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
+from node import metrics
 from node.assembly import Assembler
 from node.instance_checks import (
     CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, element_name, meta_problem, pixel_problem, structure_problem,
@@ -73,18 +75,41 @@ class Ingest:
     """The node's one way in. A *session* (an association, a STOW-RS peer's requests) groups
     instances for the assembler: a series is not complete while a session that sent to it holds it."""
 
-    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler):
+    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler, min_free_bytes: int = 0):
         self.spool = spool
         self.ledger = ledger
         self.assembler = assembler
+        self.min_free_bytes = min_free_bytes  # retention.min_free_bytes: below it, instances are refused
         self._noted: set[tuple[int, tuple[str, str]]] = set()  # (session, (study, series)) in the ledger
+        self._writing: dict[tuple[str, str], int] = {}  # (study, series) -> stores under way
         self._lock = threading.Lock()
+
+    def remove_series(self, study: str, series: str, remove) -> bool:
+        """Run ``remove()`` (retention moving the series folder away) unless an instance of the series
+        is being stored or the series is open: an acknowledged instance is never removed unrouted."""
+        with self._lock:
+            if self._writing.get((study, series)) or self.assembler.is_open(study, series):
+                return False
+            remove()
+            return True
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.spool.root).free
+
+    def short_of_space(self) -> str | None:
+        """Why the spool takes no more instances (free space under ``min_free_bytes``), else None."""
+        if not self.min_free_bytes:
+            return None
+        free = self.free_bytes()
+        if free >= self.min_free_bytes:
+            return None
+        return f"node disk nearly full: {free} bytes free in the spool, under retention.min_free_bytes"
 
     def session_started(self, session: int) -> None:
         self.assembler.association_started(session)
 
     def session_released(self, session: int, series_keys) -> None:
-        """The open ``session`` no longer holds these (study, series) open (:class:`node.stow.PeerSessions`)."""
+        """The open ``session`` no longer holds these (study, series) open (:class:`node.http.stow.PeerSessions`)."""
         with self._lock:
             self._noted -= {(session, key) for key in series_keys}  # a long-lived session stays small
         self.assembler.release(session, series_keys)
@@ -119,6 +144,7 @@ class Ingest:
             where = _element_in(str(exc))
             log.warning("%s: SOP %s refused (0xC000): cannot be parsed (%s%s)", via, named, type(exc).__name__,
                         f" at {where}" if where else "")
+            metrics.INSTANCES_REFUSED.labels(metrics.CANNOT_PARSE).inc()
             return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed" + (f" at {where}" if where else ""),
                            sop_instance=expected_sop or "")
         named = next((u for u in (expected_sop, sop) if valid_uid(u)), uid_shown(""))
@@ -126,6 +152,7 @@ class Ingest:
 
         def refuse(status: int, comment: str, why: str) -> Verdict:
             log.warning("%s: SOP %s refused (0x%04X): %s", via, named, status, why)
+            metrics.INSTANCES_REFUSED.labels(_REFUSED.get(status, metrics.CANNOT_PARSE)).inc()
             return Verdict(status, comment, sop_class, sop if valid_uid(sop) else "")
 
         if problem:
@@ -164,7 +191,28 @@ class Ingest:
         if problem:
             return refuse(problem.status, problem.comment, f"{problem.element} {problem.why}")
 
+        short = self.short_of_space()  # before the disk is full: the ledger and the jobs need room too
+        if short:
+            log.error("%s: SOP %s refused: %s", via, named, short)
+            metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL).inc()
+            return Verdict(OUT_OF_RESOURCES, "node disk nearly full", sop_class, sop)
         key = (session, (study, series))
+        with self._lock:
+            self._writing[key[1]] = self._writing.get(key[1], 0) + 1
+        try:
+            verdict = self._store(raw, ds, key, sender, host, via, sop, sop_class)
+            if verdict.stored:
+                metrics.INSTANCES_RECEIVED.labels("dimse" if negotiated else "stow").inc()
+            return verdict
+        finally:
+            with self._lock:
+                self._writing[key[1]] -= 1
+                if not self._writing[key[1]]:
+                    del self._writing[key[1]]
+
+    def _store(self, raw: bytes, ds: Dataset, key, sender: str, host: str, via: str, sop: str,
+               sop_class: str) -> Verdict:
+        session, (study, series) = key
         try:
             if key not in self._noted:
                 # Who sent the series is needed for routing and 'sender': recorded before the ack.
@@ -179,20 +227,31 @@ class Ingest:
             else:
                 fsync_dir(path.parent)  # its first writer may not have made it durable yet
             if not new:
-                if not same_instance(path.read_bytes(), raw):
-                    return refuse(DUPLICATE_SOP_INSTANCE, "(0008,0018) SOPInstanceUID already stored, other content",
-                                  "(0008,0018) SOPInstanceUID is already stored with other content: kept the first")
+                if not same_instance(path.read_bytes(), ds):
+                    log.warning("%s: SOP %s refused (0x%04X): (0008,0018) SOPInstanceUID is already stored with "
+                                "other content: kept the first", via, sop, DUPLICATE_SOP_INSTANCE)
+                    metrics.INSTANCES_REFUSED.labels(_REFUSED[DUPLICATE_SOP_INSTANCE]).inc()
+                    return Verdict(DUPLICATE_SOP_INSTANCE, "(0008,0018) SOPInstanceUID already stored, other content",
+                                   sop_class, sop)
                 log.info("%s: SOP %s already stored; kept once", via, sop)
         except OSError as exc:
             log.error("%s: cannot store SOP %s: %s", via, sop, exc.strerror)
-            comment = "node disk full" if exc.errno == errno.ENOSPC else "node cannot write to its spool"
+            full = exc.errno == errno.ENOSPC
+            metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL if full else metrics.SPOOL_ERROR).inc()
+            comment = "node disk full" if full else "node cannot write to its spool"
             return Verdict(OUT_OF_RESOURCES, comment, sop_class, sop)
         except sqlite3.Error as exc:
             log.error("%s: cannot record SOP %s in the ledger: %s", via, sop, exc)
+            metrics.INSTANCES_REFUSED.labels(metrics.LEDGER_ERROR).inc()
             return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
         self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
                                        acquisition=_text(ds, "AcquisitionNumber"))
         return Verdict(SUCCESS, "", sop_class, sop, series, study)
+
+
+_REFUSED = {CANNOT_UNDERSTAND: metrics.CANNOT_PARSE, DATASET_DOES_NOT_MATCH_SOP_CLASS: metrics.BAD_UIDS,
+            SOP_CLASS_NOT_SUPPORTED: metrics.SOP_CLASS, TRANSFER_SYNTAX_NOT_SUPPORTED: metrics.TRANSFER_SYNTAX,
+            DUPLICATE_SOP_INSTANCE: metrics.BAD_UIDS}
 
 
 def uid_shown(value: str) -> str:
@@ -210,24 +269,20 @@ def _element_in(message: str) -> str:
     return element_name(int(match.group(1) + match.group(2), 16)) if match else ""
 
 
-def _body(raw: bytes) -> tuple[bytes, bytes]:
-    """(transfer syntax UID, data set bytes) of a Part 10 file with a meta group length."""
-    if raw[128:132] != b"DICM" or raw[132:136] != b"\x02\x00\x00\x00":
-        return b"", raw
-    end = 144 + struct.unpack_from("<I", raw, 140)[0]
-    at = raw.find(b"\x02\x00\x10\x00", 144, end)
-    syntax = b""
-    if at >= 0 and raw[at + 4:at + 6] == b"UI":
-        syntax = raw[at + 8:at + 8 + struct.unpack_from("<H", raw, at + 6)[0]].rstrip(b"\0 ")
-    return syntax, raw[end:]
-
-
-def same_instance(stored: bytes, received: bytes) -> bool:
-    """Whether ``received`` repeats the stored instance: the same data set bytes (the file meta
-    differs between senders). One in another transfer syntax cannot be compared byte for byte and
-    counts as the same (a PACS that re-sends compressed)."""
-    (syntax_a, body_a), (syntax_b, body_b) = _body(stored), _body(received)
-    return syntax_a != syntax_b or body_a == body_b
+def same_instance(stored: bytes, received: Dataset) -> bool:
+    """Whether ``received`` repeats the stored instance: the same pixel data (a sender re-encoding
+    it may change padding, group lengths, even header text; a different image under the same SOP
+    Instance UID is what must not be acknowledged and dropped). One in another transfer syntax
+    cannot be compared byte for byte and counts as the same (a PACS that re-sends compressed)."""
+    try:
+        first = dcmread(io.BytesIO(stored))
+    except Exception:  # noqa: BLE001 - what the spool holds was checked when it came in
+        return False
+    if first.file_meta.get("TransferSyntaxUID") != received.file_meta.get("TransferSyntaxUID"):
+        return True
+    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    return all(first.get(k) is None and received.get(k) is None or
+               k in first and k in received and first[k].value == received[k].value for k in pixels)
 
 
 def _text(ds: Dataset, keyword: str) -> str:

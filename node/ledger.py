@@ -258,6 +258,10 @@ class Ledger:
             rows = self._q(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id {order} LIMIT ?", (*states, limit))
         return [Job.from_row(r) for r in rows]
 
+    def count_jobs(self, states: Iterable[str]) -> int:
+        states = tuple(states)
+        return self._q(f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})", states)[0][0]
+
     def set_job_state(self, job_id: int, state: str, reason: str | None = None) -> None:
         self._q("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id))
 
@@ -269,6 +273,19 @@ class Ledger:
     def set_finished(self, job_id: int, started: float | None, finished: float, instances_out: int) -> None:
         self._q("UPDATE jobs SET started = COALESCE(?, started), finished = ?, instances_out = ?, progress = NULL"
                 " WHERE id = ?", (started, finished, instances_out, job_id))
+
+    def expired_jobs(self, delivered_before: float, failed_before: float) -> list[Job]:
+        """Finished jobs whose files retention removes: delivered before ``delivered_before``;
+        parked, failed or refused (last changed) before ``failed_before``."""
+        rows = self._q(
+            "SELECT * FROM jobs WHERE purged IS NULL AND ((state = 'delivered' AND COALESCE(delivered, updated) < ?)"
+            " OR (state IN ('parked', 'failed', 'refused') AND updated < ?)) ORDER BY id",
+            (delivered_before, failed_before))
+        return [Job.from_row(r) for r in rows]
+
+    def series_jobs(self, study_uid: str, series_uid: str) -> list[Job]:
+        rows = self._q("SELECT * FROM jobs WHERE study_uid = ? AND series_uid = ? ORDER BY id", (study_uid, series_uid))
+        return [Job.from_row(r) for r in rows]
 
     def set_purged(self, job_id: int, when: float) -> None:
         self._q("UPDATE jobs SET purged = ? WHERE id = ?", (when, job_id))

@@ -1,7 +1,9 @@
 """The DICOM listener: C-ECHO and C-STORE SCP.
 
 Every association is checked before it is accepted (called AE, calling AE and, when configured,
-the peer's host; PS3.8 9.3.4 reject reasons). Each instance goes through :mod:`node.ingest`,
+the peer's host and TLS; PS3.8 9.3.4 reject reasons), within the limits of :mod:`node.dicom_guard`
+(per-host slots, deadlines, PDU cap, back-off). Plain and TLS listeners share one guard. Every
+accept / reject / abort passes :meth:`StorageSCP.record` (the audit hook). Each instance goes through :mod:`node.ingest`,
 which spools it (fsync'd) before the success status goes back, so an acknowledged instance is
 never lost. The handler never runs a pipeline: it spools, tells the assembler, and answers.
 """
@@ -11,18 +13,23 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification
 
 from node.audit import Audit
+from node.backoff import Backoff
 from node.config import Config
-from node.fast_reactor import FastAE
+from node.dicom_guard import AssociationOutcome, Guard, GuardedHandler, GuardedServer
+from node.fast_reactor import FastAE, require_supported
 from node.ingest import SOP_CLASS_NOT_SUPPORTED, STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest, uid_shown
+from node.tls import peer_subject, server_context
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,31 @@ REFUSED_CONTEXT = {0x01: "refused", 0x02: "refused", 0x03: "SOP class not suppor
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
+
+#: pynetdicom modules that log a traceback for what a peer's bytes cause (an item that fails
+#: validation, an undecodable DIMSE message, a state-machine action on a bad A-ASSOCIATE-RQ).
+PEER_FACING_LOGGERS = ("acse", "dimse", "dimse_messages", "dul", "fsm", "pdu", "pdu_items", "pdu_primitives",
+                       "presentation", "transport", "utils", "_validators")
+
+
+class _NoTraceback(logging.Filter):
+    """One line, not a traceback, for what a peer can cause (issue 21); tracebacks stay at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_peer_tracebacks() -> None:
+    """Install :class:`_NoTraceback` on pynetdicom's peer-facing loggers (once)."""
+    for name in PEER_FACING_LOGGERS:
+        logger = logging.getLogger(f"pynetdicom.{name}")
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -80,11 +112,6 @@ def encoded_with_meta(event: evt.Event) -> bytes:
     ))
 
 
-def _tls(event: evt.Event) -> bool:
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    return isinstance(sock, ssl.SSLSocket)
-
-
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -93,19 +120,34 @@ def _failure(status: int, comment: str) -> Dataset:
 
 
 class StorageSCP:
-    """The node's listener. ``start()`` opens the port in the background; ``stop()`` closes it."""
+    """The node's listener(s). ``start()`` opens the ports in the background; ``stop()`` closes them.
+
+    ``audit`` (node.audit) gets every association outcome (see :meth:`record`).
+    """
 
     def __init__(self, config: Config, ingest: Ingest, audit: Audit | None = None):
+        require_supported()  # the PDU cap and deadlines live in node.fast_reactor
+        quiet_peer_tracebacks()
+        if config.node.log_level != "DEBUG":
+            # pynetdicom's "standard" handlers format every PDU and DIMSE message for DEBUG lines
+            # that are filtered out anyway, and raise on odd ones (a traceback in the log).
+            pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         self.config = config
         self.ingest = ingest
         self.audit = audit
-        self._server = None
+        self._servers: list[GuardedServer] = []
+        limits = config.node.limits
         ae = FastAE(ae_title=config.node.ae_title)  # event-driven reactors (node.fast_reactor)
-        ae.maximum_associations = config.node.max_associations
+        ae.maximum_associations = 1 << 20  # pynetdicom counts waiting connections too: Guard counts
+        ae.maximum_pdu_size = limits.max_pdu_bytes
+        ae.acse_timeout = limits.association_request_timeout_s
+        ae.network_timeout = limits.idle_timeout_s
         ae.add_supported_context(Verification)
         for uid in sorted(STORAGE_CLASSES):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)  # the acceptor takes the first proposed
         self.ae = ae
+        self.backoff = Backoff("DICOM associations")
+        self.guard = Guard(limits, config.node.max_associations, self.backoff, self.record)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,52 +161,104 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
-        self._server = self.ae.start_server(
-            (self.config.node.bind, self.config.node.port), block=False, evt_handlers=handlers
-        )
-        log.info("listening as %s on %s:%s", self.config.node.ae_title, self.config.node.bind, self.config.node.port)
+        node = self.config.node
+        ssl_context = server_context(node.tls) if node.tls else None  # bad files fail the start
+        try:
+            if node.port is not None:
+                self._serve(node.port, None, handlers)
+            if node.tls is not None:
+                self._serve(node.tls.port, ssl_context, handlers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve(self, port: int, ssl_context: ssl.SSLContext | None, handlers) -> None:
+        node = self.config.node
+        server = self.ae.make_server((node.bind, port), ssl_context=ssl_context, evt_handlers=handlers,
+                                     server_class=GuardedServer, request_handler=GuardedHandler)
+        server.guard = self.guard
+        self.ae._servers.append(server)  # as start_server does: shutdown() removes it
+        threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True).start()
+        self._servers.append(server)
+        what = "DICOM TLS" if ssl_context else "DICOM"
+        extra = ""
+        if ssl_context is not None:
+            extra = ", client certificate required" if node.tls.require_client_certificate else ""
+        log.info("listening as %s on %s:%s (%s%s)", node.ae_title, node.bind, port, what, extra)
+
+    def active_associations(self) -> int:
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers) and all(server.socket.fileno() != -1 for server in self._servers)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        while self._servers:
+            self._servers.pop().shutdown()
+
+    # -- the audit hook -------------------------------------------------------------------
+    def record(self, outcome: AssociationOutcome) -> None:
+        """Every association attempt ends here once: accepted, rejected at A-ASSOCIATE-RQ, aborted
+        for a PDU violation, or refused at the connection (limits, back-off, TLS; these once per
+        host and log window, as they are logged: a flood must not cost an fsync per connection).
+        Logging is done by the callers; this writes the audit trail."""
+        if self.audit is None:
+            return
+        fields = {"calling_ae": outcome.calling_ae, "address": outcome.address, "tls": outcome.tls}
+        if outcome.peer_certificate:
+            fields["peer_certificate"] = outcome.peer_certificate
+        try:
+            if outcome.accepted:
+                self.audit.record("association.accepted", **fields)
+            else:
+                self.audit.record("association.rejected", **fields, reason=outcome.reason)
+        except Exception:
+            log.exception("audit of an association outcome failed")
 
     # -- handlers -------------------------------------------------------------------------
     def _check_association(self, event: evt.Event) -> None:
-        primitive = event.assoc.requestor.primitive
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
         called = primitive.called_ae_title.strip()
         calling = primitive.calling_ae_title.strip()
-        host = event.assoc.requestor.address
+        host = assoc.requestor.address
+        tls = isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
         config = self.config  # one config for the whole check, even if a reload swaps it meanwhile
-        if called != config.node.ae_title:
-            log.warning("rejected association from %s@%s: called AE %r is not %r",
-                        calling, host, called, config.node.ae_title)
-            self._audit_reject(event, f"called AE {called!r} is not {config.node.ae_title!r}")
-            self._reject(event, REJECT_CALLED_AE)
-            return
         peer = config.peer(calling)
-        if peer is None:
-            log.warning("rejected association from %s@%s: calling AE is not a configured peer", calling, host)
-            self._audit_reject(event, "calling AE is not a configured peer")
-            self._reject(event, REJECT_CALLING_AE)
+        if called != config.node.ae_title:
+            why, reason = f"called AE {called!r} is not {config.node.ae_title!r}", REJECT_CALLED_AE
+        elif peer is None:
+            why, reason = "calling AE is not a configured peer", REJECT_CALLING_AE
+        elif not peer.allows(host):
+            why, reason = f"peer {calling} is only allowed from {peer.host}", REJECT_CALLING_AE
+        elif peer.tls and not tls:
+            why, reason = f"peer {calling} must use DICOM TLS (peers[].tls)", REJECT_NO_REASON
+        else:
+            busy = self.guard.associate(assoc, host)
+            if busy is None:
+                return
+            logged = self.guard.quiet.warning(host, "busy", "rejected association from %s@%s: %s", calling, host, busy)
+            self._reject(event, REJECT_BUSY)
+            if logged:  # like the log, once per host and window
+                self.record(AssociationOutcome(False, host, calling, tls, busy, peer_subject(assoc.dul.socket.socket)))
             return
-        if not peer.allows(host):
-            log.warning("rejected association from %s@%s: peer %s is only allowed from %s",
-                        calling, host, calling, peer.host)
-            self._audit_reject(event, f"peer is only allowed from {peer.host}")
-            self._reject(event, REJECT_CALLING_AE)
-
-    def _audit_reject(self, event: evt.Event, reason: str) -> None:
-        if self.audit is not None:
-            primitive = event.assoc.requestor.primitive
-            self.audit.record("association.rejected", calling_ae=primitive.calling_ae_title.strip(),
-                              called_ae=primitive.called_ae_title.strip(), address=event.assoc.requestor.address,
-                              tls=_tls(event), reason=reason)
+        log.warning("rejected association from %s@%s: %s", calling, host, why)
+        self.backoff.failure(host)  # before the answer: the peer's next try must see it
+        self._reject(event, reason)
+        self.record(AssociationOutcome(False, host, calling, tls, why, peer_subject(assoc.dul.socket.socket)))
 
     def _accepted(self, event: evt.Event) -> None:
-        if self.audit is not None:
-            self.audit.record("association.accepted", calling_ae=event.assoc.requestor.ae_title.strip(),
-                              address=event.assoc.requestor.address, tls=_tls(event))
+        assoc = event.assoc
+        host, calling = assoc.requestor.address, assoc.requestor.ae_title.strip()
+        sock = assoc.dul.socket.socket
+        tls = isinstance(sock, ssl.SSLSocket)
+        subject = peer_subject(sock)
+        self.backoff.success(host)
+        if tls:
+            log.info("association from %s@%s over %s%s", calling, host, sock.version(),
+                     f", client certificate {subject}" if subject else ", no client certificate")
+        self.record(AssociationOutcome(True, host, calling, tls, "", subject))
         self._log_refused_contexts(event)
 
     @staticmethod
@@ -180,15 +274,12 @@ class StorageSCP:
                         event.assoc.requestor.ae_title.strip(), len(refused), names, more)
 
     def _log_negotiation_reject(self, event: evt.Event) -> None:
-        """pynetdicom's own rejections (the node's AE checks log theirs): above
-        ``node.max_associations`` is the one an admin can act on."""
+        """pynetdicom's own rejections (the node's checks log theirs)."""
         primitive = event.assoc.requestor.primitive
         calling, host = primitive.calling_ae_title.strip(), event.assoc.requestor.address
-        acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
-        why = (f"the node's limit of {self.ae.maximum_associations} associations is reached"
-               if len(acceptors) > self.ae.maximum_associations else "the association negotiation failed")
-        log.warning("rejected association from %s@%s: %s", calling, host, why)
-        self._audit_reject(event, why)
+        log.warning("rejected association from %s@%s: the association negotiation failed", calling, host)
+        self.record(AssociationOutcome(False, host, calling, isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket),
+                                       "association negotiation failed"))
 
     @staticmethod
     def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:

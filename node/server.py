@@ -1,4 +1,4 @@
-"""The running node: the DICOM listener (and the STOW-RS one when configured), the
+"""The running node: the DICOM listener (and the HTTP service when configured), the
 assembly/scheduling loop, the dispatcher loop and, in embedded mode, its own Celery worker as a
 supervised child process.
 
@@ -23,10 +23,11 @@ from node.config import Config
 from node.dispatch import Dispatcher
 from node.ingest import Ingest
 from node.ledger import Ledger
+from node.reload import changes, pid_path, prepare, take_request, write_answer
+from node.retention import Retention
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
 from node.spool import Spool, remove_partial_writes
-from node.stow import StowServer
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,17 @@ class Node:
         self._run_job = run_job
         self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit, self.audit)
         self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
-        self.ingest = Ingest(self.spool, self.ledger, self.assembler)
+        self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes)
         self.scp = StorageSCP(config, self.ingest, self.audit)
-        self.stow = StowServer(config, self.ingest) if config.node.stow_port else None
+        self.retention = Retention(config, self.spool, self.ledger, self.ingest, self.audit)
+        self.http = None
+        if config.http is not None:
+            from node.http.app import HttpService  # the web stack is loaded only when it is used
+
+            self.http = HttpService(self)
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reload_lock = threading.Lock()
         self._resubmit = threading.Event()
         self._threads: list[threading.Thread] = []
         self._worker: subprocess.Popen | None = None
@@ -78,8 +86,8 @@ class Node:
             log.warning("removed %d partial instance file(s) left by an interrupted write (never acknowledged)",
                         removed)
         self.scp.start()  # a port already in use fails the start before anything runs
-        if self.stow is not None:
-            self.stow.start()
+        if self.http is not None:
+            self.http.start()
         self.assembler.recover()
         self.scheduler.resubmit_unfinished()
         if self.config.queue.broker == "embedded":
@@ -87,12 +95,13 @@ class Node:
             self._spawn(self._supervise_worker, "worker-supervisor")
         self._spawn(self._schedule_loop, "scheduler")
         self._spawn(self._dispatch_loop, "dispatcher")
+        self._spawn(self._retention_loop, "retention")
 
     def stop(self) -> None:
         self._stop.set()
         self.scp.stop()
-        if self.stow is not None:
-            self.stow.stop()
+        if self.http is not None:
+            self.http.stop()
         self.assembler._wake.set()
         for thread in self._threads:
             thread.join(timeout=WORKER_STOP_S + 5)  # the supervisor stops the worker first
@@ -103,12 +112,49 @@ class Node:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.start()
+        pid_file = pid_path(self.spool.root)
+        pid_file.write_text(f"{os.getpid()}\n")
         try:
-            while not self._stop.wait(0.5):
-                pass
+            while not self._stop.wait(0.2):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    ok, reasons, changed = self.reload(actor=take_request(self.spool.root) or "SIGHUP")
+                    write_answer(self.spool.root, ok, reasons, changed)
         finally:
+            pid_file.unlink(missing_ok=True)
             self.stop()
+
+    # -- config reload --------------------------------------------------------------------
+    def reload(self, actor: str, path=None) -> tuple[bool, list[str], list[str]]:
+        """Validate the config file (the running one's unless ``path``) and swap it in (see
+        node.reload); returns (applied, reasons it was refused, what changed)."""
+        with self._reload_lock:
+            old = self.config
+            new, reasons = prepare(old, path)
+            if new is None:
+                log.warning("config reload refused, the running config stays: %s", "; ".join(reasons))
+                self.audit.record("config.reload", actor=actor, ok=False, reasons=reasons)
+                return False, reasons, []
+            changed = changes(old, new)
+            self.dispatcher.retire({n: d for n, d in old.destinations.items() if n not in new.destinations})
+            for part in (self.scheduler, self.dispatcher, self.scp, self.retention):
+                if part is not None and hasattr(part, "config"):
+                    part.config = new
+            self.ingest.min_free_bytes = new.retention.min_free_bytes  # the HTTP service reads self.config
+            self.scp.guard.set_max_associations(new.node.max_associations)
+            limits = new.node.limits
+            self.scp.guard.limits = limits
+            self.scp.ae.maximum_pdu_size = limits.max_pdu_bytes
+            self.scp.ae.acse_timeout = limits.association_request_timeout_s
+            self.scp.ae.network_timeout = limits.idle_timeout_s
+            self.assembler.quiet_seconds = new.completion.quiet_seconds
+            logging.getLogger().setLevel(new.node.log_level)
+            self.config = new
+            log.info("config reloaded from %s: %s", new.source, "; ".join(changed) or "no change")
+            self.audit.record("config.reload", actor=actor, ok=True, changes=changed)
+            return True, [], changed
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
@@ -150,6 +196,11 @@ class Node:
             self.scheduler.tick()
             self.assembler.wait(0.05)
 
+    def _retention_loop(self) -> None:
+        self.retention.empty_trash()
+        while not self._stop.wait(self.retention.interval):
+            self.retention.sweep()
+
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
             if not self.dispatcher.run_once():
@@ -163,6 +214,10 @@ class Node:
         parent = os.getpid()
         self._worker = subprocess.Popen(cmd, preexec_fn=lambda: _die_with_parent(parent), env=os.environ.copy())
         log.info("embedded worker started (pid %s)", self._worker.pid)
+
+    def worker_running(self) -> bool:
+        """Whether the embedded worker process is alive (health)."""
+        return self._worker is not None and self._worker.poll() is None
 
     def _stop_worker(self) -> None:
         """SIGTERM (Celery's warm shutdown: the job in hand finishes), SIGKILL after ``WORKER_STOP_S``."""

@@ -42,17 +42,18 @@ import numpy as np
 import torch
 from pydicom import Dataset
 
-from pipelines import volume_data, weights
+from pipelines import weights
 from pipelines.base import Refusal, RunContext
+from pipelines.dicom.derived import LO_MAX, RESEARCH_USE, DerivedSeries, DerivedSlice, volume_slice, write_derived
+from pipelines.dicom.series import Image2D, Volume, load_series
+from pipelines.models import intensity
+from pipelines.models.interpolation import METHODS, resize
+from pipelines.models.lanczos import centres
+from pipelines.models.mdrn import MDRN, load_mdrn_once
+from pipelines.models.mdrn import SCALES as MDRN_SCALES
+from pipelines.models.meta_sr import MAX_SCALE, META_FILE, MetaSR, halo, load_meta
 from pipelines.options import check_keys, geometry, number
-from pipelines.derived import LO_MAX, RESEARCH_USE, DerivedSeries, DerivedSlice, write_derived
-from pipelines.interpolation import METHODS, resize
-from pipelines.lanczos import centres
-from pipelines.mdrn import MDRN, load_mdrn_once
-from pipelines.mdrn import SCALES as MDRN_SCALES
-from pipelines.meta_sr import MAX_SCALE, META_FILE, MetaSR, halo, load_meta
-from pipelines.series import Image2D, Volume, load_series
-from pipelines.volume_stream import (
+from pipelines.models.volume_stream import (
     BATCH_VOXELS,
     INTERP_PAD,
     interpolation_sampler,
@@ -179,7 +180,7 @@ class ArbitraryPipeline:
                 if network is None:
                     out = resize(pixels, (rows, cols), opts["model"])
                 else:
-                    low, high = (float(v) for v in np.percentile(pixels, volume_data.MR_PERCENTILES))
+                    low, high = (float(v) for v in np.percentile(pixels, intensity.MR_PERCENTILES))
                     if high <= low:
                         raise Refusal("the image is blank (no contrast between its 0.5 and 99.5 percentiles)")
                     out = network.inplane(pixels[None], rows, cols, (low, high), image.monochrome1)[0]
@@ -197,7 +198,7 @@ class ArbitraryPipeline:
         window = None
         if network is not None:
             modality = str(vol.datasets[0].get("Modality", ""))
-            window = volume_data.normaliser(vol.voxels, "CT" if modality == "CT" else "MR")
+            window = intensity.normaliser(vol.voxels, "CT" if modality == "CT" else "MR")
         new_spacing = (h * vol.pixel_spacing[0] / rows, w * vol.pixel_spacing[1] / cols)
         through = n_out != n
         text = _text(h, w, (rows, cols)) + (f", {n} -> {n_out} slices" if through else "")
@@ -217,7 +218,7 @@ class ArbitraryPipeline:
         def slices() -> Iterator[DerivedSlice]:
             for j, pixels in enumerate(stream):
                 k = float(coords[j]) if through else float(j)
-                yield vol.output_slice(pixels, k, j, n_out, new_spacing, through)
+                yield volume_slice(vol, pixels, k, j, n_out, new_spacing, through)
                 context.report(j + 1, n_out)
 
         return write_derived(slices(), series, context)

@@ -44,13 +44,14 @@ import numpy as np
 import torch
 from pydicom import Dataset
 
-from pipelines import arbitrary, hydra, weights
+from pipelines import arbitrary, weights
 from pipelines.base import Refusal, RunContext
+from pipelines.dicom.derived import DerivedSeries, DerivedSlice, derived_series_number, series_description, write_derived
+from pipelines.dicom.series import Image2D, load_series
+from pipelines.models import hydra
+from pipelines.models.interpolation import resize
+from pipelines.models.mdrn import SCALES as MDRN_SCALES
 from pipelines.options import check_keys
-from pipelines.derived import DerivedSeries, DerivedSlice, derived_series_number, series_description, write_derived
-from pipelines.interpolation import resize
-from pipelines.mdrn import SCALES as MDRN_SCALES
-from pipelines.series import Image2D, load_series
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class CxrPipeline:
 
     def _outputs(self, images: list[Image2D], opts: dict, context: RunContext, models: hydra.HydraModels | None,
                  network: arbitrary.Network | None) -> Iterator[Dataset]:
-        from pipelines import cxr_outputs
+        from pipelines.dicom import cxr_outputs
 
         scale = opts["scale"]
         results = []

@@ -1,8 +1,8 @@
 """The ``interp`` pipeline: classic interpolation (nearest, linear, cubic, Lanczos) of any series.
 
 It is the baseline every model is compared with, and the reference implementation of the pipeline
-contract (:mod:`pipelines.base`): load and check (:mod:`pipelines.series`), resample
-(:mod:`pipelines.interpolation`), write a derived series (:mod:`pipelines.derived`).
+contract (:mod:`pipelines.base`): load and check (:mod:`pipelines.dicom.series`), resample
+(:mod:`pipelines.models.interpolation`), write a derived series (:mod:`pipelines.dicom.derived`).
 
 Options
 -------
@@ -45,16 +45,16 @@ import numpy as np
 from pydicom import Dataset
 
 from pipelines.base import Refusal, RunContext
+from pipelines.dicom.derived import DerivedSeries, DerivedSlice, volume_slice, write_derived
 from pipelines.options import check_keys, geometry, number
-from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
-from pipelines.interpolation import (
+from pipelines.models.interpolation import (
     METHODS,
     apply_axis,
     resize,
     resize_weights,
     sample_weights,
 )
-from pipelines.series import Image2D, Volume, load_series
+from pipelines.dicom.series import Image2D, Volume, load_series
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class InterpPipeline:
                     block = apply_axis(block, 2, weights_x)
                 for j in range(start, stop):
                     k = float(centres[j])
-                    yield vol.output_slice(block[j - start], k, j, n_out, new_spacing, through)
+                    yield volume_slice(vol, block[j - start], k, j, n_out, new_spacing, through)
                     context.report(j + 1, n_out)
 
         return write_derived(slices(), series, context)

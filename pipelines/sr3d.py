@@ -17,7 +17,7 @@ Geometry
 --------
 Both stages keep the field of view: an axis of N samples at spacing s becomes ``N*r`` samples at
 ``s/r``, aligned on the outer pixel/slab edges, so output sample i sits at source coordinate
-``(i + 0.5)/r - 0.5`` (the convention of the training degradation and of :mod:`pipelines.interpolation`).
+``(i + 0.5)/r - 0.5`` (the convention of the training degradation and of :mod:`pipelines.models.interpolation`).
 In-plane the first pixel centre moves by half the spacing change; through-plane the first slice
 lies ``s/2 - s/(2r)`` before the first source slice, along the normal. ImagePositionPatient,
 PixelSpacing, SpacingBetweenSlices (new spacing), InstanceNumber (the source's sense along the
@@ -26,7 +26,7 @@ the networks learned to undo a cubic downscaling, not the scanner's slice profil
 value would claim resolution that is not shown to be there.
 
 Memory: the source volume is decoded once (float32); in-plane slices are made one at a time, and
-the through-plane stage works in slabs (:mod:`pipelines.volume_stream`), so output slices are
+the through-plane stage works in slabs (:mod:`pipelines.models.volume_stream`), so output slices are
 streamed to disk and memory does not grow with the output size.
 """
 from __future__ import annotations
@@ -44,15 +44,16 @@ import numpy as np
 import torch
 from pydicom import Dataset
 
-from pipelines import volume_data, weights
+from pipelines import weights
 from pipelines.base import Refusal, RunContext
+from pipelines.dicom.derived import DerivedSeries, DerivedSlice, volume_slice, write_derived
+from pipelines.dicom.series import Volume, load_series
+from pipelines.models import intensity
+from pipelines.models.interpolation import METHODS
+from pipelines.models.mdrn import load_mdrn_once
+from pipelines.models.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig
 from pipelines.options import check_keys, geometry
-from pipelines.derived import DerivedSeries, DerivedSlice, write_derived
-from pipelines.interpolation import METHODS
-from pipelines.mdrn import load_mdrn_once
-from pipelines.series import Volume, load_series
-from pipelines.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig
-from pipelines.volume_stream import (
+from pipelines.models.volume_stream import (
     Upsampler,
     cnn_upsampler,
     mdrn_images,
@@ -159,7 +160,7 @@ class SR3DPipeline:
                 raise Refusal(f"the sr3d CNNs are trained on CT and MR; this series is {modality or 'of no modality'} "
                               f"(use model: lanczos, or the interp pipeline)")
             models = load_models(weights.weights_dir())
-            window = volume_data.normaliser(vol.voxels, modality)
+            window = intensity.normaliser(vol.voxels, modality)
             versions = []
             if r_in > 1 and method == "mdrn":
                 mdrn = load_mdrn_once(weights.weights_dir())
@@ -195,7 +196,7 @@ class SR3DPipeline:
         def slices() -> Iterator[DerivedSlice]:
             for j, pixels in enumerate(stream):
                 k = (j + 0.5) / r_t - 0.5
-                yield vol.output_slice(pixels, k, j, n_out, new_spacing, through=r_t > 1)
+                yield volume_slice(vol, pixels, k, j, n_out, new_spacing, through=r_t > 1)
                 context.report(j + 1, n_out)
 
         return write_derived(slices(), series, context)

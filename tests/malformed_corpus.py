@@ -307,11 +307,11 @@ def same_series_in_two_studies() -> list[Case]:
 
 
 def duplicates() -> list[Case]:
-    """The same SOP Instance UID twice: an exact repeat is stored once (success), other content is refused."""
+    """The same SOP Instance UID thrice: a repeat is stored once (success), another image is refused."""
     ds = _relabel(_base("CT_small.dcm"), "duplicate")
     first = part10(ds)
     changed = copy.deepcopy(ds)
-    changed.WindowCenter = "77"
+    changed.PixelData = bytes(reversed(changed.PixelData))  # another image under the same UID
     meta = dict(sop=str(ds.SOPInstanceUID), sop_class=str(ds.file_meta.MediaStorageSOPClassUID),
                 syntax=ExplicitVRLittleEndian)
     return [Case("duplicate-first", first, OK, **meta), Case("duplicate-repeat", first, OK, **meta),

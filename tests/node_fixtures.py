@@ -20,10 +20,16 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 peers: list[dict] | None = None, broker: str = "embedded", quiet_seconds: float = 0.5,
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
-                stow_port: int | None = None, stow_hold_seconds: float = 60) -> dict[str, Any]:
-    return {
+                http_port: int | None = None, tokens: list[dict] | None = None,
+                stow_hold_seconds: float = 60, retention: dict[str, Any] | None = None,
+                **node_extra: Any) -> dict[str, Any]:
+    """A node's config; ``http_port`` turns the HTTP service on (STOW-RS, /healthz, /metrics);
+    ``retention.min_free_bytes`` is 0 unless given (test machines' disks vary); ``node_extra``: more
+    ``node`` keys (``tls``, ``limits``, ``bind``)."""
+    config = {
+        "retention": {"min_free_bytes": 0, **(retention or {})},
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
-                 "max_associations": max_associations, "stow_port": stow_port},
+                 "max_associations": max_associations, **node_extra},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
         "destinations": destinations,
         "routes": routes,
@@ -32,6 +38,9 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
         "dispatch": {"max_attempts": max_attempts, "backoff_initial_s": backoff_initial_s,
                      "backoff_max_s": backoff_max_s},
     }
+    if http_port:
+        config["http"] = {"port": http_port, "bind": "127.0.0.1", "tokens": tokens or []}
+    return config
 
 
 def _env() -> dict[str, str]:
@@ -50,7 +59,8 @@ class NodeProcess:
         self.config_path = root / "node.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.config = config
-        self.port = config["node"]["port"]
+        self.tls_port = (config["node"].get("tls") or {}).get("port")
+        self.port = config["node"]["port"] or self.tls_port  # what start() waits for
         self.spool = Path(config["node"]["spool"])
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None

@@ -235,6 +235,9 @@ class Orthanc:
         Orthanc's own AE title.
     config
         Extra configuration keys, merged over the defaults.
+    tls
+        DICOM TLS on its DICOM port (then TLS only): ``{"certificate": path, "private_key": path,
+        "trusted": CA path, "require_client_certificate": bool}`` (Orthanc's ``DicomTls*`` keys).
 
     ``stop()`` is graceful (~3.5 s, Orthanc's own shutdown), ``kill()`` is SIGKILL; ``start()`` after
     either, and ``restart()``, come back on the same ports with the same storage (free ports are
@@ -243,8 +246,9 @@ class Orthanc:
 
     def __init__(self, root: str | os.PathLike | None = None, *, modalities: dict[str, list] | None = None,
                  aet: str = "ORTHANC", config: dict[str, Any] | None = None,
-                 http_port: int | None = None, dicom_port: int | None = None):
+                 http_port: int | None = None, dicom_port: int | None = None, tls: dict[str, Any] | None = None):
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="orthanc-"))
+        self.tls = dict(tls) if tls else None
         self.root.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.modalities = dict(modalities or {})
@@ -295,6 +299,11 @@ class Orthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": LOOPBACK, "Ssl": False},
             "SaveJobs": False,
         }
+        if self.tls:
+            cfg.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(self.tls["certificate"]),
+                        "DicomTlsPrivateKey": str(self.tls["private_key"]),
+                        "DicomTlsTrustedCertificates": str(self.tls["trusted"]),
+                        "DicomTlsRemoteCertificateRequired": bool(self.tls.get("require_client_certificate"))})
         cfg.update(self.extra_config)
         return cfg
 

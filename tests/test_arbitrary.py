@@ -10,12 +10,14 @@ import pytest
 import torch
 from pydicom import dcmread
 
-from pipelines import arbitrary, mdrn, meta_sr, train_sr2d, volume_data, volume_stream, weights
+from pipelines import arbitrary, weights
 from pipelines.base import Refusal, RunContext
-from pipelines.derived import series_description
-from pipelines.interpolation import resize
-from pipelines.lanczos import centres
-from pipelines.meta_sr import META_FILE, MetaConfig, MetaSR
+from pipelines.dicom.derived import series_description
+from pipelines.models import intensity, mdrn, meta_sr, volume_stream
+from pipelines.models.interpolation import resize
+from pipelines.models.lanczos import centres
+from pipelines.models.meta_sr import META_FILE, MetaConfig, MetaSR
+from pipelines.training import train_sr2d, volume_data
 from tests.dicom_checks import check_derived, new_dciodvfy_errors
 from tests.synthetic import ct_series, read_testdata
 
@@ -82,7 +84,7 @@ def test_meta_through_plane_slabs_do_not_change_the_result(monkeypatch):
     vol = rng.normal(0, 300, (9, 16, 16)).astype(np.float32)
     model = _random_meta()
     coords = centres(9, 22)
-    sampler = arbitrary._meta_through_sampler(model, 9 / 22, volume_data.CT_RANGE)
+    sampler = arbitrary._meta_through_sampler(model, 9 / 22, intensity.CT_RANGE)
     pad = meta_sr.halo(model.config)
     whole = np.stack(list(volume_stream.resample_stream(iter(vol), 9, coords, sampler, pad, True)))
     monkeypatch.setattr(volume_stream, "SLAB_VOXELS", 16 * 16 * 3)
@@ -133,7 +135,7 @@ def test_meta_filter_predictor_trains_slowly_and_tells_phases_apart():
 def test_training_few_steps_is_reproducible(tmp_path, kind):
     ct = volume_data.VolumeSource("synthetic_ct", "CT", "-", "train", True)
     rng = np.random.default_rng(3)
-    vol = volume_data.normalise(rng.normal(0, 400, (12, 140, 140)).astype(np.float32), volume_data.CT_RANGE)
+    vol = intensity.normalise(rng.normal(0, 400, (12, 140, 140)).astype(np.float32), intensity.CT_RANGE)
     first = train_sr2d.train(kind, tmp_path, tmp_path, tmp_path / "a", steps=2, seed=4, volumes=[(ct, vol)])
     again = train_sr2d.train(kind, tmp_path, tmp_path, tmp_path / "b", steps=2, seed=4, volumes=[(ct, vol)])
     a, config = weights.load(first)
@@ -275,7 +277,7 @@ def test_missing_and_altered_weights_give_clear_errors(tmp_path, monkeypatch):
 
 def test_meta_beats_lanczos_on_a_real_ct_at_2_5x():
     """The shipped Meta-Upscale on the real CT_small image (not a training image) at a non-integer factor."""
-    hr = volume_data.normalise(_ct_slice(200).pixel_array.astype(np.float32) - 1024, volume_data.CT_RANGE)
+    hr = intensity.normalise(_ct_slice(200).pixel_array.astype(np.float32) - 1024, intensity.CT_RANGE)
     lr = resize(hr, (80, 80), "cubic")
     model = arbitrary.load_models(weights.weights_dir()).module
     with torch.no_grad():

@@ -35,6 +35,15 @@ def test_threshold_then_doubling_up_to_max(clock):
     assert b.blocked("b") == 0  # other addresses untouched
 
 
+def test_failures_while_refused_do_not_lengthen_it(clock):
+    """Connections opened before the back-off that fail during it (4 at once) count for nothing."""
+    b = Backoff("test", threshold=1, initial_s=2, max_s=100, clock=clock)
+    assert b.failure("a") == 2
+    assert [b.failure("a") for _ in range(4)] == [0, 0, 0, 0]
+    clock.now += 2.1
+    assert [b.failure("a") for _ in range(4)] == [4, 0, 0, 0]
+
+
 def test_success_resets_and_old_failures_are_forgotten(clock):
     b = Backoff("test", threshold=2, initial_s=1, max_s=4, forget_s=60, clock=clock)
     b.failure("a")

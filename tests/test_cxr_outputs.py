@@ -1,4 +1,4 @@
-"""Lung SEG and abnormality SR of pipelines/cxr_outputs.py on real CR, DX and Secondary Capture
+"""Lung SEG and abnormality SR of pipelines/dicom/cxr_outputs.py on real CR, DX and Secondary Capture
 sources: dciodvfy, round trips and the checks of shared/notes/dicom-outputs.md."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pipelines.base import RunContext
-from pipelines.cxr_outputs import NORMALITY, PROBABILITY, THRESHOLD, abnormality_report, lung_segmentation
+from pipelines.dicom.cxr_outputs import NORMALITY, PROBABILITY, THRESHOLD, abnormality_report, lung_segmentation
 from tests.dicom_checks import dcentvfy_errors, dciodvfy_errors, new_dciodvfy_errors
 from tests.paths import shared
 from tests.series_factory import cr

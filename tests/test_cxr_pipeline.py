@@ -13,8 +13,9 @@ import pytest
 import torch
 from pydicom import dcmread
 
-from pipelines import cxr, hydra, weights
+from pipelines import cxr, weights
 from pipelines.base import Refusal, RunContext
+from pipelines.models import hydra
 from tests import series_factory as make
 from tests.dicom_checks import check_derived, new_dciodvfy_errors
 from tests.peers import storescu
@@ -87,8 +88,8 @@ def test_mdrn_and_meta_super_resolve_a_real_radiograph_better_than_lanczos(model
     """The real CR's centre, downscaled x2 (antialiased cubic), back up x2 by the pipeline: closer
     to the original than Lanczos (measured: MDRN +0.23 dB, Meta +0.26 dB on this noisy 12-bit CR;
     +5 dB on JSRT's smooth 8-bit PNGs); a valid derived CR in the source's MONOCHROME."""
-    from pipelines.image_metrics import psnr
-    from pipelines.interpolation import resize
+    from pipelines.evaluation.image_metrics import psnr
+    from pipelines.models.interpolation import resize
 
     src = dcmread(make.cr(tmp_path, f"cxr-{model}")[0])
     full = src.pixel_array.astype(np.float32)
@@ -196,7 +197,7 @@ def test_a_cr_through_the_node_reaches_orthanc_as_three_series(make_node, orthan
 
 def _resized_cr(folder, seed: str, long_side: int):
     """The real CR with its long side at ``long_side`` px (as a smaller film would come)."""
-    from pipelines.interpolation import resize
+    from pipelines.models.interpolation import resize
 
     src = dcmread(make.cr(folder, seed)[0])
     h, w = src.pixel_array.shape
@@ -230,7 +231,7 @@ def test_a_film_at_the_heads_minimum_gets_them_numbered_within_the_is_range(tmp_
 
 
 def test_heads_see_the_film_at_their_training_geometry():
-    from pipelines import cxr_data
+    from pipelines.training import cxr_data
 
     film = np.random.default_rng(1).random((512, 512), dtype=np.float32)
     assert np.array_equal(cxr.heads_input(film, 2), cxr_data.upsample(film, 2))  # the training path, exactly

@@ -203,3 +203,30 @@ def test_reactor_threads_do_not_spin_when_idle(recorder):
         assert len(wakes) < 2 * 0.5 / fast_reactor.IDLE_WAIT + 4  # both DULs; the stock loop: ~1000
     finally:
         assoc.release()
+
+
+# -- the pin: an upgrade of pynetdicom that moves what node.fast_reactor patches fails here --------
+def test_patched_pynetdicom_internals_are_as_expected():
+    """Fails LOUDLY on a pynetdicom upgrade: the version must be in SUPPORTED and every private
+    method / attribute fast_reactor overrides or reads must still be there with the same shape.
+    Re-read dul.py / association.py / transport.py of the new version before widening SUPPORTED."""
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+    assert fast_reactor.supported(), (
+        f"pynetdicom {pynetdicom.__version__} is not supported by node.fast_reactor: "
+        f"{fast_reactor.internals_changed() or 'version outside SUPPORTED'}")
+    assert fast_reactor.internals_changed() == []
+    dul = DULServiceProvider(Association(FastAE(), "requestor"))
+    missing = [name for name in fast_reactor.PATCHED_ATTRIBUTES if not hasattr(dul, name)]
+    assert not missing, f"DULServiceProvider lost {missing}"
+    from pynetdicom.fsm import TRANSITION_TABLE
+
+    assert {("Evt18", "Sta2"), ("Evt19", "Sta2"), ("Evt19", "Sta6")} <= set(TRANSITION_TABLE)  # ARTIM, bad PDU
+
+
+def test_a_changed_internal_is_reported_and_the_listener_refuses_to_start(monkeypatch):
+    monkeypatch.setattr(fast_reactor, "_CHANGED", ["DULServiceProvider._read_pdu_data(self, x)"])
+    assert not fast_reactor.supported()
+    with pytest.raises(RuntimeError, match="PDU size cap and deadlines"):
+        fast_reactor.require_supported()

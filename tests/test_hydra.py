@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import cxr_data, eval_cxr, eval_metrics, hydra, train_cxr, weights
-from pipelines.image_metrics import ms_ssim, psnr, ssim
+from pipelines import weights
+from pipelines.evaluation import eval_cxr, eval_metrics
+from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
+from pipelines.models import hydra
+from pipelines.training import cxr_data, train_cxr
 
 
 def test_trunk_has_the_papers_topology_and_starts_as_the_identity():
@@ -173,7 +176,7 @@ def test_a_head_file_of_an_earlier_version_is_refused_with_the_reason(tmp_path):
 
 
 def test_lung_augmentation_moves_features_and_mask_together():
-    from pipelines.train_cxr import shifted
+    from pipelines.training.train_cxr import shifted
 
     feats = torch.arange(2 * 3 * 20 * 24, dtype=torch.float32).view(2, 3, 20, 24)
     masks = (feats[:, :1] % 7 == 0).float()

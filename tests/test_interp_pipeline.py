@@ -252,7 +252,7 @@ def test_pixel_padding_stays_out_of_the_resampling_and_is_written_back(tmp_path:
 
 
 def test_padding_declared_with_the_other_sign_and_in_monochrome1() -> None:
-    from pipelines.series import decode
+    from pipelines.dicom.series import decode
 
     series = sorted(ct_series(1), key=lambda ds: int(ds.InstanceNumber))
     pixels = series[0].pixel_array.copy()

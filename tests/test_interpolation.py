@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.interpolation import (
+from pipelines.models.interpolation import (
     METHODS,
     apply_axis,
     resize,

@@ -29,7 +29,7 @@ PEERS = [{"ae_title": "STORESCU"}, {"ae_title": "WEBPACS", "stow_auth": {"type":
 def node_with_stow(make_node, **kwargs):
     """The one place that knows how the node's STOW-RS is switched on; returns (node, STOW-RS base URL)."""
     port = free_port()
-    node = make_node(stow_port=port, **kwargs)
+    node = make_node(http_port=port, **kwargs)
     return node, f"http://127.0.0.1:{port}/dicom-web"
 
 

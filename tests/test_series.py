@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from pipelines.base import Refusal
-from pipelines.series import Image2D, Volume, decode, display_array, load_series
+from pipelines.dicom.series import Image2D, Volume, decode, display_array, load_series
 from tests.paths import shared
 from tests.synthetic import ct_series, read_testdata
 

@@ -12,11 +12,14 @@ import pytest
 import torch
 from pydicom import dcmread
 
-from pipelines import eval_sr3d, sr3d, volume_stream, train_sr3d, volume_data, weights
+from pipelines import sr3d, weights
 from pipelines.base import Refusal, RunContext
-from pipelines.interpolation import resize
-from pipelines.series import decode
-from pipelines.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig, lanczos_up, parameter_count
+from pipelines.dicom.series import decode
+from pipelines.evaluation import eval_sr3d
+from pipelines.models import intensity, volume_stream
+from pipelines.models.interpolation import resize
+from pipelines.models.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig, lanczos_up, parameter_count
+from pipelines.training import train_sr3d, volume_data
 from tests import series_factory as make
 from tests.dicom_checks import check_derived, new_dciodvfy_errors
 from tests.paths import shared
@@ -78,7 +81,7 @@ def test_lanczos_base_is_the_interpolation_baseline():
 
 def test_through_plane_slabs_do_not_change_the_result(monkeypatch):
     vol = _phantom(n=11, size=24)
-    window = volume_data.CT_RANGE
+    window = intensity.CT_RANGE
     up = volume_stream.cnn_upsampler(_random_model(CNNConfig(scale=2, axes=1)), window)
     whole = np.stack(list(volume_stream.through_stream(iter(vol), len(vol), up)))
     monkeypatch.setattr(volume_stream, "SLAB_VOXELS", 24 * 24 * 2 * 2)  # slabs of 2 slices
@@ -94,15 +97,15 @@ def test_values_outside_the_window_are_kept():
     vol = _phantom(n=2, size=24)
     vol[:, 10:14, 10:14] = 4000  # metal, above the CT window
     vol[:, :3, :] = -2000  # padding below it
-    out = volume_stream.cnn_images(_random_model(CNNConfig(scale=2, axes=2)), vol, volume_data.CT_RANGE)
+    out = volume_stream.cnn_images(_random_model(CNNConfig(scale=2, axes=2)), vol, intensity.CT_RANGE)
     assert out.max() > 3500 and out.min() < -1900  # not clipped to [-1024, 2976]
 
 
 def test_self_ensemble_is_invariant_for_the_untrained_network():
     vol = _phantom(n=2, size=20)
     model = SRCNN(CNNConfig(scale=2, axes=2)).eval()  # = Lanczos, which commutes with flips/rotations
-    plain = volume_stream.cnn_images(model, vol, volume_data.CT_RANGE)
-    ensemble = volume_stream.cnn_images(model, vol, volume_data.CT_RANGE, ensemble=True)
+    plain = volume_stream.cnn_images(model, vol, intensity.CT_RANGE)
+    ensemble = volume_stream.cnn_images(model, vol, intensity.CT_RANGE, ensemble=True)
     np.testing.assert_allclose(ensemble, plain, atol=1e-2)
 
 
@@ -111,8 +114,8 @@ def test_self_ensemble_is_invariant_for_the_untrained_network():
 def _synthetic_volumes() -> list:
     ct = volume_data.VolumeSource("synthetic_ct", "CT", "-", "train", True)
     mr = volume_data.VolumeSource("synthetic_mr", "MR", "-", "train", False)
-    return [(ct, volume_data.normalise(_phantom(16, 64, 1), volume_data.CT_RANGE)),
-            (mr, volume_data.normalise(_phantom(8, 64, 2), (-1000, 700)))]
+    return [(ct, intensity.normalise(_phantom(16, 64, 1), intensity.CT_RANGE)),
+            (mr, intensity.normalise(_phantom(8, 64, 2), (-1000, 700)))]
 
 
 @pytest.mark.parametrize("kind, scale", [("inplane", 2), ("inplane", 4), ("through", 2)])
@@ -160,10 +163,10 @@ def test_eval_of_the_untrained_cnn_equals_lanczos_in_plane():
     models = sr3d.SR3DModels({2: SRCNN(CNNConfig(2, 2)).eval(), 4: SRCNN(CNNConfig(4, 2)).eval()},
                              SRCNN(CNNConfig(2, 1)).eval(), {})
     vol = _phantom(n=4, size=48)
-    table = eval_sr3d.eval_2d(vol, volume_data.CT_RANGE, models, 2)
+    table = eval_sr3d.eval_2d(vol, intensity.CT_RANGE, models, 2)
     assert table["cnn"]["psnr"] == pytest.approx(table["lanczos"]["psnr"], abs=1e-3)
     assert table["lanczos"]["psnr"] > table["nearest"]["psnr"]
-    table3d, seconds = eval_sr3d.eval_3d(_phantom(n=16, size=32), volume_data.CT_RANGE, models, 2)
+    table3d, seconds = eval_sr3d.eval_3d(_phantom(n=16, size=32), intensity.CT_RANGE, models, 2)
     assert table3d["cnn"]["psnr"] == pytest.approx(table3d["lanczos"]["psnr"], abs=0.5) and seconds["cnn"] > 0
     assert "cnn + self-ensemble" in table3d and seconds["cnn + self-ensemble"] > 0
 
@@ -310,7 +313,7 @@ def test_cnn_sharpens_a_real_ct_compared_with_lanczos():
     """On the real CT_small image: the shipped in-plane CNN is closer to the HR image than Lanczos."""
     hr = decode(read_testdata("CT_small.dcm"))[None]
     models = sr3d.load_models(weights.weights_dir())
-    table = eval_sr3d.eval_2d(hr, volume_data.CT_RANGE, models, 2)
+    table = eval_sr3d.eval_2d(hr, intensity.CT_RANGE, models, 2)
     assert table["cnn"]["psnr"] > table["lanczos"]["psnr"]
 
 

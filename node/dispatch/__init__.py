@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from node import metrics
 from node.audit import Audit
 from node.config import SENDER, Config, DicomDestination, DicomwebDestination, FolderDestination
 from node.dispatch import dicom, dicomweb, folder
@@ -64,6 +65,10 @@ class Dispatcher:
         self.ledger = ledger
         self.batch = batch
         self.audit = audit
+        self.retired: dict[str, Destination] = {}  # dropped by a config reload, kept for pending deliveries
+
+    def retire(self, destinations: dict[str, Destination]) -> None:
+        self.retired.update(destinations)
 
     def backoff(self, attempts: int) -> float:
         d = self.config.dispatch
@@ -78,7 +83,9 @@ class Dispatcher:
         unreachable: dict[str, str] = {}  # destination -> why, for the rest of this round
         for (job_id, name), items in groups.items():
             job = self.ledger.job(job_id)
-            dest = resolve(self.config, self.ledger, name, job.study_uid, job.series_uid)
+            config = self.config
+            dest = self.retired[name] if name in self.retired and name not in config.destinations else \
+                resolve(config, self.ledger, name, job.study_uid, job.series_uid)
             if isinstance(dest, str):
                 outcomes = [Outcome("fail", dest)] * len(items)
             elif name in unreachable and name != SENDER:
@@ -87,7 +94,7 @@ class Dispatcher:
             else:
                 paths = [self.spool.abs(d.path) for d in items]
                 try:
-                    outcomes = send(self.config, dest, paths)
+                    outcomes = send(config, dest, paths)
                 except Exception as exc:  # a bug or an unreadable output must not stop dispatch
                     log.exception("job %s: sending to %s failed", job_id, name)
                     outcomes = [Outcome("retry", f"{type(exc).__name__}: {exc}")] * len(items)
@@ -95,6 +102,8 @@ class Dispatcher:
                     unreachable[name] = outcomes[0].status
             self._record(job_id, name, items, outcomes)
             final = self.ledger.settle_job(job_id)
+            if final:
+                metrics.JOBS.labels(job.pipeline, final).inc()
             if final and self.audit is not None:
                 self.audit.record("job.settled", job=job_id, state=final)
         return len(due)
@@ -111,6 +120,8 @@ class Dispatcher:
             else:
                 rows.append((d, "parked", o.status, None))
         self.ledger.record_attempts(rows)
+        for _, state, _, _ in rows:
+            metrics.DELIVERIES.labels(name, "retry" if state == "pending" else state).inc()
         summary = defaultdict(int)
         for _, state, _, _ in rows:
             summary[state] += 1

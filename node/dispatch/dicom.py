@@ -1,4 +1,5 @@
-"""DICOM destination: C-STORE over one association per batch, C-ECHO for ``srnode echo``."""
+"""DICOM destination: C-STORE over one association per batch, C-ECHO for ``srnode echo``; over
+DICOM TLS when the destination has ``tls`` (the PACS verified by its CA and host name)."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from node.config import DicomDestination
 from node.dispatch.outcome import Outcome, cstore_outcome
 from node.fast_reactor import FastAE
 from node.scp import set_nodelay
+from node.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,11 @@ def _ae(calling_ae: str, dest: DicomDestination) -> FastAE:
     return ae
 
 
+def _associate(ae: FastAE, dest: DicomDestination):
+    tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
+    return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=NODELAY, tls_args=tls_args)
+
+
 def _not_associated(assoc, dest: DicomDestination) -> Outcome:
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if assoc.is_rejected:
@@ -34,7 +41,9 @@ def _not_associated(assoc, dest: DicomDestination) -> Outcome:
         # A permanent rejection is a configuration problem at the PACS: park until someone fixes it.
         return Outcome("fail" if result == 0x01 else "retry", reason)
     # pynetdicom reports a refused or timed-out connection as an abort too.
-    return Outcome("retry", f"no association with {where} (connection refused, timed out or aborted)", unreachable=True)
+    tls = " or TLS handshake failed" if dest.tls is not None else ""
+    return Outcome("retry", f"no association with {where} (connection refused, timed out or aborted{tls})",
+                   unreachable=True)
 
 
 def store(dest: DicomDestination, calling_ae: str, paths: list[Path]) -> list[Outcome]:
@@ -43,7 +52,7 @@ def store(dest: DicomDestination, calling_ae: str, paths: list[Path]) -> list[Ou
     ae = _ae(calling_ae, dest)
     for uid in sorted({ds.SOPClassUID for ds in datasets}):
         ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=NODELAY)
+    assoc = _associate(ae, dest)
     if not assoc.is_established:
         outcome = _not_associated(assoc, dest)
         return [outcome] * len(paths)
@@ -76,7 +85,7 @@ def store(dest: DicomDestination, calling_ae: str, paths: list[Path]) -> list[Ou
 def echo(dest: DicomDestination, calling_ae: str) -> tuple[bool, str]:
     ae = _ae(calling_ae, dest)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=NODELAY)
+    assoc = _associate(ae, dest)
     if not assoc.is_established:
         return False, _not_associated(assoc, dest).status
     try:

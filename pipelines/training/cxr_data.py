@@ -8,7 +8,7 @@ Splits (deterministic, by file name):
   * ``train``: the other ``train`` rows, plus the 10 Shenzhen normals (no split in the manifest).
 
 Degradation, the same in training and evaluation: downscale by the factor with antialiased cubic
-(Keys a=-0.5, Pillow's BICUBIC convention; ``pipelines.interpolation``), then cubic back up to
+(Keys a=-0.5, Pillow's BICUBIC convention; ``pipelines.models.interpolation``), then cubic back up to
 the original size. That interpolated image is the trunk's input, and the original is the target.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.interpolation import resize
+from pipelines.models.interpolation import resize
 
 SCALES = (2, 3, 4, 8)
 VAL_EVERY = 7
@@ -30,7 +30,7 @@ VAL_EVERY = 7
 def default_data_dir() -> Path:
     """``$SRNODE_CXR_DATA``, else ``shared/data/cxr`` next to the repository."""
     env = os.environ.get("SRNODE_CXR_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr"
 
 
 @dataclass(frozen=True)

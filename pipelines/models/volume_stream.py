@@ -1,6 +1,6 @@
 """Array-level super-resolution shared by the pipelines and their evaluations (what is evaluated is what runs).
 
-Intensities: the networks work on a [0, 1] window (:mod:`pipelines.volume_data`: CT HU clipped to
+Intensities: the networks work on a [0, 1] window (:mod:`pipelines.models.intensity`: CT HU clipped to
 [-1024, 2976], MR at its 0.5/99.5 percentiles; projection images at their own percentiles). All of
 them are residuals on Lanczos, so :func:`residual_images` writes ``lanczos(raw) + (net(x) -
 lanczos(x)) * window width``: inside the window this equals the network's output, and values the
@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from pipelines.interpolation import apply_axis, resize, sample_weights
-from pipelines.lanczos import centres, lanczos_at
-from pipelines.mdrn import MDRN
-from pipelines.mdrn import halo as mdrn_halo
-from pipelines.meta_sr import MetaSR
-from pipelines.meta_sr import halo as meta_halo
-from pipelines.sr3d_cnn import SRCNN, halo
+from pipelines.models.interpolation import apply_axis, resize, sample_weights
+from pipelines.models.lanczos import centres, lanczos_at
+from pipelines.models.mdrn import MDRN
+from pipelines.models.mdrn import halo as mdrn_halo
+from pipelines.models.meta_sr import MetaSR
+from pipelines.models.meta_sr import halo as meta_halo
+from pipelines.models.sr3d_cnn import SRCNN, halo
 
 BATCH_VOXELS = 2**21  # output pixels per forward batch (x 32 channels x 4 B x a few live tensors ~ 1 GB)
 SLAB_VOXELS = 2**27  # output voxels per through-plane slab (512 MB float32, about 2x that at the peak)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.lanczos import centres, lanczos_at
-from pipelines.meta_sr import ResidualTrunk
+from pipelines.models.lanczos import centres, lanczos_at
+from pipelines.models.meta_sr import ResidualTrunk
 
 MDRN_FILE = "mdrn.safetensors"
 SCALES = (2, 3, 4)
@@ -36,10 +36,10 @@ class MDRNConfig:
 
 
 def fixed_config() -> "MDRNConfig":
-    """Meta-Upscale's trunk (:class:`pipelines.meta_sr.MetaConfig`) with this module's fixed x2/x3/x4
+    """Meta-Upscale's trunk (:class:`pipelines.models.meta_sr.MetaConfig`) with this module's fixed x2/x3/x4
     sub-pixel tails: the fixed-scale counterpart the Meta-SR paper compares Meta-Upscale with
     (same trunk, same data and steps). An evaluation baseline (``FIXED_FILE``); no pipeline uses it."""
-    from pipelines.meta_sr import MetaConfig
+    from pipelines.models.meta_sr import MetaConfig
 
     meta = MetaConfig()
     return MDRNConfig(channels=meta.channels, blocks=meta.blocks)

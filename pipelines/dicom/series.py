@@ -30,7 +30,6 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import Dataset
@@ -39,9 +38,6 @@ from pydicom.pixels import apply_voi, get_decoder
 from pydicom.uid import UID
 
 from pipelines.base import Refusal
-
-if TYPE_CHECKING:
-    from pipelines.derived import DerivedSlice
 
 logger = logging.getLogger(__name__)
 
@@ -150,24 +146,6 @@ class Volume:
         lo = min(max(int(math.floor(k + 1e-6)), 0), self.shape[0] - 1)
         hi = min(max(int(math.ceil(k - 1e-6)), 0), self.shape[0] - 1)
         return [self.datasets[lo]] if lo >= hi else [self.datasets[lo], self.datasets[hi]]
-
-    def output_slice(self, pixels: np.ndarray, k: float, j: int, n_out: int,
-                     pixel_spacing: tuple[float, float], through: bool) -> DerivedSlice:
-        """Output slice ``j`` of ``n_out``, at fractional source index ``k``: the nearest source
-        slice as template, the one or two around it as sources, the instance number in the sources'
-        sense, and its position (resampled between slices when ``through``, else source slice ``k``'s
-        own, moved only for the in-plane grid)."""
-        from pipelines.derived import DerivedSlice
-
-        ascending = self.instance_numbers_ascending
-        return DerivedSlice(
-            pixels=pixels,
-            template=self.datasets[min(max(int(math.floor(k + 0.5)), 0), self.shape[0] - 1)],
-            sources=self.sources_at(k),
-            index=j if ascending else n_out - 1 - j,
-            position=self.position(k, pixel_spacing, from_source=not through),
-            slice_location=self.slice_location(k) if through else None,
-        )
 
     def slice_location(self, k: float) -> float | None:
         """SliceLocation at fractional index ``k``, extrapolated linearly from the sources."""

@@ -1,9 +1,9 @@
 """``srnode eval sr2d``: Meta-Upscale at factors 1.5-4 against interpolation and the fixed-scale models.
 
-    python -m pipelines.eval_sr2d [--weights DIR] [--out DIR] [--update-cards]
+    python -m pipelines.evaluation.eval_sr2d [--weights DIR] [--out DIR] [--update-cards]
 
-Held-out images only: the CXR test split (:mod:`pipelines.cxr_data`) and the axial slices of the
-sr3d test volumes (:mod:`pipelines.volume_data`), CT and MR. Each image is put on its [0, 1]
+Held-out images only: the CXR test split (:mod:`pipelines.training.cxr_data`) and the axial slices of the
+sr3d test volumes (:mod:`pipelines.training.volume_data`), CT and MR. Each image is put on its [0, 1]
 window (CXR as stored, CT [-1024, 2976] HU, MR 0.5/99.5 percentiles of its volume), cropped to a
 multiple of the factor's numerator p (factor p/q), downscaled to exactly q/p of its size with
 antialiased cubic, and brought back by cubic, Lanczos, Meta-Upscale, and at integer factors by the
@@ -25,14 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import cxr_data, hydra, volume_data, weights
-from pipelines.eval_metrics import publish
-from pipelines.image_metrics import psnr, ssim
-from pipelines.interpolation import resize
-from pipelines.mdrn import FIXED_FILE, MDRN_FILE, load_mdrn
-from pipelines.meta_sr import META_FILE, load_meta, parameter_count
+from pipelines import weights
+from pipelines.evaluation.eval_metrics import publish
+from pipelines.evaluation.image_metrics import psnr, ssim
+from pipelines.models import hydra
+from pipelines.models.interpolation import resize
+from pipelines.models.mdrn import FIXED_FILE, MDRN_FILE, load_mdrn
+from pipelines.models.meta_sr import META_FILE, load_meta, parameter_count
+from pipelines.models.sr3d_cnn import INPLANE_FILES
 from pipelines.sr3d import load_cnn
-from pipelines.sr3d_cnn import INPLANE_FILES
+from pipelines.training import cxr_data, volume_data
 
 FACTORS = ("1.5", "2", "2.5", "3", "3.5", "4")
 VOLUME_SLICE_STEP = 2  # every other axial slice of the test volumes (neighbours are near-duplicates)

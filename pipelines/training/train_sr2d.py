@@ -1,12 +1,12 @@
 """Train the 2D SR models that serve every modality: Meta-Upscale (any factor) and MDRN (x2/x3/x4).
 
-    python -m pipelines.train_sr2d meta [--steps N] [--seed S] [--out weights/]
-    python -m pipelines.train_sr2d mdrn [--steps N] [--seed S] [--out weights/]
-    python -m pipelines.train_sr2d fixed [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.training.train_sr2d meta [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.training.train_sr2d mdrn [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.training.train_sr2d fixed [--steps N] [--seed S] [--out weights/]
 
 ``srnode train sr2d ...`` runs the same; CUDA is used when present. Patches come a third each from
-chest X-rays (``shared/data/cxr``, its train split, :mod:`pipelines.cxr_data`) and from CT and MR
-slices (the train split of :mod:`pipelines.volume_data`, intensities as there). The degradation is
+chest X-rays (``shared/data/cxr``, its train split, :mod:`pipelines.training.cxr_data`) and from CT and MR
+slices (the train split of :mod:`pipelines.training.volume_data`, intensities as there). The degradation is
 the one every evaluation here uses: antialiased cubic downscaling.
 
 Meta-Upscale: one factor per batch, from 1.1 to 4.0 in steps of 0.1 as in the paper, but in half
@@ -35,13 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines import cxr_data, volume_data, weights
-from pipelines.interpolation import resize
-from pipelines.mdrn import FIXED_FILE, MDRN_FILE, MDRN, MDRNConfig, fixed_config
-from pipelines.mdrn import SCALES as MDRN_SCALES
-from pipelines.meta_sr import META_FILE, MetaConfig, MetaSR, parameter_count
-from pipelines.train_sr3d import PatchSampler, load_training_volumes
-from pipelines.training import Progress, adam_cosine, device, seed_everything
+from pipelines import weights
+from pipelines.models.interpolation import resize
+from pipelines.models.mdrn import FIXED_FILE, MDRN_FILE, MDRN, MDRNConfig, fixed_config
+from pipelines.models.mdrn import SCALES as MDRN_SCALES
+from pipelines.models.meta_sr import META_FILE, MetaConfig, MetaSR, parameter_count
+from pipelines.training import cxr_data, volume_data
+from pipelines.training.common import Progress, adam_cosine, device, seed_everything
+from pipelines.training.train_sr3d import PatchSampler, load_training_volumes
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ trainable parameters.
 
 ## Data
 A third each: chest X-rays (JSRT / Shenzhen train split of `shared/data/cxr`: JSRT / SCR research-only terms apply),
-CT slices and MR slices (train split of `pipelines/volume_data.py`; terms in `shared/data/LICENSES.md`). Held out,
+CT slices and MR slices (train split of `pipelines/training/volume_data.py`; terms in `shared/data/LICENSES.md`). Held out,
 never trained on: the CXR test split and the sr3d test volumes. Not for clinical use.
 
 ## Recipe

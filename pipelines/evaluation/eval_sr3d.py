@@ -1,18 +1,18 @@
 """``srnode eval sr3d``: the paper's Tables 3-6 on held-out CT and MR volumes, as JSON and markdown.
 
-    python -m pipelines.eval_sr3d [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
+    python -m pipelines.evaluation.eval_sr3d [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
 
-* 2D (in-plane only): every axial slice of each ``test`` volume of :mod:`pipelines.volume_data`
+* 2D (in-plane only): every axial slice of each ``test`` volume of :mod:`pipelines.training.volume_data`
   is downscaled x2 / x4 in-plane (antialiased cubic, on the modality values) and brought back by
   nearest, linear, cubic, Lanczos and the CNN (x4: the dedicated x4 CNN and the x2 CNN applied
   twice; x2 also with the self-ensemble).
 * 3D (all axes): the isotropic ``test`` volumes are downscaled on all three axes and brought back
   by the interpolations on all axes, and by the in-plane CNN (or MDRN) followed by the through-plane CNN
   (x2 also with both CNN stages as a self-ensemble).
-* PSNR on the fixed intensity window of :mod:`pipelines.volume_data` (CT [-1024, 2976] HU,
+* PSNR on the fixed intensity window of :mod:`pipelines.models.intensity` (CT [-1024, 2976] HU,
   MR the HR volume's 0.5/99.5 percentiles) mapped to [0, 1], over the whole volume; SSIM (11-px
   Gaussian window) averaged over axial slices. Each figure is the mean over the volumes of a
-  modality. The CNN runs exactly as in the pipeline (:mod:`pipelines.volume_stream`).
+  modality. The CNN runs exactly as in the pipeline (:mod:`pipelines.models.volume_stream`).
 * Cost: parameters, and seconds per volume for the 3D CNN (plain and self-ensemble) on this machine.
 """
 from __future__ import annotations
@@ -25,22 +25,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import volume_data, weights
-from pipelines.eval_metrics import publish
-from pipelines.image_metrics import ssim
-from pipelines.interpolation import METHODS, resize
+from pipelines import weights
+from pipelines.evaluation.eval_metrics import publish
+from pipelines.evaluation.image_metrics import ssim
+from pipelines.models import intensity
+from pipelines.models.interpolation import METHODS, resize
+from pipelines.models.mdrn import MDRN_FILE, load_mdrn
+from pipelines.models.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
+from pipelines.models.volume_stream import cnn_upsampler, inplane_stream, mdrn_images, through_stream
 from pipelines.sr3d import load_models
-from pipelines.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
-from pipelines.mdrn import MDRN_FILE, load_mdrn
-from pipelines.volume_stream import cnn_upsampler, inplane_stream, mdrn_images, through_stream
+from pipelines.training import volume_data
 
 SCALES = (2, 4)
 EVAL_HEADING = "## Evaluation on the held-out volumes"
 
 
 def metrics(pred: np.ndarray, target: np.ndarray, window: tuple[float, float]) -> dict[str, float]:
-    p = volume_data.normalise(pred, window)
-    t = volume_data.normalise(target, window)
+    p = intensity.normalise(pred, window)
+    t = intensity.normalise(target, window)
     mse = float(np.mean((p - t) ** 2, dtype=np.float64))
     with torch.no_grad():
         s = ssim(torch.from_numpy(p)[:, None], torch.from_numpy(t)[:, None]).mean().item()
@@ -109,7 +111,7 @@ def evaluate(data_dir: Path, weights_dir: Path) -> dict:
     per: dict = {"2d": {}, "3d": {}}
     for source in volume_data.sources("test"):
         raw = volume_data.read_volume(source, data_dir)
-        window = volume_data.normaliser(raw, source.modality)
+        window = intensity.normaliser(raw, source.modality)
         entry = {"modality": source.modality, "shape": list(raw.shape), "window": [round(w, 2) for w in window]}
         for scale in SCALES:
             print(f"{source.name}: 2D x{scale}", file=sys.stderr, flush=True)

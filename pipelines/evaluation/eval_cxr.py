@@ -1,9 +1,9 @@
 """``srnode eval cxr``: the Hydra paper's tables on the held-out test split, as JSON and markdown.
 
-    python -m pipelines.eval_cxr [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
+    python -m pipelines.evaluation.eval_cxr [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
 
 * SR (Table 1): per scale 2/3/4/8, PSNR (on [0, 1]), SSIM and MS-SSIM (5 levels) of the trunk,
-  cubic and Lanczos, all from the same degraded input (``pipelines.cxr_data.degrade``).
+  cubic and Lanczos, all from the same degraded input (``pipelines.training.cxr_data.degrade``).
 * Lungs (Table 3): IoU, Dice, pixel accuracy on the 512-px masks, per head scale (the source
   upsampled by that factor feeds the trunk, as in the pipeline).
 * Abnormality (Table 2): accuracy, AUC, sensitivity, specificity, precision, F1 at the operating
@@ -20,12 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import cxr_data, eval_metrics, hydra, weights
+from pipelines import weights
 from pipelines.cxr import trunk_tiled
-from pipelines.hydra import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE
-from pipelines.image_metrics import ms_ssim, psnr, ssim
-from pipelines.interpolation import resize
-from pipelines.training import device
+from pipelines.evaluation import eval_metrics
+from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
+from pipelines.models import hydra
+from pipelines.models.hydra import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE
+from pipelines.models.interpolation import resize
+from pipelines.training import cxr_data
+from pipelines.training.common import device
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ Two things the paper leaves out make the predictor learn as fast as a fixed-scal
 the README's sr2d training notes): the offsets reach it also as sines and cosines of ``k * pi * d`` (k = 1 to
 ``frequencies``), so that neighbouring phases get distinct hidden codes (a plain ReLU layer of
 (1/s, d) gives nearly the same code to every phase), and its last layer trains at a small fraction
-of the trunk's learning rate (``pipelines.train_sr2d.FILTER_LR_SCALE``).
+of the trunk's learning rate (``pipelines.training.train_sr2d.FILTER_LR_SCALE``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.lanczos import centres, lanczos_at
+from pipelines.models.lanczos import centres, lanczos_at
 
 META_FILE = "meta_upscale.safetensors"
 PHASES = 32

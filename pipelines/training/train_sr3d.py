@@ -1,11 +1,11 @@
 """Train the two-stage 3D SR CNNs on the CT and MR volumes of ``shared/data``: seeded, with progress and a loss log.
 
-    python -m pipelines.train_sr3d inplane [--scale 2|4] [--recipe cpu|paper] [--steps N | --epochs E] [--seed S] [--out weights/]
-    python -m pipelines.train_sr3d through [--recipe cpu|paper] [--steps N | --epochs E] [--seed S] [--out weights/]
+    python -m pipelines.training.train_sr3d inplane [--scale 2|4] [--recipe cpu|paper] [--steps N | --epochs E] [--seed S] [--out weights/]
+    python -m pipelines.training.train_sr3d through [--recipe cpu|paper] [--steps N | --epochs E] [--seed S] [--out weights/]
 
 ``srnode train sr3d ...`` runs the same. CUDA is used when present. One model serves CT and MR:
 each batch draws CT and MR patches half and half, from the ``train`` split of
-:mod:`pipelines.volume_data`, intensities normalised as there.
+:mod:`pipelines.training.volume_data`, intensities normalised as there.
 
 Samples, as in the paper, are small patches: an HR patch of ``patch * scale`` pixels is blurred
 (3x3 Gaussian, sigma ~ U(0, 0.5)) with probability 0.5, then downscaled with antialiased cubic.
@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import volume_data, weights
-from pipelines.image_metrics import psnr
-from pipelines.sr3d_cnn import (
+from pipelines import weights
+from pipelines.evaluation.image_metrics import psnr
+from pipelines.training import volume_data
+from pipelines.models.sr3d_cnn import (
     INPLANE_FILES,
     SRCNN,
     THROUGH_FILE,
@@ -45,7 +46,7 @@ from pipelines.sr3d_cnn import (
     lanczos_up,
     parameter_count,
 )
-from pipelines.training import Progress, adam_cosine, adam_step_decay, device, seed_everything
+from pipelines.training.common import Progress, adam_cosine, adam_step_decay, device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +227,12 @@ def card_text(kind: str, config: CNNConfig, plan: Recipe, steps: int, seed: int,
     test_names = ", ".join(s.name for s in volume_data.sources("test"))
     return f"""# sr3d: {what} CNN (Georgescu et al. 2020, with intermediate loss)
 
-Two-stage 3D SR, `pipelines/sr3d_cnn.py`: 10 convs of {config.width} filters, skips 1->3 and 1->5, sub-pixel layer
+Two-stage 3D SR, `pipelines/models/sr3d_cnn.py`: 10 convs of {config.width} filters, skips 1->3 and 1->5, sub-pixel layer
 after conv 6, convs 7-10 after it with a short skip; residual on a Lanczos upsampling of the input (convs 6 and 10
 start at zero, so the untrained network is Lanczos). {params:,} trainable parameters.
 
 ## Data
-Train split of `pipelines/volume_data.py` ({train_names}), one model for CT and MR (half the patches each).
+Train split of `pipelines/training/volume_data.py` ({train_names}), one model for CT and MR (half the patches each).
 Held out, never trained on: {test_names}. Sources and terms: `shared/data/LICENSES.md` (CT: Apache-2.0 / CC BY 4.0
 TotalSegmentator, dcm_qa_ct; MR: studyforrest PDDL, MNI template, IXI CC BY-SA 3.0, dcm_qa). Not for clinical use.
 

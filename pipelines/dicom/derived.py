@@ -22,7 +22,7 @@ Dropped from the copy because they would be wrong or stale: private elements (ve
 the original slice), group lengths, overlay and curve groups (60xx/50xx, sized to the old matrix),
 Smallest/Largest pixel values, encapsulation leftovers and trailing padding.
 Pixel padding: where an output pixel's nearest source pixel is padding (the mask that
-:func:`pipelines.series.decode` found, which gave padding the darkest real value for the
+:func:`pipelines.dicom.series.decode` found, which gave padding the darkest real value for the
 resampling), it gets the padding value back.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
-from pipelines.series import decoded_padding, padding_values
+from pipelines.dicom.series import Volume, decoded_padding, padding_values
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,22 @@ class DerivedSlice:
     index: int
     position: Sequence[float] | None = None
     slice_location: float | None = None
+
+
+def volume_slice(volume: Volume, pixels: np.ndarray, k: float, j: int, n_out: int,
+                 pixel_spacing: tuple[float, float], through: bool) -> DerivedSlice:
+    """Output slice ``j`` of ``n_out`` of ``volume``, at fractional source index ``k``: the nearest
+    source slice as template, the one or two around it as sources, the instance number in the
+    sources' sense, and its position (resampled between slices when ``through``, else source slice
+    ``k``'s own, moved only for the in-plane grid)."""
+    return DerivedSlice(
+        pixels=pixels,
+        template=volume.datasets[min(max(int(math.floor(k + 0.5)), 0), volume.shape[0] - 1)],
+        sources=volume.sources_at(k),
+        index=j if volume.instance_numbers_ascending else n_out - 1 - j,
+        position=volume.position(k, pixel_spacing, from_source=not through),
+        slice_location=volume.slice_location(k) if through else None,
+    )
 
 
 def write_derived(slices: Iterable[DerivedSlice], series: DerivedSeries, context: RunContext) -> Iterator[Dataset]:

@@ -1,7 +1,7 @@
 """Train the Hydra trunk and its heads on ``shared/data/cxr``: seeded, with progress and a loss log.
 
-    python -m pipelines.train_cxr trunk [--width reduced|paper] [--steps N] [--seed S] [--out weights/]
-    python -m pipelines.train_cxr heads [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.training.train_cxr trunk [--width reduced|paper] [--steps N] [--seed S] [--out weights/]
+    python -m pipelines.training.train_cxr heads [--steps N] [--seed S] [--out weights/]
 
 ``srnode train cxr ...`` runs the same. CUDA is used when present. Each run writes its weights
 with a model card (``pipelines.weights``) and a CSV of its losses next to them. The heads train
@@ -24,10 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines import cxr_data, hydra, weights
+from pipelines import weights
 from pipelines.cxr import trunk_tiled
-from pipelines.image_metrics import psnr, sr_loss
-from pipelines.training import Progress, adam_cosine, device, seed_everything
+from pipelines.evaluation.image_metrics import psnr, sr_loss
+from pipelines.models import hydra
+from pipelines.training import cxr_data
+from pipelines.training.common import Progress, adam_cosine, device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,8 @@ def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: i
 def trunk_card(config: hydra.TrunkConfig, recipe: dict, params: int) -> str:
     return f"""# Hydra SR trunk for chest X-rays (widths {list(config.widths)}, {params:,} parameters)
 
-Super-resolution trunk of Zamzmi et al. 2020 (Hydra), our PyTorch implementation (`pipelines/hydra.py`),
-trained by `python -m pipelines.train_cxr trunk` (`pipelines/train_cxr.py`).
+Super-resolution trunk of Zamzmi et al. 2020 (Hydra), our PyTorch implementation (`pipelines/models/hydra.py`),
+trained by `python -m pipelines.training.train_cxr trunk` (`pipelines/training/train_cxr.py`).
 
 **Research use only.** Trained on JSRT chest radiographs (and 10 Shenzhen normals) from `shared/data/cxr`:
 the JSRT / SCR terms apply (research, no redistribution of the images, no clinical use).
@@ -249,7 +251,7 @@ def _grid_iou(head: hydra.LungHead, feats: torch.Tensor, masks: torch.Tensor, de
 
 def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: int, trunk_digest: str,
                        dev: torch.device, batch: int = 8, lr: float = 1e-3) -> None:
-    from pipelines.eval_metrics import roc_auc, youden_threshold
+    from pipelines.evaluation.eval_metrics import roc_auc, youden_threshold
 
     gap = {name: feats.mean(dim=(2, 3)) for name, (feats, _, _) in data.items()}
     labels = {name: lab for name, (_, _, lab) in data.items()}
@@ -311,7 +313,7 @@ def head_card(task: str, recipe: dict, params: int, notes: str) -> str:
     return f"""# Hydra head: {task} ({params:,} parameters)
 
 A head on the frozen Hydra trunk (`cxr_hydra_trunk.safetensors`, sha256 in the recipe), our PyTorch
-implementation (`pipelines/hydra.py`), trained by `python -m pipelines.train_cxr heads`.
+implementation (`pipelines/models/hydra.py`), trained by `python -m pipelines.training.train_cxr heads`.
 
 **Research use only; not a medical device.** Trained on JSRT chest radiographs (and 10 Shenzhen normals) from
 `shared/data/cxr`: the JSRT / SCR terms apply. The abnormality finding is written UNVERIFIED.

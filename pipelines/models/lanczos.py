@@ -1,11 +1,11 @@
 """Lanczos-3 resampling of torch tensors at arbitrary source coordinates: the base every network here
-adds its residual to, with the numbers of the interpolation baseline (:mod:`pipelines.interpolation`)."""
+adds its residual to, with the numbers of the interpolation baseline (:mod:`pipelines.models.interpolation`)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from pipelines.interpolation import sample_weights
+from pipelines.models.interpolation import sample_weights
 
 
 def centres(n_in: int, n_out: int) -> np.ndarray:
@@ -16,7 +16,7 @@ def centres(n_in: int, n_out: int) -> np.ndarray:
 
 def lanczos_at(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
     """Lanczos-3 samples of (N, C, H, W) at source coordinates ``rows`` x ``cols`` (upsampling: no
-    antialiasing; taps outside the image renormalised, as :mod:`pipelines.interpolation`)."""
+    antialiasing; taps outside the image renormalised, as :mod:`pipelines.models.interpolation`)."""
     wr = torch.from_numpy(sample_weights(x.shape[-2], rows, "lanczos").toarray()).to(x.device, x.dtype)
     wc = torch.from_numpy(sample_weights(x.shape[-1], cols, "lanczos").toarray()).to(x.device, x.dtype)
     return torch.matmul(torch.matmul(wr, x), wc.T)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.lanczos import centres, lanczos_at
+from pipelines.models.lanczos import centres, lanczos_at
 
 WIDTH = 32
 INPLANE_FILES = {2: "sr3d_inplane_x2.safetensors", 4: "sr3d_inplane_x4.safetensors"}

@@ -8,13 +8,10 @@ Splits (fixed, by name; at least one CT and one MR volume are never trained on):
   * ``train``: every other CT/MR volume in ``ct/``, ``ct_nifti/``, ``mr/``, ``mr_nifti/`` (the
     JPEG 2000 copy of the MR phantom is left out: it is the same phantom as the JPEG-LS one).
 
-Intensities, the same in training, evaluation and the pipeline (:func:`normaliser`):
-  * CT: Hounsfield units clipped to ``CT_RANGE`` = [-1024, 2976] and mapped to [0, 1];
-  * MR: clipped per volume at its 0.5 and 99.5 percentiles and mapped to [0, 1].
-Never min-max per slice. PSNR is reported on these [0, 1] ranges.
+Intensities: :mod:`pipelines.models.intensity` (the same in training, evaluation and the pipeline).
 
 Degradation (training and evaluation): antialiased cubic downscaling by the factor on the axes
-being super-resolved (:mod:`pipelines.interpolation`, Pillow's BICUBIC convention). Training adds
+being super-resolved (:mod:`pipelines.models.interpolation`, Pillow's BICUBIC convention). Training adds
 the paper's augmentation: a 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half of the samples,
 before downscaling.
 """
@@ -27,12 +24,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from pipelines.interpolation import resize_axis
-from pipelines.series import decode
-
-CT_RANGE = (-1024.0, 2976.0)
-MR_PERCENTILES = (0.5, 99.5)
-
+from pipelines.dicom.series import decode
+from pipelines.models.intensity import normalise, normaliser
+from pipelines.models.interpolation import resize_axis
 
 @dataclass(frozen=True)
 class VolumeSource:
@@ -63,7 +57,7 @@ SOURCES = (
 def default_data_dir() -> Path:
     """``$SRNODE_DATA``, else ``shared/data`` next to the repository."""
     env = os.environ.get("SRNODE_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def sources(split: str) -> list[VolumeSource]:
@@ -85,19 +79,6 @@ def read_volume(source: VolumeSource, data_dir: Path) -> np.ndarray:
     datasets = [pydicom.dcmread(f) for f in sorted(path.iterdir()) if f.is_file()]
     datasets.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
     return np.stack([decode(ds) for ds in datasets])
-
-
-def normaliser(volume: np.ndarray, modality: str) -> tuple[float, float]:
-    """(low, high) of the fixed intensity window that maps to [0, 1] for this volume."""
-    if modality == "CT":
-        return CT_RANGE
-    low, high = np.percentile(volume, MR_PERCENTILES)
-    return float(low), float(max(high, low + 1e-3))
-
-
-def normalise(volume: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    low, high = window
-    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
 def load(source: VolumeSource, data_dir: Path) -> np.ndarray:

@@ -49,12 +49,18 @@ PEER_FACING_LOGGERS = ("acse", "dimse", "dimse_messages", "dul", "fsm", "pdu", "
                        "presentation", "transport", "utils", "_validators")
 
 
+VALIDATION_LOGGERS = ("pynetdicom.utils", "pynetdicom._validators")
+
+
 class _NoTraceback(logging.Filter):
     """One line, not a traceback, for what a peer can cause (issue 21); tracebacks stay at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-            record.exc_info = record.exc_text = None
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            return True
+        if record.name in VALIDATION_LOGGERS:
+            return False  # "Invalid 'Calling AE Title' value '<the peer's bytes>'": the PDU violation line says it, escaped
+        record.exc_info = record.exc_text = None
         return True
 
 
@@ -148,6 +154,22 @@ class StorageSCP:
         self.ae = ae
         self.backoff = Backoff("DICOM associations")
         self.guard = Guard(limits, config.node.max_associations, self.backoff, self.record)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (node.server) sets the new config: new connections get its limits."""
+        self._config = config
+        if hasattr(self, "guard"):
+            limits = config.node.limits
+            self.guard.limits = limits
+            self.guard.set_max_associations(config.node.max_associations)
+            self.ae.maximum_pdu_size = limits.max_pdu_bytes
+            self.ae.acse_timeout = limits.association_request_timeout_s
+            self.ae.network_timeout = limits.idle_timeout_s
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:

@@ -92,8 +92,8 @@ class DerivedSeries:
     Attributes
     ----------
     description
-        What was done, e.g. ``"SR x2 lanczos (interpolation)"``; the writer appends ``" - research use"``
-        and ``" v{version}"`` for reruns.
+        What was done, e.g. ``"super-res x2 lanczos (interpolation)"``; the writer puts the source's
+        SeriesDescription before it and ``" - research use"`` (``" v{version}"`` for reruns) after it.
     derivation_description
         Free text for DerivationDescription and the equipment's ContributionDescription.
     model_name
@@ -182,7 +182,7 @@ def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContex
     out.SOPInstanceUID = context.uid(series.key, "instance", item.index)
     out.SeriesNumber = derived_series_number(src.get("SeriesNumber"), series.series_number_offset)
     out.InstanceNumber = item.index + 1
-    out.SeriesDescription = series_description(series.description, context.version)
+    out.SeriesDescription = series_description(series.description, context.version, src.get("SeriesDescription"))
     out.ImageType = derived_image_type(src.get("ImageType"))
 
     _set_file_meta(out)  # before the pixels: set_pixel_data refuses a big-endian source syntax
@@ -192,10 +192,16 @@ def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContex
     return out
 
 
-def series_description(description: str, version: int = 1) -> str:
-    """``"<description> - research use[ vN]"``, shortened to fit LO (64 characters)."""
+def series_description(description: str, version: int = 1, original: object = None) -> str:
+    """``"<original> <description> - research use[ vN]"``, shortened to fit LO (64 characters): the
+    source's own description is cut first. Pipelines describe their work as ``"super-res ..."``, never
+    ``"SR ..."``, which a PACS series list shows beside Structured Reports (modality SR)."""
     suffix = f" - {RESEARCH_USE}" + (f" v{version}" if version > 1 else "")
-    return description[: LO_MAX - len(suffix)].rstrip() + suffix
+    room = LO_MAX - len(suffix)
+    head, fits = " ".join(str(original or "").split()), max(room - len(description) - 1, 0)
+    if len(head) > fits:  # cut at a word where there is one
+        head = head[:fits + 1].rsplit(" ", 1)[0] if " " in head[:fits + 1] else head[:fits]
+    return f"{head} {description}".strip()[:room].rstrip() + suffix
 
 
 def derived_series_number(source: object, offset: int) -> int:

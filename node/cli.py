@@ -20,8 +20,9 @@ DEFAULT_CONFIG = os.environ.get("SRNODE_CONFIG", "config/node.yaml")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node.log_format import install
+
+    install(level)  # control characters escaped in every line (pynetdicom's and Celery's too)
     if level != "DEBUG":  # pynetdicom logs several INFO lines per instance: noise, and time on the hot path
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     import pydicom

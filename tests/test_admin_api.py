@@ -22,8 +22,7 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture
-def admin_node(make_node, tmp_path, monkeypatch):
+def _node(make_node, tmp_path, monkeypatch):
     monkeypatch.setenv("SRNODE_TEST_ADMIN", ADMIN)
     monkeypatch.setenv("SRNODE_TEST_VIEWER", VIEWER)
     node = make_node(
@@ -35,6 +34,13 @@ def admin_node(make_node, tmp_path, monkeypatch):
         peers=[{"ae_title": "STORESCU"}, {"ae_title": "PARKER"}], max_attempts=1,
         http_port=free_port(), tokens=TOKENS)
     node.url = f"http://127.0.0.1:{node.config['http']['port']}"
+    return node
+
+
+@pytest.fixture
+def admin_node(make_node, tmp_path, monkeypatch):
+    """A node with one job delivered and one parked."""
+    node = _node(make_node, tmp_path, monkeypatch)
     assert storescu(make.ct_small(tmp_path / "ok", "api-ok"), node.port).returncode == 0
     assert storescu(make.ct_small(tmp_path / "park", "api-park"), node.port, calling_ae="PARKER").returncode == 0
     node.wait_jobs(lambda jobs: sorted(j["state"] for j in jobs) == ["delivered", "parked"], timeout=60,
@@ -97,7 +103,8 @@ def test_admin_api_answers_each_role_and_does_what_it_says(admin_node, tmp_path)
     assert applied.status_code == 200 and "routes: ~ parked" in applied.json()["changes"]
 
 
-def test_repeated_bad_tokens_are_backed_off_on_the_admin_api(admin_node):
-    codes = [requests.get(f"{admin_node.url}/api/jobs", headers=_bearer("guess"), timeout=10).status_code
+def test_repeated_bad_tokens_are_backed_off_on_the_admin_api(make_node, tmp_path, monkeypatch):
+    node = _node(make_node, tmp_path, monkeypatch)
+    codes = [requests.get(f"{node.url}/api/jobs", headers=_bearer("guess"), timeout=10).status_code
              for _ in range(12)]
     assert codes[0] == 401 and 429 in codes

@@ -126,6 +126,12 @@ def test_https_when_node_tls_is_set(tmp_path, tokens):
         assert requests.get(f"{url}/healthz", verify=str(ca.path), timeout=10).json()["status"] == "ok"
         assert requests.get(f"{url}/metrics", verify=str(ca.path), headers=bearer("viewer-token-for-tests"),
                             timeout=10).status_code == 200
+        # The admin API and the status page's session cookie, over HTTPS (Secure there).
+        assert requests.get(f"{url}/api/jobs", verify=str(ca.path), headers=bearer("viewer-token-for-tests"),
+                            timeout=10).json() == {"jobs": []}
+        signin = requests.post(f"{url}/signin", data={"token": "viewer-token-for-tests"}, verify=str(ca.path),
+                               allow_redirects=False, timeout=10)
+        assert signin.status_code == 303 and "secure" in signin.headers["set-cookie"].lower()
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)  # no plain HTTP on that port
     finally:

@@ -37,6 +37,11 @@ def browser():
 
 def test_sign_in_see_the_job_just_sent_and_retry_a_parked_one(make_node, tmp_path, monkeypatch, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shows
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def find(element_id: str):  # after a click that loads a page: wait for it
+        return WebDriverWait(browser, 10).until(shows.presence_of_element_located((By.ID, element_id)))
 
     monkeypatch.setenv("SRNODE_TEST_ADMIN", ADMIN)
     monkeypatch.setenv("SRNODE_TEST_VIEWER", VIEWER)
@@ -61,10 +66,10 @@ def test_sign_in_see_the_job_just_sent_and_retry_a_parked_one(make_node, tmp_pat
     assert browser.current_url.endswith("/signin")
     browser.find_element(By.ID, "token").send_keys("wrong")
     browser.find_element(By.ID, "signin").click()
-    assert "unknown token" in browser.find_element(By.ID, "error").text
+    assert "unknown token" in find("error").text
     browser.find_element(By.ID, "token").send_keys(ADMIN)
     browser.find_element(By.ID, "signin").click()
-    row = browser.find_element(By.ID, f"job-{sent['id']}").text
+    row = find(f"job-{sent['id']}").text
     assert "delivered" in row and "ct / interp" in row and "3 → 3" in row
     [cookie] = browser.get_cookies()
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and ADMIN not in cookie["value"]
@@ -85,7 +90,7 @@ def test_sign_in_see_the_job_just_sent_and_retry_a_parked_one(make_node, tmp_pat
     scp = StoreSCP(tmp_path / "scp", port=down_port).start()
     try:
         browser.find_element(By.ID, f"retry-{parked['id']}").click()
-        assert "queued again" in browser.find_element(By.ID, "message").text
+        assert "queued again" in find("message").text
         node.wait_jobs(all_delivered(2), timeout=60, what="the retried job delivered")
         assert len(scp.wait_for_files(2)) == 2
     finally:

@@ -161,7 +161,7 @@ def test_stow_rs_answers(make_node, tmp_path, stow_env):
                          auth=basic, timeout=30).status_code == 200  # the right study: stored (again, kept once)
 
     log = node.log()
-    for why in ("pixel data cut short", "cannot be parsed", "not a storage class the node takes",
+    for why in ("(7FE0,0010) PixelData is cut short", "cannot be parsed", "not a storage class the node takes",
                 "which the node does not take", "not to the study 1.2.3.4 the request names",
                 "credentials of no STOW-RS peer", "1 instance(s) stored, 4 refused (HTTP 202)",
                 "406 STOW-RS answers in application/dicom+json or application/dicom+xml, not text/html"):

@@ -71,6 +71,7 @@ def create_app(node, extra: list[BaseRoute] = ()) -> Starlette:
     app.state.node = node
     app.state.stow = stow
     app.state.backoff = Backoff("HTTP credentials")
+    app.state.sessions = ui.Sessions()  # the status page's signed-in people
     return app
 
 

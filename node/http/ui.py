@@ -11,13 +11,14 @@ at sign-in count towards the same back-off as every other endpoint.
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from anyio import to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -66,10 +67,7 @@ class Sessions:
 
 
 def sessions(request: Request) -> Sessions:
-    state = request.app.state
-    if not hasattr(state, "sessions"):
-        state.sessions = Sessions()
-    return state.sessions
+    return request.app.state.sessions
 
 
 def signed_in(request: Request):
@@ -78,8 +76,6 @@ def signed_in(request: Request):
     session = sessions(request).get(request.cookies.get(COOKIE))
     if session is None:
         return None
-    import os
-
     http = request.app.state.node.config.http
     token = next((t for t in (http.tokens if http else []) if t.name == session.token_name), None)
     if token is None or not os.environ.get(token.token_env):
@@ -193,8 +189,6 @@ async def ui_retry(request: Request) -> Response:
                                            f"token:{token.name}")
     except KeyError:
         outcome = f"no job {text[:20]}"
-    from urllib.parse import quote
-
     return RedirectResponse(f"/?done={quote(outcome)}", 303)
 
 

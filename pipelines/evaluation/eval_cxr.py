@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import weights
+from pipelines import progress as display, weights
 from pipelines.cxr import trunk_tiled
 from pipelines.evaluation import eval_metrics
 from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
@@ -34,9 +34,11 @@ from pipelines.training.common import device
 @torch.no_grad()
 def eval_sr(trunk: hydra.HydraTrunk, images: list[np.ndarray], scales, dev) -> dict:
     table = {}
-    for s in scales:
+    shown = display.Progress("eval cxr SR", len(scales) * len(images), unit="images", every_s=10)
+    for i, s in enumerate(scales):
         rows = {"hydra": [], "cubic": [], "lanczos": []}
-        for img in images:
+        for j, img in enumerate(images):
+            shown.update(i * len(images) + j, note=f"x{s}")
             hr = cxr_data.crop_to_multiple(img, s)
             low = resize(hr, (hr.shape[0] // s, hr.shape[1] // s), "cubic")
             cubic = cxr_data.upsample(low, s, "cubic")
@@ -51,6 +53,8 @@ def eval_sr(trunk: hydra.HydraTrunk, images: list[np.ndarray], scales, dev) -> d
                 rows[name].append([psnr(pred, target).item(), ssim(pred, target).item(), ms_ssim(pred, target).item()])
         table[f"x{s}"] = {name: dict(zip(("psnr", "ssim", "ms_ssim"), np.mean(v, axis=0).round(4).tolist()))
                           for name, v in rows.items()}
+    shown.update(len(scales) * len(images))
+    shown.close()
     return table
 
 

@@ -57,7 +57,7 @@ def main() -> None:
     stow_port = free_port()
     orthanc = Orthanc(root / "orthanc").start()
     node = NodeProcess(root / "node", node_config(
-        free_port(), root / "node" / "spool", routes=[], destinations={}, stow_port=stow_port,
+        free_port(), root / "node" / "spool", routes=[], destinations={}, http_port=stow_port,
         peers=[{"ae_title": "STORESCU"}, {"ae_title": "BENCH", "stow_auth": {"type": "bearer", "token_env": TOKEN_ENV}}]))
     node.start()
     rates: dict[str, list[float]] = {"node STOW-RS": [], "orthanc STOW-RS": [], "node C-STORE": []}

@@ -66,21 +66,51 @@ class NodeSection(Strict):
     bind: str = "0.0.0.0"
     spool: Path = Path("../var/spool")
     max_associations: int = Field(16, ge=1)
-    stow_port: int | None = Field(None, ge=1, le=65535)  # STOW-RS receiver (node.stow); None: off
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _check_ae = field_validator("ae_title")(_ae)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stow_port" in data:
+            port = data["stow_port"]
+            raise ValueError(
+                "node.stow_port is gone: STOW-RS is served by the node's one HTTP service; remove "
+                f"node.stow_port and write `http: {{port: {port if port else 8080}}}` instead (the peers keep their stow_auth)")
+        return data
 
     @model_validator(mode="after")
     def _ports(self) -> "NodeSection":
         if self.port is None and self.tls is None:
             raise ValueError("port is null and there is no tls listener: the node would not listen for DICOM")
-        ports = {"port": self.port, "tls.port": self.tls.port if self.tls else None, "stow_port": self.stow_port}
-        used = [(name, port) for name, port in ports.items() if port is not None]
-        for i, (name, port) in enumerate(used):
-            for other, port2 in used[i + 1:]:
-                if port == port2:
-                    raise ValueError(f"{name} and {other} are both {port}: each listener needs a port of its own")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"port and tls.port are both {self.port}: each listener needs a port of its own")
+        return self
+
+
+class HttpToken(Strict):
+    """A bearer token for people and tools (not for STOW-RS peers: they have ``stow_auth``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")  # shown in the log and the audit trail
+    role: Literal["admin", "viewer"]
+    token_env: str = Field(min_length=1)  # the environment variable holding the token
+
+
+class HttpSection(Strict):
+    """The node's one HTTP service (node.http): STOW-RS, health, metrics, admin API, status page.
+    HTTPS when ``node.tls`` is set. No default token: without tokens only /healthz and STOW-RS."""
+
+    port: int = Field(8080, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    tokens: list[HttpToken] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "HttpSection":
+        for field in ("name", "token_env"):
+            values = [getattr(t, field) for t in self.tokens]
+            if len(values) != len(set(values)):
+                raise ValueError(f"two tokens share a {field}")
         return self
 
 
@@ -224,7 +254,7 @@ class Route(Strict):
 class Completion(Strict):
     quiet_seconds: float = Field(2.0, ge=0, le=600)
     # A STOW-RS peer that keeps sending holds a series it sent this long after its last instance
-    # (node.stow.PeerSessions): a batch of the series may still be uploading in another request.
+    # (node.http.stow.PeerSessions): a batch of the series may still be uploading in another request.
     stow_hold_seconds: float = Field(60.0, ge=0, le=3600)
 
 
@@ -263,6 +293,7 @@ class Config(Strict):
     completion: Completion = Completion()
     queue: Queue = Queue()
     dispatch: Dispatch = Dispatch()
+    http: HttpSection | None = None  # no HTTP service (no STOW-RS, health, metrics) when absent
     retention: Retention = Retention()
     source: Path | None = None  # the file this was read from
 
@@ -276,6 +307,8 @@ class Config(Strict):
             used = [getattr(p.stow_auth, field) for p in self.peers if p.stow_auth and getattr(p.stow_auth, field)]
             if len(used) != len(set(used)):
                 raise ValueError(f"peers: two peers share a stow_auth {field}; a STOW-RS sender must be one peer")
+        if self.http is not None and self.http.port in (self.node.port, self.node.tls.port if self.node.tls else None):
+            raise ValueError(f"http.port {self.http.port} is also a DICOM port: HTTP needs a port of its own")
         if SENDER in self.destinations:
             raise ValueError(f"'{SENDER}' is reserved (results back to the calling peer); rename that destination")
         for route in self.routes:
@@ -327,8 +360,11 @@ def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config
     except ValidationError as exc:
         lines = [f"{path}: {exc.error_count()} problem(s)"]
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")  # a section or the whole file is no help to repeat
+            lines.append(f"  {where + ': ' if where else ''}{message}"
+                         + ("" if isinstance(got, (dict, list)) else f" (got {got!r})"))
         raise ConfigError("\n".join(lines)) from None
     base = path.resolve().parent
     node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool),

@@ -64,6 +64,7 @@ import pynetdicom
 from pynetdicom import AE, evt
 from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
 from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler
 from pynetdicom.utils import make_target
@@ -74,6 +75,9 @@ log = logging.getLogger(__name__)
 SUPPORTED = ((3, 0, 0), (3, 1, 0))
 #: Longest time either loop blocks without a wake-up (timers, anything not signalled).
 IDLE_WAIT = 0.05
+#: FSM events of received PDUs (PS3.8 9.2), for the log line of one that arrives out of turn.
+_PDU_EVENTS = {"Evt3": "A-ASSOCIATE-AC", "Evt4": "A-ASSOCIATE-RJ", "Evt6": "A-ASSOCIATE-RQ", "Evt10": "P-DATA-TF",
+               "Evt12": "A-RELEASE-RQ", "Evt13": "A-RELEASE-RP"}
 #: PDUs other than P-DATA-TF are not bound by the advertised maximum (PS3.8 D.1); an
 #: A-ASSOCIATE-RQ with every storage SOP class is ~15 KB.
 MIN_OTHER_PDU_CAP = 65536
@@ -388,6 +392,10 @@ class FastDUL(DULServiceProvider):
             except queue.Empty:
                 idle = True
                 continue
+            if self.on_violation is not None and event in _PDU_EVENTS and not self._refused:
+                state = self.state_machine.current_state
+                if TRANSITION_TABLE.get((event, state)) in ("AA-1", "AA-8"):  # a PDU that breaks the protocol
+                    self._violate(f"{_PDU_EVENTS[event]} not expected in state {state}", queue_event=False)
             try:
                 self.state_machine.do_action(event)
             except Exception as exc:  # pynetdicom logged it; the association cannot go on

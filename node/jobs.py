@@ -183,6 +183,7 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     if done is not None:
         log.info("job %s already finished (%s), nothing to do", job_id, done["state"])
         return done
+    started = time.monotonic()
     try:
         result = _run(spool, job_id)
     except Exception as exc:  # the job fails with its reason; the worker keeps serving

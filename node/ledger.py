@@ -258,6 +258,10 @@ class Ledger:
             rows = self._q(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id {order} LIMIT ?", (*states, limit))
         return [Job.from_row(r) for r in rows]
 
+    def count_jobs(self, states: Iterable[str]) -> int:
+        states = tuple(states)
+        return self._q(f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})", states)[0][0]
+
     def set_job_state(self, job_id: int, state: str, reason: str | None = None) -> None:
         self._q("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id))
 

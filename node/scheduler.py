@@ -13,6 +13,7 @@ import time
 
 from pydicom import dcmread
 
+from node import metrics
 from node.assembly import ROUTE_RETRY_SECONDS, Assembler, OpenSeries
 from node.config import Config
 from node.audit import Audit
@@ -38,6 +39,7 @@ class Scheduler:
         self.audit = audit
         self._progress_polled = 0.0
         self._progress_logged: dict[int, float] = {}  # job id -> monotonic time of its last progress line
+        self._last_instance: dict[int, float] = {}  # job id -> monotonic time of its series' last activity
 
     def tick(self) -> None:
         for entry in self.assembler.due():
@@ -103,6 +105,8 @@ class Scheduler:
                 log.info("series %s: route %s already ran on these %d instances", entry.series_uid, route.name, len(files))
                 continue
             write_job_spec(self.spool, job.id, files, job.pipeline, job.options, job.version)
+            metrics.JOBS.labels(job.pipeline, "pending").inc()
+            self._last_instance[job.id] = entry.last_activity
             if self.audit is not None:
                 self.audit.record("job.created", job=job.id, route=route.name, pipeline=route.pipeline,
                                   options=route.options, send_to=route.send_to, version=job.version,
@@ -113,6 +117,7 @@ class Scheduler:
         if not routes:
             log.info("series %s (%s, %d instances) matched no route", entry.series_uid, header.get("Modality", "?"), len(files))
         self.ledger.mark_routed(entry.study_uid, entry.series_uid, len(files))
+        metrics.SERIES_COMPLETED.inc()
         return jobs
 
     def _submit(self, job: Job) -> None:
@@ -137,11 +142,18 @@ class Scheduler:
         except Exception:
             self.ledger.set_job_state(job.id, "pending", "could not be queued; trying again")
             raise
+        metrics.JOBS.labels(job.pipeline, "queued").inc()
+        last = self._last_instance.pop(job.id, None)
+        if last is not None:
+            metrics.COMPLETION_LATENCY.observe(time.monotonic() - last)
 
     def _collect(self, job: Job) -> None:
         result = read_result(self.spool, job.id)
         if result is None:
             return
+        metrics.JOBS.labels(job.pipeline, result["state"]).inc()
+        if result.get("started") and result.get("finished"):
+            metrics.JOB_DURATION.labels(job.pipeline).observe(max(result["finished"] - result["started"], 0))
         outputs = result.get("outputs") or []
         self.ledger.set_finished(job.id, result.get("started"), result.get("finished") or time.time(), len(outputs))
         if self.audit is not None:
@@ -155,6 +167,7 @@ class Scheduler:
             outputs = [(o["sop_uid"], o["file"]) for o in result["outputs"]]
             if not outputs:
                 self.ledger.set_job_state(job.id, "delivered", "pipeline produced no output")
+                metrics.JOBS.labels(job.pipeline, "delivered").inc()
                 return
             self.ledger.add_deliveries(job.id, outputs, job.send_to)
             log.info("job %s done: %d outputs to %s", job.id, len(outputs), ", ".join(job.send_to))

@@ -20,6 +20,7 @@ from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification
 
 from node.audit import Audit
@@ -27,7 +28,7 @@ from node.backoff import Backoff
 from node.config import Config
 from node.dicom_guard import AssociationOutcome, Guard, GuardedHandler, GuardedServer
 from node.fast_reactor import FastAE, require_supported
-from node.ingest import STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest
+from node.ingest import SOP_CLASS_NOT_SUPPORTED, STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest, uid_shown
 from node.tls import peer_subject, server_context
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,18 @@ PEER_FACING_LOGGERS = ("acse", "dimse", "dimse_messages", "dul", "fsm", "pdu", "
                        "presentation", "transport", "utils", "_validators")
 
 
+VALIDATION_LOGGERS = ("pynetdicom.utils", "pynetdicom._validators")
+
+
 class _NoTraceback(logging.Filter):
     """One line, not a traceback, for what a peer can cause (issue 21); tracebacks stay at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-            record.exc_info = record.exc_text = None
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            return True
+        if record.name in VALIDATION_LOGGERS:
+            return False  # "Invalid 'Calling AE Title' value '<the peer's bytes>'": the PDU violation line says it, escaped
+        record.exc_info = record.exc_text = None
         return True
 
 
@@ -148,6 +155,22 @@ class StorageSCP:
         self.backoff = Backoff("DICOM associations")
         self.guard = Guard(limits, config.node.max_associations, self.backoff, self.record)
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (node.server) sets the new config: new connections get its limits."""
+        self._config = config
+        if hasattr(self, "guard"):
+            limits = config.node.limits
+            self.guard.limits = limits
+            self.guard.set_max_associations(config.node.max_associations)
+            self.ae.maximum_pdu_size = limits.max_pdu_bytes
+            self.ae.acse_timeout = limits.association_request_timeout_s
+            self.ae.network_timeout = limits.idle_timeout_s
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
@@ -156,7 +179,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._check_association),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_REJECTED, self._log_negotiation_reject),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
@@ -184,6 +207,13 @@ class StorageSCP:
         if ssl_context is not None:
             extra = ", client certificate required" if node.tls.require_client_certificate else ""
         log.info("listening as %s on %s:%s (%s%s)", node.ae_title, node.bind, port, what, extra)
+
+    def active_associations(self) -> int:
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers) and all(server.socket.fileno() != -1 for server in self._servers)
 
     def stop(self) -> None:
         while self._servers:
@@ -281,11 +311,30 @@ class StorageSCP:
     def _store(self, event: evt.Event) -> Any:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        if sop_class != str(event.context.abstract_syntax):  # pynetdicom picks the service by the request's UID
+            log.warning("C-STORE from %s: SOP %s refused (0x%04X): its SOP class %s is not the one of presentation "
+                        "context %d", calling, uid_shown(str(event.request.AffectedSOPInstanceUID or "")),
+                        SOP_CLASS_NOT_SUPPORTED, uid_shown(sop_class), event.context.context_id)
+            return _failure(SOP_CLASS_NOT_SUPPORTED, "SOP class is not the presentation context's")
         verdict = self.ingest.store(
             encoded_with_meta(event), id(assoc), calling, assoc.requestor.address, f"C-STORE from {calling}",
-            expected_sop=str(event.request.AffectedSOPInstanceUID or ""),
+            expected_sop=str(event.request.AffectedSOPInstanceUID or ""), expected_sop_class=sop_class,
         )
         return SUCCESS if verdict.stored else _failure(verdict.status, verdict.comment)
+
+    @staticmethod
+    def _echo(event: evt.Event) -> int:
+        """C-ECHO. pynetdicom picks the service by the request's SOP class UID, so a C-STORE (or any
+        other request) naming the Verification SOP class arrives here and would be answered as an echo
+        success, its data set dropped: the association is aborted instead (a protocol violation)."""
+        if isinstance(event.request, C_ECHO):
+            return SUCCESS
+        log.warning("association from %s aborted: a %s request on the Verification presentation context %d",
+                    event.assoc.requestor.ae_title.strip(), type(event.request).__name__.replace("_", "-"),
+                    event.context.context_id)
+        event.assoc.abort()
+        return SUCCESS  # not sent: the association is gone
 
     def _opened(self, event: evt.Event) -> None:
         self.ingest.session_started(id(event.assoc))

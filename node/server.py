@@ -1,4 +1,4 @@
-"""The running node: the DICOM listener (and the STOW-RS one when configured), the
+"""The running node: the DICOM listener (and the HTTP service when configured), the
 assembly/scheduling loop, the dispatcher loop and, in embedded mode, its own Celery worker as a
 supervised child process.
 
@@ -28,7 +28,6 @@ from node.retention import Retention
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
 from node.spool import Spool, remove_partial_writes
-from node.stow import StowServer
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +61,14 @@ class Node:
         self._run_job = run_job
         self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit, self.audit)
         self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
-        self.ingest = Ingest(self.spool, self.ledger, self.assembler)
+        self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes)
         self.scp = StorageSCP(config, self.ingest, self.audit)
         self.retention = Retention(config, self.spool, self.ledger, self.ingest, self.audit)
-        self.stow = StowServer(config, self.ingest) if config.node.stow_port else None
+        self.http = None
+        if config.http is not None:
+            from node.http.app import HttpService  # the web stack is loaded only when it is used
+
+            self.http = HttpService(self)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reload_lock = threading.Lock()
@@ -83,8 +86,8 @@ class Node:
             log.warning("removed %d partial instance file(s) left by an interrupted write (never acknowledged)",
                         removed)
         self.scp.start()  # a port already in use fails the start before anything runs
-        if self.stow is not None:
-            self.stow.start()
+        if self.http is not None:
+            self.http.start()
         self.assembler.recover()
         self.scheduler.resubmit_unfinished()
         if self.config.queue.broker == "embedded":
@@ -97,8 +100,8 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
         self.scp.stop()
-        if self.stow is not None:
-            self.stow.stop()
+        if self.http is not None:
+            self.http.stop()
         self.assembler._wake.set()
         for thread in self._threads:
             thread.join(timeout=WORKER_STOP_S + 5)  # the supervisor stops the worker first
@@ -136,9 +139,10 @@ class Node:
                 return False, reasons, []
             changed = changes(old, new)
             self.dispatcher.retire({n: d for n, d in old.destinations.items() if n not in new.destinations})
-            for part in (self.scheduler, self.dispatcher, self.scp, self.retention, self.stow):
+            for part in (self.scheduler, self.dispatcher, self.scp, self.retention):
                 if part is not None and hasattr(part, "config"):
                     part.config = new
+            self.ingest.min_free_bytes = new.retention.min_free_bytes  # the HTTP service reads self.config
             self.scp.guard.set_max_associations(new.node.max_associations)
             limits = new.node.limits
             self.scp.guard.limits = limits
@@ -210,6 +214,10 @@ class Node:
         parent = os.getpid()
         self._worker = subprocess.Popen(cmd, preexec_fn=lambda: _die_with_parent(parent), env=os.environ.copy())
         log.info("embedded worker started (pid %s)", self._worker.pid)
+
+    def worker_running(self) -> bool:
+        """Whether the embedded worker process is alive (health)."""
+        return self._worker is not None and self._worker.poll() is None
 
     def _stop_worker(self) -> None:
         """SIGTERM (Celery's warm shutdown: the job in hand finishes), SIGKILL after ``WORKER_STOP_S``."""

@@ -233,7 +233,7 @@ class CxrPipeline:
                 name = {"mdrn": "MDRN", "meta": "Meta-Upscale"}[network.name]
                 how, version = f"{name} (srnode cxr), residual on Lanczos", network.version
             series = DerivedSeries(
-                description=f"SR x{scale} {name} (AI)",
+                description=f"super-res x{scale} {name} (AI)",
                 derivation_description=f"Super-resolution x{scale} by {how}; field of view kept",
                 model_name="Hydra SR trunk" if network is None else f"{name} SR",
                 model_version=version, key="sr", series_number_offset=SERIES_OFFSETS["sr"],

@@ -14,6 +14,7 @@ what to do. Nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -27,15 +28,37 @@ class WeightsError(RuntimeError):
     """Weights that cannot be used: missing, not matching their model card, or for another model."""
 
 
+#: The package ``pip install .`` puts the repository's ``weights/`` in (see setup.py).
+INSTALLED_PACKAGE = "srnode_weights"
+
+
 def weights_dir() -> Path:
     """``$SRNODE_WEIGHTS``; else the source tree's ``weights/`` (a checkout or an editable install);
-    else ``./weights`` (``pip install .`` run from the repository, as the README does)."""
+    else the installed package ``srnode_weights`` (``pip install .``, from any directory)."""
+    return _located()[0]
+
+
+def _located() -> tuple[Path, str]:
+    """(the weights folder, how it was chosen)."""
     env = os.environ.get("SRNODE_WEIGHTS")
     if env:
-        return Path(env)
+        return Path(env), "from SRNODE_WEIGHTS"
     tree = Path(__file__).resolve().parents[1] / "weights"
-    cwd = Path.cwd() / "weights"
-    return cwd if not tree.is_dir() and cwd.is_dir() else tree
+    if tree.is_dir():
+        return tree, "the source tree's weights/; SRNODE_WEIGHTS overrides"
+    spec = importlib.util.find_spec(INSTALLED_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))), \
+            f"the installed package {INSTALLED_PACKAGE}; SRNODE_WEIGHTS overrides"
+    return tree, f"neither SRNODE_WEIGHTS nor an installed {INSTALLED_PACKAGE} package; set SRNODE_WEIGHTS"
+
+
+def where(folder: Path) -> str:
+    """Where ``folder`` came from, for error messages: the lookup's answer or a folder given."""
+    located, how = _located()
+    if Path(folder).resolve() == located.resolve():
+        return f"{folder} ({how})"
+    return f"{folder} (given; SRNODE_WEIGHTS sets the default)"
 
 
 def problem(load: Callable[[Path], object]) -> str | None:
@@ -103,8 +126,8 @@ def load(path: Path, model: str | None = None) -> tuple[dict[str, torch.Tensor],
     whose config names that model)."""
     path = Path(path)
     if not path.exists():
-        raise WeightsError(f"weights file {path} is missing: train it (see its model card) or restore it from the "
-                           f"repository")
+        raise WeightsError(f"weights file {path.name} is missing: looked in {where(path.parent)}; train it (see its "
+                           f"model card) or restore it from the repository")
     header = read_card_header(path)
     expected, actual = header.get("sha256"), sha256(path)
     if expected != actual:

@@ -90,7 +90,7 @@ def storescp(tmp_path: Path, request: pytest.FixtureRequest):
 # -- Redis ----------------------------------------------------------------------------------------
 @pytest.fixture
 def redis_url() -> str:
-    """``redis://127.0.0.1:6379/15``, flushed before and after the test (skip if absent, fail in CI)."""
+    """``redis://127.0.0.1:6379/<SRNODE_TEST_REDIS_DB, else 15>``, flushed before and after the test (skip if absent, fail in CI)."""
     url = _redis_url()
     flush_redis(url)
     yield url

@@ -20,12 +20,16 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
                 peers: list[dict] | None = None, broker: str = "embedded", quiet_seconds: float = 0.5,
                 max_attempts: int = 30, backoff_initial_s: float = 0.3, backoff_max_s: float = 1.0,
                 visibility_timeout_s: int = 3600, max_associations: int = 16,
-                stow_port: int | None = None, stow_hold_seconds: float = 60,
-                retention: dict[str, Any] | None = None, **node_extra: Any) -> dict[str, Any]:
-    """``node_extra``: more ``node`` keys (``tls``, ``limits``, ``bind``)."""
+                http_port: int | None = None, tokens: list[dict] | None = None,
+                stow_hold_seconds: float = 60, retention: dict[str, Any] | None = None,
+                **node_extra: Any) -> dict[str, Any]:
+    """A node's config; ``http_port`` turns the HTTP service on (STOW-RS, /healthz, /metrics);
+    ``retention.min_free_bytes`` is 0 unless given (test machines' disks vary); ``node_extra``: more
+    ``node`` keys (``tls``, ``limits``, ``bind``)."""
     config = {
+        "retention": {"min_free_bytes": 0, **(retention or {})},
         "node": {"ae_title": "SRNODE", "port": port, "bind": "127.0.0.1", "spool": str(spool), "log_level": "INFO",
-                 "max_associations": max_associations, "stow_port": stow_port, **node_extra},
+                 "max_associations": max_associations, **node_extra},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU"}],
         "destinations": destinations,
         "routes": routes,
@@ -34,8 +38,8 @@ def node_config(port: int, spool: Path, *, routes: list[dict], destinations: dic
         "dispatch": {"max_attempts": max_attempts, "backoff_initial_s": backoff_initial_s,
                      "backoff_max_s": backoff_max_s},
     }
-    if retention is not None:
-        config["retention"] = retention
+    if http_port:
+        config["http"] = {"port": http_port, "bind": "127.0.0.1", "tokens": tokens or []}
     return config
 
 

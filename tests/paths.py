@@ -14,5 +14,6 @@ def shared(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent (real data lives in ../shared/data beside the checkout)")
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data beside the checkout; "
+                    f"SRNODE_SHARED_DATA points elsewhere)")
     return path

@@ -281,8 +281,8 @@ def test_the_dog_thorax_gets_no_finding_and_the_human_films_do(tmp_path, caplog)
     dog.set_pixel_data(np.clip(np.rint(big), 0, 255).astype(np.uint8), dog.PhotometricInterpretation, 8,
                        generate_instance_uid=False)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipelines.cxr"), pytest.raises(Refusal, match="nothing to write"):
-        list(cxr.PIPELINE.run([dog], {"write_sr": False}, RunContext("dog")))
+    with caplog.at_level("WARNING", logger="pipelines.cxr"):
+        assert list(cxr.PIPELINE.run([dog], {"write_sr": False}, RunContext("dog"))) == []
     assert "not two lungs" in caplog.text or "where the training films' lie" in caplog.text
     human = dcmread(folder / "siim-nih_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
     outputs = list(cxr.PIPELINE.run([human], {"write_sr": False}, RunContext("human")))

@@ -5,6 +5,7 @@ machine where the variable is unset.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -18,7 +19,7 @@ from tests.paths import REPO
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 CONFIG_IN_CONTAINER = PurePosixPath("/config/node.yaml")
-SERVICES = {"node", "worker", "redis", "orthanc"}
+SERVICES = {"node", "worker", "redis", "orthanc", "prometheus"}
 _VAR = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
 
 
@@ -161,12 +162,33 @@ def test_orthanc_can_stow_to_the_node_as_its_configured_peer(compose):
     peer ORTHANC, whose password both services read from the same variable."""
     server = json.loads(compose["services"]["orthanc"]["environment"]["ORTHANC__DICOM_WEB__SERVERS"])["srnode"]
     node = _node_config()
-    assert server["Url"] == f"http://node:{node['node']['stow_port']}/dicom-web"
+    assert server["Url"] == f"http://node:{node['http']['port']}/dicom-web"
     [peer] = [p for p in node["peers"] if p["ae_title"] == "ORTHANC"]
     assert peer["stow_auth"] == {"type": "basic", "username": server["Username"], "password_env": "SRNODE_STOW_PASSWORD"}
     raw = yaml.safe_load(COMPOSE.read_text())["services"]
     assert "SRNODE_STOW_PASSWORD" in raw["node"]["environment"]
     assert "${SRNODE_STOW_PASSWORD" in raw["orthanc"]["environment"]["ORTHANC__DICOM_WEB__SERVERS"]
+
+
+def test_prometheus_scrapes_the_node_with_a_viewer_token(compose):
+    """Prometheus scrapes the node's http.port at /metrics with the bearer token from a compose
+    secret; the node's environment carries the same variable, which its config names as a viewer
+    token."""
+    prometheus = compose["services"]["prometheus"]
+    mounts = _volumes(prometheus)
+    source = mounts["/etc/prometheus/prometheus.yml"]
+    scrape_file = (COMPOSE.parent / source).resolve()
+    assert scrape_file.is_file(), f"{source} is not in docker/"
+    assert any(a.startswith("--config.file=/etc/prometheus/prometheus.yml") for a in prometheus["command"])
+    [job] = [j for j in yaml.safe_load(scrape_file.read_text())["scrape_configs"] if j["job_name"] == "srnode"]
+    http = _node_config()["http"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert [t for c in job["static_configs"] for t in c["targets"]] == [f"node:{http.get('port', 8080)}"]
+    [secret] = prometheus["secrets"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": f"/run/secrets/{secret}"}
+    variable = yaml.safe_load(COMPOSE.read_text())["secrets"][secret]["environment"]
+    assert variable in compose["services"]["node"]["environment"]
+    assert any(t["token_env"] == variable and t["role"] in ("viewer", "admin") for t in http["tokens"])
 
 
 def test_commands_match_the_dockerfiles(compose):
@@ -206,6 +228,30 @@ def test_copy_sources_are_in_the_repository(name):
                                f"{source}/ and the build fails; add a file to it or drop the COPY")
 
 
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_copy_sources_pass_the_dockerignore_and_include_what_pip_install_reads(name):
+    """The build context is filtered by <Dockerfile>.dockerignore ('*' then '!path' lines, the last
+    match wins): a COPY of a path it leaves out fails the build. `pip install` needs pyproject.toml,
+    setup.py and the packages, weights/ included (installed as srnode_weights)."""
+    patterns = [line.strip() for line in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def kept(path: str) -> bool:
+        keep = True
+        for pattern in patterns:
+            negated, bare = pattern.startswith("!"), pattern.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, bare) or path.startswith(bare + "/"):
+                keep = negated
+        return keep
+
+    copied = []
+    for keyword, args in _instructions(DOCKER / name):
+        if keyword == "COPY":
+            copied += [a.rstrip("*") for a in shlex.split(args)[:-1] if not a.startswith("--")]
+    assert [source for source in copied if not kept(source)] == [], f"{name}: COPY of paths its dockerignore drops"
+    assert {"pyproject.toml", "setup.py", "node", "pipelines", "weights"} <= set(copied)
+
+
 def test_cpu_image_installs_cpu_torch_before_the_project():
     runs = [args for kw, args in _instructions(DOCKER / "Dockerfile") if kw == "RUN"]
     torch = next(i for i, r in enumerate(runs) if "torch==" in r)
@@ -227,8 +273,9 @@ def test_ports_agree(compose):
     assert published <= exposed, (published, exposed)
     node = _node_config().get("node", {})
     assert str(node.get("port", 11112)) in published, f"config node.port {node.get('port')} is not published"
-    if node.get("stow_port"):
-        assert str(node["stow_port"]) in published, f"config node.stow_port {node['stow_port']} is not published"
+    http = _node_config().get("http")
+    if http:
+        assert str(http.get("port", 8080)) in published, f"config http.port {http.get('port')} is not published"
     assert node.get("bind", "0.0.0.0") not in ("127.0.0.1", "localhost"), "a container must not bind loopback"
 
 

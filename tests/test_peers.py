@@ -80,9 +80,11 @@ def test_storescu_failure_is_reported_with_output(ct_small):
 def test_redis_url_points_at_an_empty_test_db(redis_url):
     import redis
 
+    from tests.peers import TEST_REDIS_DB
+
     client = redis.Redis.from_url(redis_url)
     try:
-        assert redis_url.endswith("/15")
+        assert redis_url.endswith(f"/{TEST_REDIS_DB}")
         client.set("srnode-test", "1")
         assert client.dbsize() == 1
     finally:

@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from node import metrics
 from node.audit import Audit
 from node.config import SENDER, Config, DicomDestination, DicomwebDestination, FolderDestination
 from node.dispatch import dicom, dicomweb, folder
@@ -101,6 +102,8 @@ class Dispatcher:
                     unreachable[name] = outcomes[0].status
             self._record(job_id, name, items, outcomes)
             final = self.ledger.settle_job(job_id)
+            if final:
+                metrics.JOBS.labels(job.pipeline, final).inc()
             if final and self.audit is not None:
                 self.audit.record("job.settled", job=job_id, state=final)
         return len(due)
@@ -117,6 +120,8 @@ class Dispatcher:
             else:
                 rows.append((d, "parked", o.status, None))
         self.ledger.record_attempts(rows)
+        for _, state, _, _ in rows:
+            metrics.DELIVERIES.labels(name, "retry" if state == "pending" else state).inc()
         summary = defaultdict(int)
         for _, state, _, _ in rows:
             summary[state] += 1

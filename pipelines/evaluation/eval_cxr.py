@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipelines import cxr, weights
+from pipelines import progress as display
 from pipelines.cxr import trunk_tiled
 from pipelines.evaluation import eval_metrics
 from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
@@ -38,9 +39,11 @@ from pipelines.training.common import device
 @torch.no_grad()
 def eval_sr(trunk: hydra.HydraTrunk, mdrn, images: list[np.ndarray], scales, dev) -> dict:
     table = {}
-    for s in scales:
+    shown = display.Progress("eval cxr SR", len(scales) * len(images), unit="images", every_s=10)
+    for i, s in enumerate(scales):
         rows = {"pipeline": [], "hydra": [], "cubic": [], "lanczos": []}
-        for img in images:
+        for j, img in enumerate(images):
+            shown.update(i * len(images) + j, note=f"x{s}")
             hr = cxr_data.crop_to_multiple(img, s)
             low = resize(hr, (hr.shape[0] // s, hr.shape[1] // s), "cubic")
             cubic = cxr_data.upsample(low, s, "cubic")
@@ -57,6 +60,8 @@ def eval_sr(trunk: hydra.HydraTrunk, mdrn, images: list[np.ndarray], scales, dev
                 rows[name].append([psnr(pred, target).item(), ssim(pred, target).item(), ms_ssim(pred, target).item()])
         table[f"x{s}"] = {"model": cxr.BEST_MODEL[s]} | {name: dict(zip(("psnr", "ssim", "ms_ssim"), np.mean(v, axis=0).round(4).tolist()))
                           for name, v in rows.items()}
+    shown.update(len(scales) * len(images))
+    shown.close()
     return table
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines import weights
+from pipelines import progress as display, weights
 from pipelines.cxr import trunk_tiled
 from pipelines.evaluation.image_metrics import psnr, sr_loss
 from pipelines.models import hydra
@@ -161,14 +161,15 @@ def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid:
     """(pooled features (N, C, g, g), masks on the grid (N, 1, g, g), labels (N,)) for each sample,
     from the trunk's features of the image upsampled by ``scale`` (what the pipeline does)."""
     feats, masks, labels = [], [], []
+    shown = display.Progress("features", len(samples), unit="images", every_s=10)
     for i, sample in enumerate(samples):
         img = cxr_data.read_image(sample.image)
         feats.append(trunk_tiled(trunk, cxr_data.upsample(img, scale), grid)[1].cpu())
         mask = cxr_data.read_mask(sample.mask) if sample.mask else np.zeros_like(img)
         masks.append(hydra.pool_features(torch.from_numpy(mask)[None, None], grid))
         labels.append(int(sample.abnormal))
-        print(f"features {i + 1}/{len(samples)}", file=sys.stderr, end="\r", flush=True)
-    print(file=sys.stderr)
+        shown.update(i + 1)
+    shown.close()
     return torch.cat(feats), torch.cat(masks), torch.tensor(labels)
 
 

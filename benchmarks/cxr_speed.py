@@ -1,11 +1,14 @@
-"""CXR pipeline speed: the Hydra trunk shared by SR and both heads vs three separate models.
+"""CXR pipeline speed: the default pipeline (MDRN SR at x2-x4 + the Hydra trunk for the heads), the
+Hydra trunk shared by SR and both heads, and three separate models, against Lanczos.
 
     python benchmarks/cxr_speed.py [--size 2048] [--scale 2] [--repeats 1] [--models mdrn meta]
 
 Input: pydicom-data's real CR (RG1_UNCR.dcm) resampled to SIZE x SIZE and written as a CR. Measured in
 one run, on whatever device torch picks (CUDA when present):
-  * reference: cubic upsampling of the image alone (the interpolation every SR output starts from);
-  * `cxr` pipeline, all outputs (SR series + lung SEG + abnormality SR), DICOM encoding included:
+  * reference: Lanczos upsampling of the image alone (the baseline every SR output is judged against);
+  * the `cxr` pipeline with its default options, all outputs (SR series by the scale's best network,
+    ``cxr.BEST_MODEL``, + lung SEG + nodule SR), DICOM encoding included;
+  * `cxr` pipeline with ``model: hydra``, all outputs:
     one trunk forward for a 512-px film at x2, else the SR forward plus the heads' 1024-px forward
     (the geometry they were trained on, ``cxr.heads_input``);
   * the traditional approach with the same models: three separate forwards (SR; trunk + lung head;
@@ -65,7 +68,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--scale", type=int, default=2, choices=cxr.SCALES)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--models", nargs="*", default=["mdrn", "meta"], choices=["mdrn", "meta"],
+    parser.add_argument("--models", nargs="*", default=["meta"], choices=["mdrn", "meta"],
                         help="also time the pipeline with these SR networks (scales 2-4)")
     args = parser.parse_args()
     ds = square_cr(args.size)
@@ -76,7 +79,7 @@ def main() -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
 
     def pipeline():
-        run_pipeline([ds], "cxr", {"scale": args.scale}, out_dir)
+        run_pipeline([ds], "cxr", {"scale": args.scale, "model": "hydra"}, out_dir)
 
     def three_models():
         cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # SR model
@@ -85,22 +88,25 @@ def main() -> int:
         _, pooled = cxr.trunk_tiled(models.trunk, head_up, models.lungs.grid)  # classification model's encoder
         models.abnormality(pooled.mean(dim=(2, 3)))
 
-    cubic = timed(lambda: resize(x, (args.size * args.scale,) * 2, "cubic"), args.repeats)
+    lanczos = timed(lambda: resize(x, (args.size * args.scale,) * 2, "lanczos"), args.repeats)
+    default = timed(lambda: run_pipeline([ds], "cxr", {"scale": args.scale}, out_dir), args.repeats)
     one = timed(pipeline, args.repeats)
     with torch.no_grad():
         three = timed(three_models, args.repeats)
     dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"cxr pipeline, {args.size}x{args.size} CR at x{args.scale}, {dev}, trunk "
           f"{hydra.parameter_count(models.trunk):,} parameters, mean of {args.repeats}")
-    print(f"  cubic upsampling alone (reference)                 {cubic:8.2f} s")
+    print(f"  Lanczos upsampling alone (reference)               {lanczos:8.2f} s")
+    print(f"  pipeline, default ({cxr.BEST_MODEL[args.scale]} SR + heads), 3 outputs   {default:8.2f} s   "
+          f"= {default / lanczos:6.1f} x Lanczos")
     shared = "one forward" if up.shape == head_up.shape else "SR + heads forward"
-    print(f"  Hydra pipeline ({shared}), 3 DICOM outputs  {one:8.2f} s   = {one / cubic:6.1f} x cubic")
-    print(f"  three separate models (forwards only, no DICOM)    {three:8.2f} s   = {three / cubic:6.1f} x cubic")
+    print(f"  Hydra pipeline ({shared}), 3 DICOM outputs  {one:8.2f} s   = {one / lanczos:6.1f} x Lanczos")
+    print(f"  three separate models (forwards only, no DICOM)    {three:8.2f} s   = {three / lanczos:6.1f} x Lanczos")
     print(f"  ratio three separate / Hydra                       {three / one:8.2f}")
     for name in args.models if args.scale in (2, 3, 4) else []:
         t = timed(lambda name=name: run_pipeline([ds], "cxr", {"scale": args.scale, "model": name}, out_dir),
                   args.repeats)
-        print(f"  pipeline with model: {name:<5} (+ trunk for the heads) {t:8.2f} s   = {t / cubic:6.1f} x cubic")
+        print(f"  pipeline with model: {name:<5} (+ trunk for the heads) {t:8.2f} s   = {t / lanczos:6.1f} x Lanczos")
     if torch.cuda.is_available():
         print(f"  images per second (pipeline)                       {1 / one:8.2f}")
     return 0

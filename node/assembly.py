@@ -39,6 +39,7 @@ class OpenSeries:
     associations: set[int] = field(default_factory=set)
     acquisitions: set[str] = field(default_factory=set)  # AcquisitionNumber values seen ("" when absent)
     not_before: float = 0.0  # monotonic time before which the series is not due (routing retry)
+    sops: set[str] = field(default_factory=set)  # SOP UIDs counted: on disk when it opened, or stored since
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,15 +62,23 @@ class Assembler:
         self._wake = threading.Event()
 
     def instance_stored(self, assoc_id: int, study_uid: str, series_uid: str, new: bool,
-                        expected: int | None, acquisition: str = "") -> None:
+                        expected: int | None, acquisition: str = "", sop: str = "") -> None:
+        """``sop``: the instance's SOP UID. With it, instances of a new series stored at the same
+        moment by several threads (a STOW-RS request's parts, two associations) count once each:
+        the files already on disk when the series opens are the ones counted, by UID."""
         now = time.monotonic()
         with self._lock:
             entry = self._open.get((study_uid, series_uid))
             if entry is None:
                 if not new:
                     return  # a re-sent instance of a series we already hold: nothing new to do
-                entry = OpenSeries(study_uid, series_uid, len(self.spool.instances(study_uid, series_uid)) - 1, now)
+                on_disk = {p.stem for p in self.spool.instances(study_uid, series_uid)}
+                entry = OpenSeries(study_uid, series_uid, len(on_disk) - (0 if sop in on_disk else 1), now,
+                                   sops=on_disk if sop else set())
                 self._open[entry.key] = entry
+            if sop and new:
+                new = sop not in entry.sops  # counted when the series opened (stored by another thread)
+                entry.sops.add(sop)
             if assoc_id not in self._ended:  # a store that finished after its connection closed
                 entry.associations.add(assoc_id)
             entry.last_activity = now

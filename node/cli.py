@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -18,8 +20,9 @@ DEFAULT_CONFIG = os.environ.get("SRNODE_CONFIG", "config/node.yaml")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node.log_format import install
+
+    install(level)  # control characters escaped in every line (pynetdicom's and Celery's too)
     if level != "DEBUG":  # pynetdicom logs several INFO lines per instance: noise, and time on the hot path
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     import pydicom
@@ -80,8 +83,41 @@ def cmd_run(args) -> int:
     _setup_logging(config.node.log_level)
     from node.server import Node
 
-    Node(config).serve_forever()
+    try:
+        Node(config).serve_forever()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        sys.exit(f"srnode: {_port_in_use(exc, config)}")
     return 0
+
+
+def _port_in_use(exc: OSError, config) -> str:
+    """Which listener's port is taken, said as an admin can act on it. The port is read from the failed
+    bind's frames, innermost first (a socketserver's server_address, a ``port`` variable, or a config
+    section's ``port``), else from the address in asyncio's message."""
+    listeners = {config.node.port: ("DICOM", "node.port")}
+    if config.node.tls:
+        listeners[config.node.tls.port] = ("DICOM TLS", "node.tls.port")
+    if getattr(config, "http", None) is not None:
+        listeners[config.http.port] = ("HTTP", "http.port")
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_locals)
+        tb = tb.tb_next
+    candidates = [int(m) for m in re.findall(r"'?, (\d+)\)", str(exc))]
+    for names in reversed(frames):
+        address = getattr(names.get("self"), "server_address", None)
+        candidates += [address[1]] if isinstance(address, tuple) and len(address) > 1 else []
+        candidates += [names["port"]] if isinstance(names.get("port"), int) else []
+        candidates += [v.port for v in names.values() if isinstance(getattr(v, "port", None), int)]
+    port = next((c for c in candidates if c in listeners), None)
+    if port is None:
+        return (f"a port the node listens on is already in use ({exc.strerror}): "
+                "check node.port, node.tls.port, http.port")
+    kind, key = listeners[port]
+    held_by = "another DICOM service (or another srnode)" if kind.startswith("DICOM") else "another web service"
+    return f"port {port} ({kind} listener) is already in use: {held_by} may hold it; stop that or change {key}"
 
 
 def cmd_worker(args) -> int:
@@ -107,7 +143,7 @@ def cmd_worker(args) -> int:
 def cmd_process(args) -> int:
     _setup_logging("WARNING")
     import pipelines
-    from tqdm import tqdm
+    from pipelines.progress import Progress
 
     from node.jobs import run_pipeline
 
@@ -121,12 +157,10 @@ def cmd_process(args) -> int:
     summary = {"pipeline": args.pipeline, "options": options, "skipped_not_dicom": skipped, "series": []}
     for uid, datasets in series.items():
         entry = {"input_series": uid, "instances": len(datasets)}
-        bar = tqdm(total=0, desc=f"series {uid[-12:]}", unit="img", file=sys.stderr, disable=args.quiet)
+        bar = Progress(f"series {uid[-12:]}", unit="images", every_s=10, enabled=not args.quiet)
 
         def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done, total)
 
         try:
             outputs = run_pipeline(datasets, args.pipeline, options, out / "tmp-in-progress", progress=progress)
@@ -232,7 +266,26 @@ def cmd_route(args) -> int:
                 chosen = not verdict.route.continue_
         if not any(v.matched for v in explain(config, facts)):
             print("  -> no route matches: the series would be stored and not processed")
+        print(f"  {_series_check(datasets)}")
     return 0
+
+
+def _series_check(datasets: list) -> str:
+    """What the pipelines' series loader makes of these instances: the volume or images, or its refusal
+    (tilt, gaps, mixed matrices, ...), so a dry run shows what a job would say."""
+    from pipelines import Refusal
+    from pipelines.dicom.series import Volume, load_series
+
+    try:
+        loaded = load_series(datasets)
+    except Refusal as exc:
+        return f"series check: REFUSED, a job would say: {exc}"
+    if isinstance(loaded, Volume):
+        slices, rows, columns = loaded.shape
+        spacing = f", slices {loaded.slice_spacing:g} mm apart" if loaded.slice_spacing else ""
+        return (f"series check: OK, a volume of {slices} slice(s) of {rows}x{columns}, pixels "
+                f"{loaded.pixel_spacing[0]:g}x{loaded.pixel_spacing[1]:g} mm{spacing}")
+    return f"series check: OK, {len(loaded)} projection image(s)"
 
 
 def _spool(args):
@@ -401,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="pipeline option (repeatable)")
     p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 10 s)")
     p.set_defaults(func=cmd_process)
     p = with_config(sub.add_parser("echo", help="check a destination: C-ECHO, QIDO-RS or a write test"))
     p.add_argument("destination")
@@ -438,9 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "
                                       "in-plane and through-plane CNNs; sr2d: Meta-Upscale, MDRN)"),
                             ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d)")):
-        p = sub.add_parser(name, help=help_text, add_help=False)
+        p = sub.add_parser(name, help=help_text, description=help_text + "; the family's own options: "
+                           f"srnode {name} FAMILY --help")
         p.add_argument("family", choices=sorted(FAMILIES))
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="the family's arguments")
         p.set_defaults(func=cmd_train if name == "train" else cmd_eval)
     return parser
 

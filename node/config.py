@@ -360,8 +360,11 @@ def load_config(path: str | os.PathLike, check_pipelines: bool = True) -> Config
     except ValidationError as exc:
         lines = [f"{path}: {exc.error_count()} problem(s)"]
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")  # a section or the whole file is no help to repeat
+            lines.append(f"  {where + ': ' if where else ''}{message}"
+                         + ("" if isinstance(got, (dict, list)) else f" (got {got!r})"))
         raise ConfigError("\n".join(lines)) from None
     base = path.resolve().parent
     node = config.node.model_copy(update={"spool": _resolve(base, config.node.spool),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import re
 import shutil
 import sqlite3
 import struct
@@ -26,6 +27,10 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from node import metrics
 from node.assembly import Assembler
+from node.instance_checks import (
+    CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, element_name, meta_problem, pixel_problem, structure_problem,
+    value_problem,
+)
 from node.ledger import Ledger
 from node.spool import Spool, fsync_dir, make_dirs, valid_uid, write_new
 
@@ -33,9 +38,8 @@ log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4: another instance already has this SOP Instance UID
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18 failure reason; C-STORE refuses these at negotiation
 
 # What the node takes, in the SCP's order of preference: uncompressed first (explicit before
@@ -117,50 +121,75 @@ class Ingest:
 
     def store(self, raw: bytes, session: int, sender: str, host: str, via: str,
               expected_sop: str | None = None, expected_study: str | None = None,
-              negotiated: bool = True) -> Verdict:
+              negotiated: bool = True, expected_sop_class: str | None = None) -> Verdict:
         """Check and spool one Part 10 file (``raw``, file meta included) from ``sender``.
 
-        ``via`` starts each log line ("C-STORE from X"). ``expected_sop``: the request's SOP
-        Instance UID, which the data set must repeat (C-STORE); ``expected_study``: the study a
-        STOW-RS request was addressed to. ``negotiated``: the transport already agreed on the SOP
-        class and transfer syntax (C-STORE); else they are checked here (STOW-RS).
+        ``via`` starts each log line ("C-STORE from X"). ``expected_sop`` / ``expected_sop_class``:
+        the request's SOP Instance / Class UIDs, which the data set must repeat (C-STORE); else the
+        file meta's Media Storage UIDs must match (STOW-RS). ``expected_study``: the study a STOW-RS
+        request was addressed to. ``negotiated``: the transport already agreed on the SOP class and
+        transfer syntax (C-STORE); else they are checked here (STOW-RS). The checks
+        (:mod:`node.instance_checks`) run on this one parse.
         """
+        problem = meta_problem(raw)  # before pydicom reads the stray element as file meta
         try:
-            ds = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too (pixel_data_cut)
+            ds = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too
+            problem = problem or structure_problem(ds)  # before any value is converted
             study = str(ds.get("StudyInstanceUID", "")).strip()
             series = str(ds.get("SeriesInstanceUID", "")).strip()
             sop = str(ds.get("SOPInstanceUID", "")).strip()
             sop_class = str(ds.get("SOPClassUID", "")).strip()
         except Exception as exc:  # pydicom raises many types on garbage (zlib.error, struct.error, ...)
-            named = _uid_shown(expected_sop or "")
-            log.warning("%s: SOP %s cannot be parsed (%s): refused", via, named, type(exc).__name__)
+            named = uid_shown(expected_sop or "")
+            where = _element_in(str(exc))
+            log.warning("%s: SOP %s refused (0xC000): cannot be parsed (%s%s)", via, named, type(exc).__name__,
+                        f" at {where}" if where else "")
             metrics.INSTANCES_REFUSED.labels(metrics.CANNOT_PARSE).inc()
-            return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed", sop_instance=expected_sop or "")
-        named = next((u for u in (expected_sop, sop) if valid_uid(u)), _uid_shown(""))
-        refuse = lambda status, comment, why: self._refuse(via, named, status, comment, why, sop_class, sop)  # noqa: E731
+            return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed" + (f" at {where}" if where else ""),
+                           sop_instance=expected_sop or "")
+        named = next((u for u in (expected_sop, sop) if valid_uid(u)), uid_shown(""))
+        sop_class = sop_class if valid_uid(sop_class) else ""
+
+        def refuse(status: int, comment: str, why: str) -> Verdict:
+            log.warning("%s: SOP %s refused (0x%04X): %s", via, named, status, why)
+            metrics.INSTANCES_REFUSED.labels(_REFUSED.get(status, metrics.CANNOT_PARSE)).inc()
+            return Verdict(status, comment, sop_class, sop if valid_uid(sop) else "")
+
+        if problem:
+            return refuse(problem.status, problem.comment, f"{problem.element} {problem.why}")
         if not (study or series or sop):  # a file header, then no data set (or encapsulated data cut short)
             return refuse(CANNOT_UNDERSTAND, "dataset cannot be parsed", "has no readable data set (or one cut short)")
         for name, value in (("Study", study), ("Series", series), ("SOP", sop)):
             if not valid_uid(value):
                 return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing or invalid {name} Instance UID",
                               f"has no valid {name} Instance UID")
-        if expected_sop is not None and sop != expected_sop:
-            return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from request",
-                          "has a data set SOP UID that differs from the request's")
+        meta = ds.file_meta
+        wanted_sop = expected_sop if expected_sop is not None else str(meta.get("MediaStorageSOPInstanceUID", sop))
+        wanted_class = (expected_sop_class if expected_sop_class is not None
+                        else str(meta.get("MediaStorageSOPClassUID", sop_class)))
+        if sop != wanted_sop.strip("\0 "):
+            return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "(0008,0018) SOPInstanceUID differs from the request",
+                          "(0008,0018) SOPInstanceUID differs from the request's (or the file meta's)")
+        if not sop_class:
+            return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "(0008,0016) SOPClassUID is missing or invalid",
+                          "(0008,0016) SOPClassUID is missing or not a valid UID")
+        if sop_class != wanted_class.strip("\0 "):
+            return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "(0008,0016) SOPClassUID differs from the request",
+                          f"(0008,0016) SOPClassUID {sop_class} differs from the request's (or the file meta's)")
         if expected_study is not None and study != expected_study:
             return refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "not in the study the request names",
                           f"belongs to study {study}, not to the study {expected_study} the request names")
         if not negotiated:
-            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            syntax = str(meta.get("TransferSyntaxUID", ""))
             if sop_class not in STORAGE_CLASSES:
                 return refuse(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported",
-                              f"has SOP class {_uid_shown(sop_class)}, not a storage class the node takes")
+                              f"has SOP class {uid_shown(sop_class)}, not a storage class the node takes")
             if syntax not in TRANSFER_SYNTAXES:
                 return refuse(TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax not supported",
-                              f"is in transfer syntax {_uid_shown(syntax)}, which the node does not take")
-        cut = pixel_data_cut(ds)
-        if cut:
-            return refuse(CANNOT_UNDERSTAND, f"cannot be parsed: {cut}", f"cannot be parsed ({cut})")
+                              f"is in transfer syntax {uid_shown(syntax)}, which the node does not take")
+        problem = value_problem(ds) or pixel_problem(ds)
+        if problem:
+            return refuse(problem.status, problem.comment, f"{problem.element} {problem.why}")
 
         short = self.short_of_space()  # before the disk is full: the ledger and the jobs need room too
         if short:
@@ -198,6 +227,12 @@ class Ingest:
             else:
                 fsync_dir(path.parent)  # its first writer may not have made it durable yet
             if not new:
+                if not same_instance(path.read_bytes(), ds):
+                    log.warning("%s: SOP %s refused (0x%04X): (0008,0018) SOPInstanceUID is already stored with "
+                                "other content: kept the first", via, sop, DUPLICATE_SOP_INSTANCE)
+                    metrics.INSTANCES_REFUSED.labels(_REFUSED[DUPLICATE_SOP_INSTANCE]).inc()
+                    return Verdict(DUPLICATE_SOP_INSTANCE, "(0008,0018) SOPInstanceUID already stored, other content",
+                                   sop_class, sop)
                 log.info("%s: SOP %s already stored; kept once", via, sop)
         except OSError as exc:
             log.error("%s: cannot store SOP %s: %s", via, sop, exc.strerror)
@@ -209,53 +244,45 @@ class Ingest:
             log.error("%s: cannot record SOP %s in the ledger: %s", via, sop, exc)
             metrics.INSTANCES_REFUSED.labels(metrics.LEDGER_ERROR).inc()
             return Verdict(OUT_OF_RESOURCES, "node cannot write to its ledger", sop_class, sop)
-        self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds),
+        self.assembler.instance_stored(session, study, series, new=new, expected=_count(ds), sop=sop,
                                        acquisition=_text(ds, "AcquisitionNumber"))
         return Verdict(SUCCESS, "", sop_class, sop, series, study)
 
-    @staticmethod
-    def _refuse(via: str, named: str, status: int, comment: str, why: str, sop_class: str, sop: str) -> Verdict:
-        log.warning("%s: SOP %s %s: refused", via, named, why)
-        metrics.INSTANCES_REFUSED.labels(_REFUSED.get(status, metrics.CANNOT_PARSE)).inc()
-        return Verdict(status, comment, sop_class, sop)
-
 
 _REFUSED = {CANNOT_UNDERSTAND: metrics.CANNOT_PARSE, DATASET_DOES_NOT_MATCH_SOP_CLASS: metrics.BAD_UIDS,
-            SOP_CLASS_NOT_SUPPORTED: metrics.SOP_CLASS, TRANSFER_SYNTAX_NOT_SUPPORTED: metrics.TRANSFER_SYNTAX}
+            SOP_CLASS_NOT_SUPPORTED: metrics.SOP_CLASS, TRANSFER_SYNTAX_NOT_SUPPORTED: metrics.TRANSFER_SYNTAX,
+            DUPLICATE_SOP_INSTANCE: metrics.BAD_UIDS}
 
 
-def _uid_shown(value: str) -> str:
+def uid_shown(value: str) -> str:
     """A UID from a sender's data set as a log line may show it: only if it is a valid UID (else it
     could carry anything: patient data, a forged log line)."""
     return value if valid_uid(value) else "(no valid UID)"
 
 
-def pixel_data_cut(ds: Dataset) -> str | None:
-    """How the Pixel Data of a received instance is cut short, else None. pydicom reads a
-    truncated file without complaint; acknowledged, it would fail its whole series later, and the
-    sender would not send it again. An image (Rows present) must have pixel data (where
-    undefined-length, encapsulated data runs to the end of the file pydicom returns no elements at
-    all); native data must hold Rows x Columns x samples x frames; each item of encapsulated data
-    must fit. A check that cannot run (an odd but readable dataset) passes: the pipelines judge
-    such files."""
+_TAG_IN_TEXT = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
+
+
+def _element_in(message: str) -> str:
+    """The element a pydicom parse error names (its message otherwise may quote the sender's bytes)."""
+    match = _TAG_IN_TEXT.search(message)
+    return element_name(int(match.group(1) + match.group(2), 16)) if match else ""
+
+
+def same_instance(stored: bytes, received: Dataset) -> bool:
+    """Whether ``received`` repeats the stored instance: the same pixel data (a sender re-encoding
+    it may change padding, group lengths, even header text; a different image under the same SOP
+    Instance UID is what must not be acknowledged and dropped). One in another transfer syntax
+    cannot be compared byte for byte and counts as the same (a PACS that re-sends compressed)."""
     try:
-        if "PixelData" not in ds:
-            image = "Rows" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds
-            return "data ends inside an element, or no pixel data" if image else None
-        data = ds.PixelData
-        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            pos = 0
-            while pos + 8 <= len(data):
-                pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
-            return None if pos <= len(data) else "encapsulated pixel data cut short"
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        if samples == 3 and str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
-            samples = 2  # chroma subsampled horizontally: two samples a pixel on average
-        expected = -(-int(ds.Rows) * int(ds.Columns) * samples * int(ds.get("NumberOfFrames") or 1)
-                     * int(ds.BitsAllocated) // 8)
-    except Exception:  # noqa: BLE001 - see the docstring
-        return None
-    return None if len(data) >= expected else f"pixel data cut short ({len(data)} of {expected} bytes)"
+        first = dcmread(io.BytesIO(stored))
+    except Exception:  # noqa: BLE001 - what the spool holds was checked when it came in
+        return False
+    if first.file_meta.get("TransferSyntaxUID") != received.file_meta.get("TransferSyntaxUID"):
+        return True
+    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    return all(first.get(k) is None and received.get(k) is None or
+               k in first and k in received and first[k].value == received[k].value for k in pixels)
 
 
 def _text(ds: Dataset, keyword: str) -> str:

@@ -20,6 +20,7 @@ from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification
 
 from node.audit import Audit
@@ -27,7 +28,7 @@ from node.backoff import Backoff
 from node.config import Config
 from node.dicom_guard import AssociationOutcome, Guard, GuardedHandler, GuardedServer
 from node.fast_reactor import FastAE, require_supported
-from node.ingest import STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest
+from node.ingest import SOP_CLASS_NOT_SUPPORTED, STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest, uid_shown
 from node.tls import peer_subject, server_context
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,22 @@ class StorageSCP:
         self.backoff = Backoff("DICOM associations")
         self.guard = Guard(limits, config.node.max_associations, self.backoff, self.record)
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (node.server) sets the new config: new connections get its limits."""
+        self._config = config
+        if hasattr(self, "guard"):
+            limits = config.node.limits
+            self.guard.limits = limits
+            self.guard.set_max_associations(config.node.max_associations)
+            self.ae.maximum_pdu_size = limits.max_pdu_bytes
+            self.ae.acse_timeout = limits.association_request_timeout_s
+            self.ae.network_timeout = limits.idle_timeout_s
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
@@ -162,7 +179,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._check_association),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_REJECTED, self._log_negotiation_reject),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
@@ -294,11 +311,30 @@ class StorageSCP:
     def _store(self, event: evt.Event) -> Any:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        if sop_class != str(event.context.abstract_syntax):  # pynetdicom picks the service by the request's UID
+            log.warning("C-STORE from %s: SOP %s refused (0x%04X): its SOP class %s is not the one of presentation "
+                        "context %d", calling, uid_shown(str(event.request.AffectedSOPInstanceUID or "")),
+                        SOP_CLASS_NOT_SUPPORTED, uid_shown(sop_class), event.context.context_id)
+            return _failure(SOP_CLASS_NOT_SUPPORTED, "SOP class is not the presentation context's")
         verdict = self.ingest.store(
             encoded_with_meta(event), id(assoc), calling, assoc.requestor.address, f"C-STORE from {calling}",
-            expected_sop=str(event.request.AffectedSOPInstanceUID or ""),
+            expected_sop=str(event.request.AffectedSOPInstanceUID or ""), expected_sop_class=sop_class,
         )
         return SUCCESS if verdict.stored else _failure(verdict.status, verdict.comment)
+
+    @staticmethod
+    def _echo(event: evt.Event) -> int:
+        """C-ECHO. pynetdicom picks the service by the request's SOP class UID, so a C-STORE (or any
+        other request) naming the Verification SOP class arrives here and would be answered as an echo
+        success, its data set dropped: the association is aborted instead (a protocol violation)."""
+        if isinstance(event.request, C_ECHO):
+            return SUCCESS
+        log.warning("association from %s aborted: a %s request on the Verification presentation context %d",
+                    event.assoc.requestor.ae_title.strip(), type(event.request).__name__.replace("_", "-"),
+                    event.context.context_id)
+        event.assoc.abort()
+        return SUCCESS  # not sent: the association is gone
 
     def _opened(self, event: evt.Event) -> None:
         self.ingest.session_started(id(event.assoc))

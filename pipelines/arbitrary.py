@@ -152,10 +152,10 @@ class ArbitraryPipeline:
         name = {"meta": "Meta-Upscale", "mdrn": "MDRN"}[network.name] if network else f"{opts['model']} (interpolation)"
         how = (f"{name} (srnode arbitrary), residual on Lanczos; values outside the network's intensity window "
                "are Lanczos-interpolated" if network else f"{opts['model']} interpolation (srnode arbitrary)")
-        head = f"SR {label}"
+        head = f"super-res {label}"
         room = DESCRIPTION_ROOM - len(name) - 1
         if len(head) > room:  # cut the factors (DerivationDescription has them all), not the method's name
-            head = head[:room - 3].rstrip(" ,") + "..."
+            head = head[:room - 2].rsplit(" ", 1)[0].rstrip(" ,") + "..."  # at a word
         return DerivedSeries(
             description=f"{head} {name}",
             derivation_description=f"Super-resolution by {how}: {text}; field of view kept",

@@ -1,5 +1,6 @@
-"""The ``cxr`` pipeline: Hydra super-resolution of chest radiographs, lung segmentation and an
-abnormality finding (one trunk forward per image for a 512-px film at x2).
+"""The ``cxr`` pipeline: super-resolution of chest radiographs by the project's best network at each
+factor (MDRN at x2-x4, the Hydra trunk at x8), lung segmentation and a lung-nodule finding by the
+Hydra heads.
 
 For each projection image of the series (CR, DX or SC):
   1. modality values -> model input: linear, the 0.5-99.5 percentiles to [0, 1] without clipping,
@@ -17,20 +18,29 @@ For each projection image of the series (CR, DX or SC):
      lungs; resampled, it finds both lungs (checked by eye on the two real PA chests of
      ``shared/data/cxr_dicom``, which have no reference masks). A film much smaller than 512 px
      is blurred by that resampling beyond what the heads learnt from: below ``HEADS_MIN_FILM``
-     px (long side) they are skipped, as on lateral views (see :func:`heads_skipped`).
-  3. outputs: the super-resolved derived series (same SOP class, spacing updated), a BINARY DICOM
-     SEG of the lungs on the source matrix (the grid mask resampled back), and a TID 1500 SR with
-     the abnormality probability and the finding at the model's stated operating threshold.
+     px (long side) they are skipped (see :func:`heads_skipped`).
+  3. the heads run only where they can be right: a frontal (PA/AP) chest film of an adult human
+     (ViewPosition, BodyPartExamined, PatientAge, PatientSpecies when present), and a lung mask
+     like the training films' (two pieces whose centres and areas lie within the bounds stored
+     with the lung head, ``hydra.implausible_lungs``). Otherwise no SEG and no finding, one log
+     line saying why; the SR series is still written.
+  4. outputs: the super-resolved derived series (same SOP class, spacing updated), a BINARY DICOM
+     SEG of the lungs on the source matrix (the grid mask resampled back, two largest pieces, holes
+     filled), and a TID 1500 SR with the lung-nodule probability, the operating threshold with the
+     sensitivity and specificity measured at it on the held-out films, and whether the model
+     flagged a nodule (``dicom.cxr_outputs.nodule_report``): never "normal", the head looks for
+     nodules only.
 
 Options
 -------
 scale : 2, 3, 4 or 8 (default 2)
 heads : list of "lungs", "abnormality" (default both; [] for SR only)
 write_sr : bool (default true): write the super-resolved series
-model : "hydra" (default), "mdrn" or "meta": the network of the super-resolved series. ``mdrn``
-    (the deep model, sharpest) and ``meta`` (Meta-Upscale) do scales 2, 3 and 4, on the source
-    image directly (no interpolation first), with the intensity mapping of step 1; the heads
-    still need the Hydra trunk, which then runs once at their scale for them.
+model : "mdrn", "meta" or "hydra": the network of the super-resolved series; by default the best
+    at the scale on the held-out films (``BEST_MODEL``: mdrn at 2-4, hydra at 8). ``mdrn`` (the
+    deep model, sharpest) and ``meta`` (Meta-Upscale) do scales 2, 3 and 4, on the source image
+    directly (no interpolation first), with the intensity mapping of step 1; the heads still need
+    the Hydra trunk, which then runs once at their scale for them.
 """
 from __future__ import annotations
 
@@ -58,11 +68,17 @@ logger = logging.getLogger(__name__)
 SCALES = (2, 3, 4, 8)
 HEADS = ("lungs", "abnormality")
 MODELS = ("hydra", "mdrn", "meta")
+# The network of the SR series by default: the best the project has at each factor on the held-out
+# CXR films (weights/eval/cxr_eval.md: MDRN at x2, x3 and x4; only the Hydra trunk does x8).
+BEST_MODEL = {2: "mdrn", 3: "mdrn", 4: "mdrn", 8: "hydra"}
 OPTION_KEYS = ("scale", "heads", "write_sr", "model")
 TILE = 512
 HALO = 16  # > the trunk's receptive-field radius (10 px)
 MAX_OUTPUT_PIXELS = 2**27  # as the interp pipeline: ~0.5 GB float32 per output image
-LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL"}
+FRONTAL_VIEWS = {"PA", "AP"}
+CHEST_PARTS = {"CHEST", "THORAX", "LUNG"}
+ADULT_YEARS = 18
+HUMAN_SPECIES = ("337915000", "homo sapiens", "human")
 # Long side below which the heads are skipped. Mean lung IoU of 10 test films downscaled from 512 px
 # before the pipeline's head path: 0.916 at 512, 0.877 at 448, 0.823 at 384, 0.698 at 352, 0.384 at 320.
 HEADS_MIN_FILM = 448
@@ -146,7 +162,7 @@ class CxrPipeline:
             raise ValueError(f"option 'write_sr' must be true or false, got {write_sr!r}")
         if not write_sr and not heads:
             raise ValueError("options ask for no output: write_sr is false and heads is empty")
-        model = options.get("model", "hydra")
+        model = options.get("model", BEST_MODEL.get(scale, "hydra"))
         if model not in MODELS:
             raise ValueError(f"option 'model' must be one of {', '.join(MODELS)}, got {model!r}")
         if model != "hydra" and scale not in MDRN_SCALES:
@@ -159,7 +175,8 @@ class CxrPipeline:
         opts = self.validate_options(options or {})
         hydra_needed = opts["model"] == "hydra" or opts["heads"]
         sr_network = opts["model"] != "hydra" and opts["write_sr"]
-        return ((weights.problem(load_models) if hydra_needed else None)
+        load = (lambda folder: hydra.require_measured(load_models(folder))) if opts["heads"] else load_models
+        return ((weights.problem(load) if hydra_needed else None)
                 or (arbitrary.PIPELINE.not_ready({"model": opts["model"]}) if sr_network else None))
 
     def run(self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext) -> Iterator[Dataset]:
@@ -177,6 +194,8 @@ class CxrPipeline:
             raise Refusal(f"nothing to write: write_sr is false and the heads skip {heads_skipped(images[0])}")
         hydra_needed = opts["model"] == "hydra" or opts["heads"]
         models = load_models(weights.weights_dir()) if hydra_needed else None
+        if opts["heads"]:
+            hydra.require_measured(models)
         network = arbitrary.load_network(opts["model"]) if opts["model"] != "hydra" and opts["write_sr"] else None
         return self._outputs(images, opts, context, models, network)
 
@@ -214,7 +233,7 @@ class CxrPipeline:
                 name = {"mdrn": "MDRN", "meta": "Meta-Upscale"}[network.name]
                 how, version = f"{name} (srnode cxr), residual on Lanczos", network.version
             series = DerivedSeries(
-                description=f"SR x{scale} {name} (AI)",
+                description=f"super-res x{scale} {name} (AI)",
                 derivation_description=f"Super-resolution x{scale} by {how}; field of view kept",
                 model_name="Hydra SR trunk" if network is None else f"{name} SR",
                 model_version=version, key="sr", series_number_offset=SERIES_OFFSETS["sr"],
@@ -223,14 +242,19 @@ class CxrPipeline:
                       for i, (image, pixels, _) in enumerate(results))
             yield from write_derived(slices, series, context)
         for i, (image, _, pooled) in enumerate(results):
-            if opts["heads"] and (reason := heads_skipped(image)):
-                logger.warning("image %d: the heads skip %s", i + 1, reason)
+            if not opts["heads"]:
+                break
+            if reason := heads_skipped(image):
+                logger.warning("image %d: no lung SEG and no nodule finding: %s", i + 1, reason)
+                continue
+            mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape)
+            if reason := hydra.implausible_lungs(mask, models.lung_bounds):
+                logger.warning("image %d: no lung SEG and no nodule finding: %s", i + 1, reason)
                 continue
             sub = context if len(results) == 1 else RunContext(f"{context.uid_seed}\x1fimage{i}", context.version,
                                                                context.software_version)
             source_number = image.dataset.get("SeriesNumber")
             if "lungs" in opts["heads"]:
-                mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape)
                 yield cxr_outputs.lung_segmentation(
                     image.dataset, mask, sub, models.versions[hydra.LUNGS_FILE],
                     _document_series_number(source_number, SERIES_OFFSETS["lungs"]),
@@ -238,10 +262,12 @@ class CxrPipeline:
             if "abnormality" in opts["heads"]:
                 with torch.no_grad():
                     probability = float(hydra.abnormal_probability(models.abnormality(pooled.mean(dim=(2, 3))))[0])
-                yield cxr_outputs.abnormality_report(
-                    image.dataset, probability, models.threshold, sub, models.versions[hydra.ABNORMALITY_FILE],
+                yield cxr_outputs.nodule_report(
+                    image.dataset, probability, cxr_outputs.OperatingPoint(**models.operating_point), sub,
+                    cxr_outputs.Algorithm("srnode Hydra lung nodule (JSRT)", context.software_version or "unknown",
+                                          models.digests[hydra.ABNORMALITY_FILE]),
                     _document_series_number(source_number, SERIES_OFFSETS["abnormality"]),
-                    series_description("Abnormality Hydra (AI)", context.version))
+                    series_description("Lung nodule Hydra (AI)", context.version))
 
 
 def _document_series_number(source: object, offset: int) -> int:
@@ -251,13 +277,38 @@ def _document_series_number(source: object, offset: int) -> int:
 
 
 def heads_skipped(image: Image2D) -> str | None:
-    """Why the heads do not run on this image (a lateral view, or a film too small), else None."""
-    if str(image.dataset.get("ViewPosition", "")).upper() in LATERAL_VIEWS:
-        return "a lateral view (they were trained on frontal views)"
+    """Why the heads do not run on this image, from its header and size, else None. They learnt from
+    frontal chest films of adults (JSRT) at 512 px: a view other than PA/AP, another body part, a
+    child, an animal, or a film too small is refused (an absent attribute is not held against it).
+    The lung mask is checked after (``hydra.implausible_lungs``)."""
+    ds = image.dataset
+    view = str(ds.get("ViewPosition", "") or "").upper()
+    if view and view not in FRONTAL_VIEWS:
+        return f"a {view} view (the heads learnt from frontal PA/AP films)"
+    part = str(ds.get("BodyPartExamined", "") or "").upper()
+    if part and part not in CHEST_PARTS:
+        return f"body part {part} (the heads learnt from chest films)"
+    species = [str(ds.get("PatientSpeciesDescription", "") or "").lower()]
+    species += [str(c.get("CodeValue", "")) for c in ds.get("PatientSpeciesCodeSequence", [])]
+    if any(value and value not in HUMAN_SPECIES for value in species):
+        return "a patient who is not human (the heads learnt from human chest films)"
+    age = age_in_years(ds.get("PatientAge"))
+    if age is not None and age < ADULT_YEARS:
+        return f"a patient aged {age:g} years (the heads learnt from adult chest films)"
     h, w = image.pixels.shape
     if max(h, w) < HEADS_MIN_FILM:
         return f"a {h}x{w} film (smaller than their {HEADS_MIN_FILM} px minimum, where their results fall apart)"
     return None
+
+
+def age_in_years(value: object) -> float | None:
+    """PatientAge (AS: ``nnnD``, ``nnnW``, ``nnnM``, ``nnnY``; a bare number read as years) in years,
+    None when absent or unreadable."""
+    text = str(value or "").strip().upper()
+    per_year = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}
+    unit = text[-1:] if text[-1:] in per_year else "Y"
+    digits = text[:-1] if text[-1:] in per_year else text
+    return int(digits) / per_year[unit] if digits.isdigit() else None
 
 
 PIPELINE = CxrPipeline()

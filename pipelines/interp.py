@@ -239,7 +239,7 @@ def _label(opts: Mapping[str, Any], *, through: bool) -> str:
     if through:
         through_text = f"{_fmt(target[2])}mm" if target[2] is not None else f"x{_fmt(opts['through_scale'])}"
         parts.append(f"slices {through_text}")
-    return f"SR {', '.join(parts)} {opts['method']} (interpolation)"
+    return f"super-res {', '.join(parts)} {opts['method']} (interpolation)"
 
 
 def _derivation_text(opts: Mapping[str, Any], shape: tuple[int, ...], out: tuple[int, int],

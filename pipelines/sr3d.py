@@ -245,7 +245,7 @@ def _label(r_in: int, r_t: int, method: str, ensemble: bool) -> str:
     parts = ([f"x{r_in}"] if r_in > 1 else []) + ([f"slices x{r_t}"] if r_t > 1 else [])
     what = ("CNN" + (" ensemble" if ensemble else "") if method == "cnn" else "MDRN" if method == "mdrn"
             else f"{method} (interpolation)")
-    return f"SR {', '.join(parts)} {what}"
+    return f"super-res {', '.join(parts)} {what}"
 
 
 def _derivation_text(vol: Volume, r_in: int, r_t: int, method: str, ensemble: bool) -> str:

@@ -139,6 +139,15 @@ def load(path: Path, model: str | None = None) -> tuple[dict[str, torch.Tensor],
     return load_file(str(path)), config
 
 
+def update_config(path: Path, **entries: Any) -> str:
+    """Add ``entries`` to the config of a shipped weights file (values derived from its data or
+    measured on it, such as the cxr lung head's plausible lung bounds): the tensors are written
+    again unchanged, the card keeps its body, the digest in its header is the new file's."""
+    state, config = load(path)
+    body = card_path(path).read_text().split("\n---\n", 1)[1].lstrip("\n")
+    return save(path, state, {**config, **entries}, body)
+
+
 def set_evaluation(path: Path, section: str) -> None:
     """Replace (or add) the evaluation section (from its "## Evaluation" heading on) of the model
     card of ``path``; the weights and the card's header are untouched."""

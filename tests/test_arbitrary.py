@@ -252,10 +252,10 @@ def test_anisotropic_factors_are_named_and_the_aspect_ratio_follows():
                                    CONTEXT)
     assert (out.Rows, out.Columns) == (96, 192)
     assert out.PixelAspectRatio == [2, 1]  # pixels now twice as tall as wide, as PixelSpacing says
-    assert out.SeriesDescription.startswith("SR rows x1.5 cols x3 lanczos")
+    assert out.SeriesDescription == "super-res rows... lanczos (interpolation) - research use"  # cut at a word
     assert "rows x1.5 cols x3 (64x64 -> 96x192)" in out.DerivationDescription
     [out] = arbitrary.PIPELINE.run([src], {"target_spacing": [spacing / 2.5] * 2, "model": "lanczos"}, CONTEXT)
-    assert out.SeriesDescription.startswith("SR x2.5 lanczos")
+    assert "super-res x2.5 lanczos" in out.SeriesDescription
     # A long label is cut, not the method's name, even on a rerun (64-character LO)
     long = arbitrary.PIPELINE._series({"model": "lanczos"}, None, "rows x1.334 cols x2.666, slices x2.5", "")
     described = series_description(long.description, version=2)

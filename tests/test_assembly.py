@@ -30,6 +30,23 @@ def store(assembler, n, assoc=1, expected=None, acquisition=""):
     assembler.instance_stored(assoc, STUDY, SERIES, new=True, expected=expected, acquisition=acquisition)
 
 
+def test_instances_stored_at_once_by_two_threads_count_once_each(assembler):
+    """Both files of a new series are on disk before either store tells the assembler (the parts of
+    one STOW-RS request are stored by several threads): 2 instances, not 3, so an expected count of
+    3 does not complete the series early (the old count started from the files on disk minus one)."""
+    for n in (0, 1):
+        path = assembler.spool.instance_path(STUDY, SERIES, f"1.2.3.4.{n}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    for n in (0, 1):
+        assembler.instance_stored(n, STUDY, SERIES, new=True, expected=3, acquisition="1", sop=f"1.2.3.4.{n}")
+    assert assembler._open[(STUDY, SERIES)].count == 2 and assembler.due() == []
+    path = assembler.spool.instance_path(STUDY, SERIES, "1.2.3.4.2")
+    path.write_bytes(b"x")
+    assembler.instance_stored(0, STUDY, SERIES, new=True, expected=3, acquisition="1", sop="1.2.3.4.2")
+    assert [e.count for e in assembler.due()] == [3]
+
+
 def test_expected_count_of_one_acquisition_completes_before_the_association_ends(assembler):
     for n in range(3):
         assert assembler.due() == []

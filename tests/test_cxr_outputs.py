@@ -1,4 +1,4 @@
-"""Lung SEG and abnormality SR of pipelines/dicom/cxr_outputs.py on real CR, DX and Secondary Capture
+"""Lung SEG and lung-nodule SR of pipelines/dicom/cxr_outputs.py on real CR, DX and Secondary Capture
 sources: dciodvfy, round trips and the checks of shared/notes/dicom-outputs.md."""
 from __future__ import annotations
 
@@ -13,13 +13,24 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pipelines.base import RunContext
-from pipelines.dicom.cxr_outputs import NORMALITY, PROBABILITY, THRESHOLD, abnormality_report, lung_segmentation
+from pipelines.dicom.cxr_outputs import (
+    NODULE,
+    PROBABILITY,
+    SENSITIVITY,
+    SPECIFICITY,
+    THRESHOLD,
+    Algorithm,
+    OperatingPoint,
+    lung_segmentation,
+    nodule_report,
+)
 from tests.dicom_checks import dcentvfy_errors, dciodvfy_errors, new_dciodvfy_errors
 from tests.paths import shared
 from tests.series_factory import cr
 
 CONTEXT = RunContext(uid_seed="test", software_version="0.1.0")
 MODEL = "hydra-2024.1"
+DIGEST = "ab" * 32
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DX = "highdicom_dx_image_dog_thorax.dcm"
@@ -85,10 +96,22 @@ def _code(item: pydicom.Dataset) -> tuple[str, str]:
     return str(item.CodeValue), str(item.CodingSchemeDesignator)
 
 
+def _strings(ds: pydicom.Dataset) -> list[str]:
+    """Every string value in ``ds`` and its sequences (str(ds) cuts long values short)."""
+    found = []
+    for element in ds:
+        if element.VR == "SQ":
+            found += [text for item in element.value for text in _strings(item)]
+        elif isinstance(element.value, str):
+            found.append(element.value)
+    return found
+
+
 def _report(probability: float, threshold: float, source: pydicom.Dataset,
             context: RunContext = CONTEXT) -> pydicom.Dataset:
-    return abnormality_report(source, probability, threshold, context, MODEL, 902,
-                              "Chest abnormality (AI) - research use")
+    point = OperatingPoint(threshold, 0.77, 1.0, "22 held-out JSRT films, 13 with a nodule")
+    return nodule_report(source, probability, point, context, Algorithm("srnode Hydra nodule", "0.1.0", DIGEST),
+                         902, "Chest abnormality (AI) - research use")
 
 
 def _segmentation(source: pydicom.Dataset, mask: np.ndarray, context: RunContext = CONTEXT) -> pydicom.Dataset:
@@ -160,7 +183,7 @@ def _read_report(path: Path) -> tuple[hd.sr.Comprehensive3DSR, hd.sr.Measurement
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_abnormality_report(tmp_path: Path, case: str) -> None:
+def test_nodule_report(tmp_path: Path, case: str) -> None:
     source, source_path = _source(case, tmp_path)
     path = _save(_report(0.73, 0.5, source), tmp_path / "sr.dcm")
     _check_conformance(path, source_path)
@@ -194,7 +217,7 @@ def test_abnormality_report(tmp_path: Path, case: str) -> None:
     assert content[("121012", "DCM")].UID == CONTEXT.uid("device")  # Device Observer UID
     assert content[("121013", "DCM")].TextValue == "srnode Hydra"  # Device Observer Name
     assert content[("121014", "DCM")].TextValue == "srnode"  # Device Observer Manufacturer
-    assert content[("121015", "DCM")].TextValue == "Hydra abnormality head"  # Device Observer Model Name
+    assert content[("121015", "DCM")].TextValue == "Hydra lung nodule head"  # Device Observer Model Name
     assert _code(content[("121058", "DCM")].ConceptCodeSequence[0]) == ("36554-4", "LN")  # Procedure reported
     (library_group,) = content[("111028", "DCM")].ContentSequence  # Image Library
     assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in library_group.ContentSequence] == [
@@ -202,35 +225,52 @@ def test_abnormality_report(tmp_path: Path, case: str) -> None:
     assert list(content)[-1] == ("126010", "DCM")  # Imaging Measurements come last, after the library
 
     # the measurement group
-    assert group.tracking_identifier == "chest radiograph abnormality"
+    assert group.tracking_identifier == "chest radiograph lung nodule"
     assert group.tracking_uid == CONTEXT.uid("abnormality", "tracking")
     assert [i.referenced_sop_instance_uid for i in group.source_images] == [source.SOPInstanceUID]
     group_items = {_code(item.ConceptNameCodeSequence[0]): item for item in group[0].ContentSequence}
-    assert group_items[("111001", "DCM")].TextValue == "srnode Hydra abnormality"  # Algorithm Name
-    assert group_items[("111003", "DCM")].TextValue == MODEL  # Algorithm Version
-    (probability,) = group.get_measurements(name=PROBABILITY)
-    (threshold,) = group.get_measurements(name=THRESHOLD)
-    assert probability.value == pytest.approx(0.73) and threshold.value == pytest.approx(0.5)
-    assert probability.unit.value == threshold.unit.value == "{ratio}"
-    (finding,) = group.get_qualitative_evaluations(name=NORMALITY)
+    assert _code(group_items[("121071", "DCM")].ConceptCodeSequence[0]) == ("27925004", "SCT")  # Finding: Nodule
+    assert _code(group_items[("363698007", "SCT")].ConceptCodeSequence[0]) == ("39607008", "SCT")  # site: Lung
+    assert group_items[("111001", "DCM")].TextValue == "srnode Hydra nodule"  # Algorithm Name
+    assert group_items[("111003", "DCM")].TextValue == "0.1.0"  # Algorithm Version
+    assert group_items[("111002", "DCM")].TextValue == f"weights sha256 {DIGEST}"  # Algorithm Parameters
+    measured = {m.name.value: m for m in group.get_measurements()}
+    assert measured[PROBABILITY.value].value == pytest.approx(0.73)
+    assert measured[THRESHOLD.value].value == pytest.approx(0.5)
+    assert measured[SENSITIVITY.value].value == pytest.approx(0.77)
+    assert measured[SPECIFICITY.value].value == pytest.approx(1.0)
+    assert {m.unit.value for m in measured.values()} == {"{ratio}"}
+    (finding,) = group.get_qualitative_evaluations(name=NODULE)
     assert (finding.value.value, finding.value.scheme_designator, finding.value.meaning) == (
-        "263654008", "SCT", "Abnormal")
+        "260373001", "SCT", "Detected")
+    comments = [i.TextValue for i in group[0].ContentSequence if _code(i.ConceptNameCodeSequence[0]) == ("121106", "DCM")]
+    assert comments[0].startswith("The model flagged a lung nodule: nodule probability 0.7300")
+    assert "sensitivity 0.77, specificity 1.00 at that threshold on 22 held-out JSRT films" in comments[0]
+    assert comments[1].startswith("Research use only, not for diagnosis")
+    assert "looks for lung nodules only" in comments[1]
 
 
-@pytest.mark.parametrize(("probability", "threshold", "expected"), [
-    (0.73, 0.5, ("263654008", "Abnormal")),
-    (0.5, 0.5, ("263654008", "Abnormal")),  # probability >= threshold
-    (0.2, 0.5, ("17621005", "Normal")),
-    (0.0, 0.35, ("17621005", "Normal")),
+@pytest.mark.parametrize(("probability", "threshold", "expected", "words"), [
+    (0.73, 0.5, ("260373001", "Detected"), "The model flagged a lung nodule"),
+    (0.5, 0.5, ("260373001", "Detected"), "The model flagged a lung nodule"),  # probability >= threshold
+    (0.2, 0.5, ("260415000", "Not detected"), "The model did not flag a lung nodule"),
+    (0.0002, 0.79, ("260415000", "Not detected"), "The model did not flag a lung nodule"),
 ])
-def test_finding_follows_threshold(tmp_path: Path, probability: float, threshold: float,
-                                   expected: tuple[str, str]) -> None:
-    source, _ = _source("cr", tmp_path)
-    _, group = _read_report(_save(_report(probability, threshold, source), tmp_path / "sr.dcm"))
-    (finding,) = group.get_qualitative_evaluations(name=NORMALITY)
+def test_finding_follows_threshold_and_never_says_normal(tmp_path: Path, probability: float, threshold: float,
+                                                        expected: tuple[str, str], words: str) -> None:
+    """The head is a JSRT nodule classifier: below its threshold the report says the model did not
+    flag a nodule, never that the film is normal (the old report wrote Normality: Normal)."""
+    source, source_path = _source("cr", tmp_path)
+    path = _save(_report(probability, threshold, source), tmp_path / "sr.dcm")
+    _check_conformance(path, source_path)
+    _, group = _read_report(path)
+    (finding,) = group.get_qualitative_evaluations(name=NODULE)
     assert (finding.value.value, finding.value.meaning) == expected
     assert group.get_measurements(name=THRESHOLD)[0].value == pytest.approx(threshold)
     assert group.get_measurements(name=PROBABILITY)[0].value == pytest.approx(probability)
+    text = " ".join(_strings(pydicom.dcmread(path))).lower()
+    assert words.lower() in text
+    assert "normal" not in text.replace("abnormal", "") and "17621005" not in text and "121402" not in text
 
 
 # ---- determinism, entity consistency, bad input --------------------------------------------------

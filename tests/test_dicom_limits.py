@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from tests import dicom_wire as wire
 from tests import series_factory as make
@@ -30,10 +31,20 @@ def node(tmp_path_factory):
     config = node_config(free_port(), root / "spool", routes=[], destinations={}, bind="0.0.0.0",
                          limits={"association_request_timeout_s": REQUEST_TIMEOUT, "idle_timeout_s": IDLE_TIMEOUT})
     proc = NodeProcess(root, config).start()
+    time.sleep(0.5)
+    baseline = threads(proc.proc.pid)
     yield proc
+    # every connection's threads (request handler, association, DUL) have ended: none left blocked
+    wait_for(lambda: threads(proc.proc.pid) <= baseline, REQUEST_TIMEOUT + IDLE_TIMEOUT + 5,
+             what=lambda: f"the node's threads back to {baseline} (now {threads(proc.proc.pid)})")
     proc.stop()
     assert "Traceback" not in proc.log(), proc.log()[-5000:]
     assert "\nFORGED line" not in proc.log()  # the AE title's newline never starts a line of its own
+
+
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
 
 
 _sources = iter(range(10, 250))
@@ -295,3 +306,21 @@ def test_idle_association_is_aborted(node):
         assert got in {"A-ABORT", "closed"} and seconds < IDLE_TIMEOUT + 1.5, (got, seconds)
     finally:
         sock.close()
+
+
+def test_reloaded_limits_apply_to_new_connections(tmp_path):
+    """node.limits is reloadable (node.reload): the listener takes the new config's limits."""
+    from node.config import load_config
+    from node.scp import StorageSCP
+
+    def config(**limits):
+        path = tmp_path / "node.yaml"
+        path.write_text(yaml.safe_dump(node_config(free_port(), tmp_path / "spool", routes=[], destinations={},
+                                                   limits=limits, max_associations=3)))
+        return load_config(path, check_pipelines=False)
+
+    scp = StorageSCP(config(), ingest=None)
+    assert scp.ae.maximum_pdu_size == 262144 and scp.guard.max_associations == 3
+    scp.config = config(max_pdu_bytes=65536, idle_timeout_s=5, max_pending_per_host=1)
+    assert scp.guard.limits.max_pending_per_host == 1
+    assert scp.ae.maximum_pdu_size == 65536 and scp.ae.network_timeout == 5

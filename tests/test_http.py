@@ -49,9 +49,11 @@ def multipart(parts: list[bytes]) -> bytes:
     return body + b"--%s--\r\n" % BOUNDARY.encode()
 
 
-def test_tokens_roles_back_off_and_health_reasons(tmp_path, tokens, redis_url):
+def test_tokens_roles_back_off_and_health_reasons(tmp_path, tokens, redis_url, monkeypatch):
     """The node's HTTP service in this process (an admin endpoint added the way the app module
-    says), against real Redis: each reason /healthz gives, 401/403, and the back-off."""
+    says), against real Redis: each reason /healthz gives, 401/403, the back-off, and the deadline
+    on request headers (1 s here)."""
+    monkeypatch.setattr("node.http.app.HEADER_TIMEOUT_S", 1)
     port = free_port()
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(node_config(free_port(), tmp_path / "spool", routes=[], destinations={},
@@ -69,6 +71,11 @@ def test_tokens_roles_back_off_and_health_reasons(tmp_path, tokens, redis_url):
     try:
         health = requests.get(f"{url}/healthz", timeout=10)
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        for opening in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):  # nothing, or headers never ended
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(opening)
+                started = time.monotonic()
+                assert s.recv(100) == b"" and time.monotonic() - started < 3  # closed by the node
 
         none = requests.get(f"{url}/metrics", timeout=10)
         assert none.status_code == 401 and none.headers["WWW-Authenticate"].startswith("Bearer")

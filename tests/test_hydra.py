@@ -138,15 +138,21 @@ def test_eval_reports_every_table(trained, tmp_path):
                           "--update-cards"]) == 0
     report = json.loads((tmp_path / "cxr_eval.json").read_text())
     assert set(report["sr"]) == {"x2", "x3", "x4", "x8"}
-    assert set(report["sr"]["x2"]) == {"hydra", "cubic", "lanczos"}
+    assert set(report["sr"]["x2"]) == {"model", "pipeline", "hydra", "cubic", "lanczos"}
+    assert report["sr"]["x2"]["model"] == "mdrn" and report["sr"]["x8"]["model"] == "hydra"
     assert report["lungs"]["x2"]["n"] == 4 and 0 <= report["lungs"]["x2"]["iou"] <= 1
     assert report["abnormality"]["x2"]["n"] == 4
     assert report["cost"]["params"]["trunk"] == 71_139
-    assert "gain over Lanczos" in (tmp_path / "cxr_eval.md").read_text()
+    assert "pipeline - Lanczos" in (tmp_path / "cxr_eval.md").read_text()
     for name in (train_cxr.TRUNK_FILE, train_cxr.LUNGS_FILE, train_cxr.ABNORMALITY_FILE):
         card = weights.card_path(out / name).read_text()
-        assert "## Data and split" in card and card.count("## Evaluation") == 1 and "gain over Lanczos" in card
-        weights.load(out / name)  # the weights and the card's header are untouched
+        assert "## Data and split" in card and card.count("## Evaluation") == 1 and "pipeline - Lanczos" in card
+        weights.load(out / name)  # the card's header matches its weights
+    point = weights.load(out / train_cxr.ABNORMALITY_FILE)[1]["operating_point"]  # what the nodule report states
+    assert point["threshold"] == report["abnormality"]["x2"]["threshold"]
+    assert point["sensitivity"] == round(report["abnormality"]["x2"]["sensitivity"], 4)
+    assert "held-out JSRT films" in point["held_out"]
+    assert "lung_bounds" in weights.load(out / train_cxr.LUNGS_FILE)[1]  # `train cxr heads` stores them
 
 
 def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_path):

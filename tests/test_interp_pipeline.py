@@ -148,7 +148,20 @@ def test_target_spacing_downsampling_is_antialiased_and_thickened() -> None:
     assert (ds.Rows, ds.Columns) == (64, 64)
     assert float(ds.SpacingBetweenSlices) == pytest.approx(2.0)
     assert float(ds.SliceThickness) == pytest.approx(5.0)  # max(source 5 mm, new spacing)
-    assert ds.SeriesDescription.startswith("SR 1.323x1.323mm, slices 2mm lanczos")
+    assert "super-res 1.323x1.323mm, slices 2mm lanczos" in ds.SeriesDescription
+
+
+def test_series_description_keeps_the_original_and_cannot_be_taken_for_a_structured_report() -> None:
+    sources = ct_series(3)
+    for ds in sources:
+        ds.SeriesDescription = "Thorax 5mm"
+    [first, *_] = _run(sources, {"scale": 2})
+    assert first.SeriesDescription == "Thorax 5mm super-res x2 lanczos (interpolation) - research use"
+    for ds in sources:
+        ds.SeriesDescription = "Thorax arterial phase 0.625 mm soft tissue kernel B30f iterative"  # 64: LO's most
+    [first, *_] = _run(sources, {"scale": 2}, RunContext(uid_seed="test-seed-v2", version=2))
+    assert first.SeriesDescription == "Thorax super-res x2 lanczos (interpolation) - research use v2"
+    assert len(first.SeriesDescription) <= 64
 
 
 def test_slabs_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,8 +183,9 @@ def test_uids_are_deterministic_and_versioned() -> None:
     uids = lambda outs: [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in outs]  # noqa: E731
     assert uids(first) == uids(again)
     assert not {u for pair in uids(first) for u in pair} & {u for pair in uids(other) for u in pair}
-    assert first[0].SeriesDescription == "SR x2 lanczos (interpolation) - research use"
-    assert version2[0].SeriesDescription == "SR x2 lanczos (interpolation) - research use v2"
+    original = " ".join(str(sources[0].get("SeriesDescription", "")).split())
+    assert first[0].SeriesDescription == f"{original} super-res x2 lanczos (interpolation) - research use".strip()
+    assert version2[0].SeriesDescription == f"{original} super-res x2 lanczos (interpolation) - research use v2".strip()
     assert first[0].SeriesNumber == version2[0].SeriesNumber == int(sources[0].SeriesNumber) + 1000
     equipment = first[0].ContributingEquipmentSequence[-1]
     assert equipment.Manufacturer == "srnode" and "0.1.0" in equipment.SoftwareVersions

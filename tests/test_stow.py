@@ -161,7 +161,7 @@ def test_stow_rs_answers(make_node, tmp_path, stow_env):
                          auth=basic, timeout=30).status_code == 200  # the right study: stored (again, kept once)
 
     log = node.log()
-    for why in ("pixel data cut short", "cannot be parsed", "not a storage class the node takes",
+    for why in ("(7FE0,0010) PixelData is cut short", "cannot be parsed", "not a storage class the node takes",
                 "which the node does not take", "not to the study 1.2.3.4 the request names",
                 "credentials of no STOW-RS peer", "1 instance(s) stored, 4 refused (HTTP 202)",
                 "406 STOW-RS answers in application/dicom+json or application/dicom+xml, not text/html"):
@@ -354,7 +354,7 @@ def test_a_body_dribbled_below_the_minimum_rate_is_cut_off(tmp_path, monkeypatch
             started = time.monotonic()
             s.settimeout(0.2)
             answer = b""
-            while not answer and time.monotonic() - started < 5:
+            while not answer and time.monotonic() - started < 8:
                 with contextlib.suppress(OSError):
                     s.sendall(b"-")
                 try:
@@ -362,7 +362,7 @@ def test_a_body_dribbled_below_the_minimum_rate_is_cut_off(tmp_path, monkeypatch
                 except TimeoutError:
                     pass
         assert answer.startswith(b"HTTP/1.1 408") and b"under the node's minimum of 1024 B/s" in answer
-        assert 1 <= time.monotonic() - started < 3
+        assert 0.8 <= time.monotonic() - started < 6  # (the node started its clock a moment before this one)
         ct = make.ct_small(tmp_path / "ct", "stow-dribble")[0].read_bytes()
         assert _post(f"http://127.0.0.1:{port}/dicom-web", [ct]).status_code == 200  # the slot is free
     finally:

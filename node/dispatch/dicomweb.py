@@ -7,6 +7,7 @@ already encoded files that need no decode/re-encode round trip.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from xml.etree import ElementTree
@@ -126,12 +127,26 @@ def store(dest: DicomwebDestination, paths: list[Path]) -> list[Outcome]:
     return [Outcome(kind, text)] * len(paths)
 
 
+def unreachable_reason(exc: requests.RequestException, timeout_s: float) -> str:
+    """One line for a request that got no HTTP answer (not requests' nested pool/retry text)."""
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed (certificate or protocol)"
+    if isinstance(exc, requests.ConnectionError):
+        cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+        return f"cannot connect ({cause.group(1).strip() if cause else 'connection failed'}): is it running?"
+    return f"request failed: {type(exc).__name__}"
+
+
 def check(dest: DicomwebDestination) -> tuple[bool, str]:
     """QIDO-RS for one study: reachable, and credentials accepted."""
     try:
         response = session(dest).get(f"{dest.url}/studies", params={"limit": 1}, timeout=dest.timeout_s,
                                      headers={"Accept": "application/dicom+json"})
-    except (requests.RequestException, RuntimeError) as exc:
+    except requests.RequestException as exc:
+        return False, f"DICOMweb {dest.url}: {unreachable_reason(exc, dest.timeout_s)}"
+    except RuntimeError as exc:  # credentials missing from the environment
         return False, f"DICOMweb {dest.url}: {exc}"
     ok = response.status_code in (200, 204)
     return ok, f"DICOMweb {dest.url}: QIDO-RS HTTP {response.status_code}"

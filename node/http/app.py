@@ -17,6 +17,7 @@ the event loop keeps serving STOW-RS uploads meanwhile.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import time
 
 import uvicorn
 from anyio import to_thread
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,6 +41,8 @@ from node.tls import server_context
 
 log = logging.getLogger(__name__)
 
+HEADER_TIMEOUT_S = 10  # a request's header lines must have arrived this long after its first byte
+MAX_CONNECTIONS = 256  # open connections; a request beyond them is answered 503 (uvicorn's limit_concurrency)
 STOP_WAIT_S = 30  # STOW-RS requests in flight at a graceful stop get this long to be answered
 KEEP_ALIVE_S = 15  # an idle keep-alive connection is closed after this
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -69,6 +73,49 @@ def create_app(node, extra: list[BaseRoute] = ()) -> Starlette:
     app.state.backoff = Backoff("HTTP credentials")
     app.state.sessions = ui.Sessions()  # the status page's signed-in people
     return app
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's header lines (from the
+    connection, or from the first byte of a kept-alive connection's next request): uvicorn has
+    none, so a client sending its headers a byte at a time, or nothing at all, held its connection
+    forever."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        log.info("HTTP connection from %s: no complete request headers in %d s; closed",
+                 self.client[0] if self.client else "?", HEADER_TIMEOUT_S)
+        self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._disarm()  # idle now: uvicorn's keep-alive timeout applies
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class HttpService:
@@ -103,7 +150,7 @@ class HttpService:
         sock.listen(128)
         sock.setblocking(False)
         factory = (lambda config, default: server_context(self.tls)) if self.tls else None
-        config = uvicorn.Config(self.app, http="httptools", lifespan="off", log_config=None, access_log=False,
+        config = uvicorn.Config(self.app, http=_Protocol, lifespan="off", limit_concurrency=MAX_CONNECTIONS, log_config=None, access_log=False,
                                 timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=5,
                                 ssl_context_factory=factory, server_header=False, date_header=False)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # not its start/stop chatter

@@ -1,4 +1,4 @@
-"""DICOM outputs of the chest-radiograph heads: a lung SEG and an abnormality SR (TID 1500).
+"""DICOM outputs of the chest-radiograph heads: a lung SEG and a lung-nodule SR (TID 1500).
 
 Both follow ``shared/notes/dicom-outputs.md`` and pass ``dciodvfy`` without errors for CR, DX and
 Secondary Capture sources (tests/test_cxr_outputs.py).
@@ -27,16 +27,20 @@ Choices that are not obvious:
   - procedure reported (36554-4, LN, "XR Chest Single view"): the report is about one
     projection; 36643-5 ("XR Chest 2 Views") would claim two. CID 100, the value set TID 1500
     suggests, lists no radiography procedure.
-  - probability: (122157, DCM, "Probability") in ({ratio}, UCUM, "ratio") (CID 7181). DICOM
-    and SNOMED CT have no pre-coordinated "probability of abnormality" ((111047, DCM) is
-    "Probability of cancer", for mammography CAD), so the generic DCM concept is used; what it
-    is the probability of is said by the group's tracking identifier ("chest radiograph
-    abnormality"), its algorithm and the Normality evaluation beside it.
-  - decision: QualitativeEvaluation (121402, DCM, "Normality") whose value is (263654008, SCT,
-    "Abnormal") when probability >= threshold, else (17621005, SCT, "Normal"): exactly the
-    pairing of CID 222 "Normality Codes" that TID 310 uses for that concept.
-  - threshold: a second Measurement (122411, DCM, "Threshold Value") in ``{ratio}``, so anyone
-    reading the SR sees the operating point the decision used.
+  - the finding is what the head was trained on: a lung nodule (JSRT nodule vs no nodule), so the
+    measurement group's Finding is (27925004, SCT, "Nodule") at Finding Site (39607008, SCT,
+    "Lung") (CID 6102 "Types of Finding for Chest CAD"), never a global "Normality": a film the
+    model does not flag may hold anything else.
+  - likelihood: (122157, DCM, "Probability") in ({ratio}, UCUM, "ratio") (CID 7181), beside the
+    operating point it is judged at: (122411, DCM, "Threshold Value") and the sensitivity and
+    specificity measured at that threshold on the held-out split, (111088, DCM, "Case Sensitivity")
+    and (111090, DCM, "Case Specificity") (CID 6048, the CAD operating-point concepts).
+  - decision: QualitativeEvaluation "Nodule" whose value is (260373001, SCT, "Detected") at or
+    above the threshold, else (260415000, SCT, "Not detected"): what a detector can say.
+  - the same in words for a reader, as TEXT (121106, DCM, "Comment") items in the group: "The model
+    flagged a lung nodule" / "The model did not flag a lung nodule" with the numbers, that it looks
+    for nothing else, and the research-use statement. The algorithm (TID 4019): name, version
+    (the srnode version) and the weights' full sha256 as an Algorithm Parameter.
 * SR Image Library (TID 1600): one entry for the source, built here without the optional
   descriptors, because highdicom's (TID 1603) need ImagerPixelSpacing and a two-valued
   PatientOrientation that CR and SC sources often lack.
@@ -47,6 +51,8 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from dataclasses import dataclass
+
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
@@ -60,12 +66,18 @@ ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("123037004", "SCT", "Anatomical Struct
 XR_CHEST_SINGLE_VIEW = hd.sr.CodedConcept("36554-4", "LN", "XR Chest Single view")
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 THRESHOLD = hd.sr.CodedConcept("122411", "DCM", "Threshold Value")
-NORMALITY = hd.sr.CodedConcept("121402", "DCM", "Normality")
-ABNORMAL = hd.sr.CodedConcept("263654008", "SCT", "Abnormal")
-NORMAL = hd.sr.CodedConcept("17621005", "SCT", "Normal")
+SENSITIVITY = hd.sr.CodedConcept("111088", "DCM", "Case Sensitivity")
+SPECIFICITY = hd.sr.CodedConcept("111090", "DCM", "Case Specificity")
+NODULE = hd.sr.CodedConcept("27925004", "SCT", "Nodule")
+DETECTED = hd.sr.CodedConcept("260373001", "SCT", "Detected")
+NOT_DETECTED = hd.sr.CodedConcept("260415000", "SCT", "Not detected")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 RATIO = hd.sr.CodedConcept("{ratio}", "UCUM", "ratio")
 SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
 IMAGING_MEASUREMENTS = "126010"  # (126010, DCM, "Imaging Measurements"): the TID 1500 container
+RESEARCH_USE_TEXT = ("Research use only, not for diagnosis: an automated result, not reviewed by a physician. "
+                     "The model was trained on 159 JSRT chest films (nodule vs no nodule) and looks for lung "
+                     "nodules only; it says nothing about any other finding.")
 #: SliceThickness stated in the Pixel Measures of a projection image that has none.
 NOMINAL_SLICE_THICKNESS_MM = 1.0
 
@@ -107,27 +119,66 @@ def lung_segmentation(source: Dataset, mask: np.ndarray, context: RunContext, mo
     return _without_clock_values(seg)
 
 
-def abnormality_report(source: Dataset, probability: float, threshold: float, context: RunContext,
-                       model_version: str, series_number: int, description: str) -> Dataset:
-    """A TID 1500 Comprehensive 3D SR: abnormality probability, threshold and the decision."""
-    if not (0.0 <= probability <= 1.0 and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"probability {probability} and threshold {threshold} must lie in [0, 1]")
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The threshold on the nodule probability and what it achieved on the held-out split."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+    held_out: str  # what it was measured on, e.g. "22 held-out JSRT films, 13 with a nodule"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    version: str
+    weights_sha256: str  # full hex digest of the weights file
+
+
+def nodule_sentence(probability: float, point: OperatingPoint) -> str:
+    """What the report says in words: whether the model flagged a nodule, with the numbers."""
+    verdict = ("The model flagged a lung nodule" if probability >= point.threshold
+               else "The model did not flag a lung nodule")
+    relation = "at or above" if probability >= point.threshold else "below"
+    return (f"{verdict}: nodule probability {probability:.4f}, {relation} its operating threshold "
+            f"{point.threshold:.4f} (sensitivity {point.sensitivity:.2f}, specificity {point.specificity:.2f} "
+            f"at that threshold on {point.held_out}).")
+
+
+def nodule_report(source: Dataset, probability: float, point: OperatingPoint, context: RunContext,
+                  algorithm: Algorithm, series_number: int, description: str) -> Dataset:
+    """A TID 1500 Comprehensive 3D SR: lung-nodule probability, the operating point and the decision."""
+    values = (probability, point.threshold, point.sensitivity, point.specificity)
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"probability {probability}, threshold {point.threshold}, sensitivity and specificity "
+                         f"must lie in [0, 1]")
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=context.uid("device"), name="srnode Hydra", manufacturer_name=MANUFACTURER,
-            model_name="Hydra abnormality head"),
+            model_name="Hydra lung nodule head"),
     )
+    flagged = probability >= point.threshold
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=context.uid("abnormality", "tracking"), identifier="chest radiograph abnormality"),
-        algorithm_id=hd.sr.AlgorithmIdentification(name="srnode Hydra abnormality", version=model_version),
+            uid=context.uid("abnormality", "tracking"), identifier="chest radiograph lung nodule"),
+        finding_type=NODULE,
+        finding_sites=[hd.sr.FindingSite(LUNGS)],
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=algorithm.name, version=algorithm.version,
+            parameters=[f"weights sha256 {algorithm.weights_sha256}"]),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         measurements=[hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=RATIO),
-                      hd.sr.Measurement(name=THRESHOLD, value=float(threshold), unit=RATIO)],
+                      hd.sr.Measurement(name=THRESHOLD, value=float(point.threshold), unit=RATIO),
+                      hd.sr.Measurement(name=SENSITIVITY, value=float(point.sensitivity), unit=RATIO),
+                      hd.sr.Measurement(name=SPECIFICITY, value=float(point.specificity), unit=RATIO)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=NORMALITY, value=ABNORMAL if probability >= threshold else NORMAL)],
+            name=NODULE, value=DETECTED if flagged else NOT_DETECTED)],
     )
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    for text in (nodule_sentence(probability, point), RESEARCH_USE_TEXT):
+        group[0].ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=contains))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=XR_CHEST_SINGLE_VIEW,

@@ -21,9 +21,9 @@ does not say).
 Dropped from the copy because they would be wrong or stale: private elements (vendor data about
 the original slice), group lengths, overlay and curve groups (60xx/50xx, sized to the old matrix),
 Smallest/Largest pixel values, encapsulation leftovers and trailing padding.
-Pixel padding: where an output pixel's nearest source pixel is padding (the mask that
-:func:`pipelines.dicom.series.decode` found, which gave padding the darkest real value for the
-resampling), it gets the padding value back.
+Values: every output slice goes through :func:`pipelines.dicom.valid_field.guard` (the input
+series' range plus 2 %, no ringing at the edges of projection images, and the input's own value
+where the output samples padding or the air outside a CT's reconstruction field).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
-from pipelines.dicom import multiframe
+from pipelines.dicom import multiframe, valid_field
 from pipelines.dicom.derived_multiframe import combine
-from pipelines.dicom.series import Volume, decoded_padding, padding_values
+from pipelines.dicom.series import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class DerivedSeries:
     Attributes
     ----------
     description
-        What was done, e.g. ``"SR x2 lanczos (interpolation)"``; the writer appends ``" - research use"``
-        and ``" v{version}"`` for reruns.
+        What was done, e.g. ``"super-res x2 lanczos (interpolation)"``; the writer puts the source's
+        SeriesDescription before it and ``" - research use"`` (``" v{version}"`` for reruns) after it.
     derivation_description
         Free text for DerivationDescription and the equipment's ContributionDescription.
     model_name
@@ -192,7 +192,7 @@ def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContex
     out.SOPInstanceUID = context.uid(series.key, "instance", item.index)
     out.SeriesNumber = derived_series_number(src.get("SeriesNumber"), series.series_number_offset)
     out.InstanceNumber = item.index + 1
-    out.SeriesDescription = series_description(series.description, context.version)
+    out.SeriesDescription = series_description(series.description, context.version, src.get("SeriesDescription"))
     out.ImageType = derived_image_type(src.get("ImageType"))
 
     _set_file_meta(out)  # before the pixels: set_pixel_data refuses a big-endian source syntax
@@ -202,10 +202,16 @@ def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContex
     return out
 
 
-def series_description(description: str, version: int = 1) -> str:
-    """``"<description> - research use[ vN]"``, shortened to fit LO (64 characters)."""
+def series_description(description: str, version: int = 1, original: object = None) -> str:
+    """``"<original> <description> - research use[ vN]"``, shortened to fit LO (64 characters): the
+    source's own description is cut first. Pipelines describe their work as ``"super-res ..."``, never
+    ``"SR ..."``, which a PACS series list shows beside Structured Reports (modality SR)."""
     suffix = f" - {RESEARCH_USE}" + (f" v{version}" if version > 1 else "")
-    return description[: LO_MAX - len(suffix)].rstrip() + suffix
+    room = LO_MAX - len(suffix)
+    head, fits = " ".join(str(original or "").split()), max(room - len(description) - 1, 0)
+    if len(head) > fits:  # cut at a word where there is one
+        head = head[:fits + 1].rsplit(" ", 1)[0] if " " in head[:fits + 1] else head[:fits]
+    return f"{head} {description}".strip()[:room].rstrip() + suffix
 
 
 def derived_series_number(source: object, offset: int) -> int:
@@ -369,21 +375,13 @@ def _set_pixels(out: Dataset, src: Dataset, pixels: np.ndarray) -> None:
     if (ts in LOSSY_SYNTAXES and declared != "01") or (ts in MAYBE_LOSSY_SYNTAXES and declared is None):
         out.LossyImageCompression = "01"
         out.LossyImageCompressionMethod = {**LOSSY_SYNTAXES, **MAYBE_LOSSY_SYNTAXES}[ts]
+    pixels, outside, fill = valid_field.guard(pixels, src)
     stored = to_stored(pixels, src)
-    padding = decoded_padding(src)
-    if padding is not None:
-        value = padding_values(src)[0]
+    if outside is not None and fill is not None:
         lo, hi = stored_range(int(src.BitsStored), int(src.PixelRepresentation) == 1)
-        if lo <= value <= hi:
-            stored[_nearest(padding, stored.shape)] = value
+        if lo <= fill <= hi:
+            stored[outside] = fill
     out.set_pixel_data(stored, str(src.PhotometricInterpretation), int(src.BitsStored), generate_instance_uid=False)
-
-
-def _nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``mask`` resampled to ``shape`` by nearest neighbour, pixel centres aligned."""
-    rows = np.clip(np.floor((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]), 0, mask.shape[0] - 1)
-    cols = np.clip(np.floor((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]), 0, mask.shape[1] - 1)
-    return mask[np.ix_(rows.astype(np.intp), cols.astype(np.intp))]
 
 
 def _set_derivation(out: Dataset, sources: Sequence[Dataset], series: DerivedSeries, context: RunContext) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ from pydicom.pixels import apply_voi, get_decoder
 from pydicom.uid import UID
 
 from pipelines.base import Refusal
-from pipelines.dicom import multiframe
+from pipelines.dicom import multiframe, valid_field
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +207,13 @@ def load_series(datasets: Sequence[Dataset], *, min_slices: int = 1) -> Volume |
     _check_same_series(datasets)
     datasets = multiframe.expand(datasets)
     if _is_volume(datasets):
-        return _load_volume(datasets, min_slices)
-    return [_load_image2d(ds) for ds in datasets]
+        volume = _load_volume(datasets, min_slices)
+        valid_field.note_range(volume.datasets, volume.voxels)
+        return volume
+    images = [_load_image2d(ds) for ds in datasets]
+    for image in images:
+        valid_field.note_range([image.dataset], image.pixels)
+    return images
 
 
 def decode(ds: Dataset) -> np.ndarray:
@@ -231,31 +235,15 @@ def decode(ds: Dataset) -> np.ndarray:
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1 or intercept != 0:
         out = out * np.float32(slope) + np.float32(intercept)
-    padding = padding_mask(ds, arr)
-    if padding is not None and padding.any():
-        # Padding (e.g. -3024 HU outside a CT's reconstruction circle) takes the nearest real
-        # extreme (the darkest, in either photometric interpretation), so that resampling does not
-        # ring off its step into real pixels; the derived writer puts the padding value back where
-        # the output samples padding (:func:`decoded_padding`).
-        _PADDING[id(ds)] = (np.packbits(padding), padding.shape)
-        weakref.finalize(ds, _PADDING.pop, id(ds), None)
-        if not padding.all():
-            real = out[~padding]
-            out[padding] = np.clip(out[padding], real.min(), real.max())
+    values = padding_values(ds)
+    outside = valid_field.detect(ds, arr, out, padding_mask(ds, arr), values[0] if values else None)
+    if outside is not None and not outside.all():
+        # Padding and the air outside a CT's reconstruction field (e.g. -3024 HU) take the darkest
+        # real value, so that resampling does not ring off their step into real pixels; the derived
+        # writer puts the input's value back where the output samples them (:mod:`valid_field`).
+        real = out[~outside]
+        out[outside] = np.clip(out[outside], real.min(), real.max())
     return out
-
-
-# id(dataset) -> (packed padding mask, shape) found by decode(), for as long as the dataset lives.
-_PADDING: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
-
-
-def decoded_padding(ds: Dataset) -> np.ndarray | None:
-    """Where :func:`decode` found padding in ``ds``; None when it found none (or never decoded it)."""
-    entry = _PADDING.get(id(ds))
-    if entry is None:
-        return None
-    packed, shape = entry
-    return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
 def padding_values(ds: Dataset) -> tuple[int, int] | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import weights
+from pipelines import progress as display, weights
 from pipelines.evaluation.eval_metrics import publish
 from pipelines.evaluation.image_metrics import psnr, ssim
 from pipelines.models import hydra
@@ -76,8 +76,11 @@ def outputs(models: dict, modality: str, lr: np.ndarray, shape: tuple[int, int],
 def evaluate(cxr_dir: Path, data_dir: Path, weights_dir: Path) -> dict:
     models = load_models(weights_dir)
     report: dict = {"factors": {}, "cost": {}}
-    for modality, images in test_images(cxr_dir, data_dir).items():
+    by_modality = test_images(cxr_dir, data_dir)
+    shown = display.Progress("eval sr2d", len(by_modality) * len(FACTORS), unit="factors", every_s=10)
+    for modality, images in by_modality.items():
         for text in FACTORS:
+            shown.update(shown.done, note=f"{modality} x{text}")
             factor = Fraction(text)
             rows: dict[str, list] = {}
             for img in images:
@@ -91,9 +94,11 @@ def evaluate(cxr_dir: Path, data_dir: Path, weights_dir: Path) -> dict:
             report["factors"].setdefault(modality, {})[text] = {
                 name: {"psnr": round(float(np.mean([v[0] for v in vals])), 3),
                        "ssim": round(float(np.mean([v[1] for v in vals])), 4)} for name, vals in rows.items()}
-            print(f"{modality} x{text}: meta {report['factors'][modality][text]['meta']['psnr']:.2f} dB, lanczos "
-                  f"{report['factors'][modality][text]['lanczos']['psnr']:.2f} dB", file=sys.stderr, flush=True)
+            shown.write(f"{modality} x{text}: meta {report['factors'][modality][text]['meta']['psnr']:.2f} dB, "
+                        f"lanczos {report['factors'][modality][text]['lanczos']['psnr']:.2f} dB")
+            shown.update(shown.done + 1)
         report["count"] = {**report.get("count", {}), modality: len(images)}
+    shown.close()
     report["cost"] = cost(models)
     present = [name for name in (META_FILE, MDRN_FILE, FIXED_FILE) if (weights_dir / name).exists()]
     report["versions"] = {name: f"sha256:{weights.sha256(weights_dir / name)[:12]}" for name in present}

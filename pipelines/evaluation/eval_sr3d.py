@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import weights
+from pipelines import progress as display, weights
 from pipelines.evaluation.eval_metrics import publish
 from pipelines.evaluation.image_metrics import ssim
 from pipelines.models import intensity
@@ -109,22 +109,27 @@ def evaluate(data_dir: Path, weights_dir: Path) -> dict:
     mdrn = load_mdrn(weights_dir / MDRN_FILE) if (weights_dir / MDRN_FILE).exists() else None
     report: dict = {"2d": {}, "3d": {}, "volumes": {}, "cost": {}}
     per: dict = {"2d": {}, "3d": {}}
-    for source in volume_data.sources("test"):
+    sources = volume_data.sources("test")
+    shown = display.Progress("eval sr3d", len(sources), unit="volumes", every_s=10)
+    for done, source in enumerate(sources):
+        shown.update(done, note=source.name)
         raw = volume_data.read_volume(source, data_dir)
         window = intensity.normaliser(raw, source.modality)
         entry = {"modality": source.modality, "shape": list(raw.shape), "window": [round(w, 2) for w in window]}
         for scale in SCALES:
-            print(f"{source.name}: 2D x{scale}", file=sys.stderr, flush=True)
+            shown.update(done, note=f"{source.name}: 2D x{scale}")
             result = eval_2d(raw, window, models, scale, mdrn)
             entry[f"2d x{scale}"] = result
             per["2d"].setdefault((source.modality, scale), []).append(result)
             if source.isotropic:
-                print(f"{source.name}: 3D x{scale}", file=sys.stderr, flush=True)
+                shown.update(done, note=f"{source.name}: 3D x{scale}")
                 result, seconds = eval_3d(raw, window, models, scale, mdrn)
                 entry[f"3d x{scale}"] = result
                 entry[f"3d x{scale} seconds"] = {k: round(v, 2) for k, v in seconds.items()}
                 per["3d"].setdefault((source.modality, scale), []).append(result)
         report["volumes"][source.name] = entry
+    shown.update(len(sources), note="")
+    shown.close()
     for dim in ("2d", "3d"):
         for (modality, scale), rows in sorted(per[dim].items()):
             report[dim].setdefault(modality, {})[f"x{scale}"] = _mean(rows)

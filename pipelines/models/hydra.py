@@ -22,7 +22,8 @@ unscaled they stall a head's training (lung grid IoU 0.75 against 0.86 after 400
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,61 @@ def clean_lung_mask(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(np.isin(labels, keep))
 
 
+LUNG_MEASURES = ("col", "row", "area")  # centroid column and row (fractions of the film), area (fraction)
+BOUNDS_MARGIN = 0.25  # of the training films' range, added on each side of it
+
+
+def lung_geometry(mask: np.ndarray) -> tuple[int, dict[str, dict[str, float]]]:
+    """(number of connected pieces, the two largest as the image-left and image-right lung with
+    :data:`LUNG_MEASURES`). Fewer than two pieces give fewer sides."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0, {}
+    h, w = mask.shape
+    sizes = np.bincount(labels.ravel())[1:]
+    parts = []
+    for i in np.argsort(sizes)[::-1][:2]:
+        rows, cols = np.nonzero(labels == i + 1)
+        parts.append({"col": float(cols.mean() / w), "row": float(rows.mean() / h), "area": float(len(rows) / (h * w))})
+    parts.sort(key=lambda part: part["col"])
+    return int(n), dict(zip(("image_left", "image_right") if len(parts) == 2 else ("only",), parts))
+
+
+def lung_bounds(masks) -> dict[str, dict[str, list[float]]]:
+    """From reference masks (the training split's): per side and measure, the range the films span,
+    widened by ``BOUNDS_MARGIN`` of it on each side. Stored with the lung head's weights."""
+    seen: dict[str, dict[str, list[float]]] = {}
+    for mask in masks:
+        _, sides = lung_geometry(np.asarray(mask, bool))
+        for side, measures in sides.items():
+            for key, value in measures.items():
+                seen.setdefault(side, {}).setdefault(key, []).append(value)
+    bounds = {}
+    for side in ("image_left", "image_right"):
+        bounds[side] = {}
+        for key in LUNG_MEASURES:
+            lo, hi = min(seen[side][key]), max(seen[side][key])
+            margin = BOUNDS_MARGIN * (hi - lo)
+            bounds[side][key] = [math.floor((lo - margin) * 1e4) / 1e4, math.ceil((hi + margin) * 1e4) / 1e4]
+    return bounds
+
+
+def implausible_lungs(mask: np.ndarray, bounds: dict) -> str | None:
+    """Why ``mask`` (after :func:`clean_lung_mask`) is not a pair of lungs like the training films'
+    (``bounds`` from :func:`lung_bounds`), else None."""
+    n, sides = lung_geometry(mask)
+    if n != 2:
+        return f"the lung mask has {n} pieces, not two lungs"
+    for side, measures in sides.items():
+        for key, value in measures.items():
+            lo, hi = bounds[side][key]
+            if not lo <= value <= hi:
+                what = {"col": "centre column", "row": "centre row", "area": "area"}[key]
+                return (f"the {side.replace('_', '-')} lung's {what} is {value:.3f} of the film, outside "
+                        f"[{lo:.3f}, {hi:.3f}] where the training films' lie")
+    return None
+
+
 def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)[:, 1]
 
@@ -219,10 +275,13 @@ class HydraModels:
     threshold: float  # operating point on the abnormal probability (chosen on the validation split)
     head_scale: int  # the heads learnt from the trunk's features of a source upsampled by this factor
     versions: dict[str, str]  # file name -> "sha256:<first 12 hex digits>"
+    digests: dict[str, str]  # file name -> full sha256 hex digest
+    operating_point: dict | None  # threshold, sensitivity, specificity, held_out: measured on the test split
+    lung_bounds: dict | None  # :func:`lung_bounds` of the training split's masks
 
     def to(self, device) -> "HydraModels":
-        return HydraModels(self.trunk.to(device), self.lungs.to(device), self.abnormality.to(device),
-                           self.threshold, self.head_scale, self.versions)
+        return replace(self, trunk=self.trunk.to(device), lungs=self.lungs.to(device),
+                       abnormality=self.abnormality.to(device))
 
 
 def load_models(folder: Path) -> HydraModels:
@@ -245,4 +304,22 @@ def load_models(folder: Path) -> HydraModels:
     scales = {cfg["recipe"].get("trunk_scale", 2) for cfg in (lung_cfg, abn_cfg)}
     if len(scales) != 1:
         raise weights.WeightsError(f"the heads were trained at different trunk scales {sorted(scales)}: retrain them")
-    return HydraModels(trunk, lungs.eval(), abnormality.eval(), float(abn_cfg["threshold"]), scales.pop(), versions)
+    point = abn_cfg.get("operating_point")
+    if point and point.get("threshold") != abn_cfg["threshold"]:
+        point = None  # measured at another threshold
+    return HydraModels(trunk, lungs.eval(), abnormality.eval(), float(abn_cfg["threshold"]), scales.pop(), versions,
+                       digests, point, lung_cfg.get("lung_bounds"))
+
+
+def require_measured(models: HydraModels) -> HydraModels:
+    """``models`` if their cards carry what the pipeline's outputs state (the lung bounds from the
+    training split, the operating point measured on the test split), else a WeightsError saying
+    which command writes it."""
+    from pipelines import weights
+
+    if not models.lung_bounds:
+        raise weights.WeightsError(f"{LUNGS_FILE} has no lung_bounds: run `srnode train cxr lung-bounds`")
+    if not models.operating_point:
+        raise weights.WeightsError(f"{ABNORMALITY_FILE} has no sensitivity and specificity measured at its "
+                                   f"threshold: run `srnode eval cxr --update-cards`")
+    return models

@@ -4,12 +4,13 @@ from __future__ import annotations
 import csv
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipelines import progress as display
 
 
 def seed_everything(seed: int) -> None:
@@ -24,11 +25,13 @@ def device() -> torch.device:
 
 
 class Progress:
-    """One line every ``every`` steps: step, loss, elapsed, ETA; and a CSV row per line."""
+    """Step and loss every ``every`` steps: on the display (a bar on a terminal, else a line every 10 s,
+    :mod:`pipelines.progress`) and as a CSV row; validation results as their own line."""
 
     def __init__(self, what: str, total: int, csv_path: Path, every: int = 20):
         self.what, self.total, self.every = what, total, every
         self.start = time.monotonic()
+        self.display = display.Progress(what, total, unit="steps", every_s=10)
         self.csv_path = csv_path
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = csv_path.open("w", newline="")
@@ -39,14 +42,14 @@ class Progress:
         if step % self.every and step != self.total and val is None:
             return
         elapsed = time.monotonic() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        extra = f"  val {val:.4f}" if val is not None else ""
-        print(f"{self.what} {step}/{self.total}  loss {loss:.4f}{extra}  {elapsed:.0f}s  eta {eta:.0f}s",
-              file=sys.stderr, flush=True)
+        self.display.update(step, note=f"loss {loss:.4f}")
+        if val is not None:
+            self.display.write(f"{self.what} {step}/{self.total}  loss {loss:.4f}  val {val:.4f}  {elapsed:.0f}s")
         self._writer.writerow([step, f"{loss:.6f}", "" if val is None else f"{val:.6f}", f"{elapsed:.1f}"])
         self._fh.flush()
 
     def close(self) -> float:
+        self.display.close()
         self._fh.close()
         return time.monotonic() - self.start
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines import weights
+from pipelines import progress as display, weights
 from pipelines.cxr import trunk_tiled
 from pipelines.evaluation.image_metrics import psnr, sr_loss
 from pipelines.models import hydra
@@ -161,14 +161,15 @@ def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid:
     """(pooled features (N, C, g, g), masks on the grid (N, 1, g, g), labels (N,)) for each sample,
     from the trunk's features of the image upsampled by ``scale`` (what the pipeline does)."""
     feats, masks, labels = [], [], []
+    shown = display.Progress("features", len(samples), unit="images", every_s=10)
     for i, sample in enumerate(samples):
         img = cxr_data.read_image(sample.image)
         feats.append(trunk_tiled(trunk, cxr_data.upsample(img, scale), grid)[1].cpu())
         mask = cxr_data.read_mask(sample.mask) if sample.mask else np.zeros_like(img)
         masks.append(hydra.pool_features(torch.from_numpy(mask)[None, None], grid))
         labels.append(int(sample.abnormal))
-        print(f"features {i + 1}/{len(samples)}", file=sys.stderr, end="\r", flush=True)
-    print(file=sys.stderr)
+        shown.update(i + 1)
+    shown.close()
     return torch.cat(feats), torch.cat(masks), torch.tensor(labels)
 
 
@@ -335,7 +336,7 @@ Written by `srnode eval cxr --update-cards` (held-out test split).
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srnode train cxr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["trunk", "heads"])
+    parser.add_argument("what", choices=["trunk", "heads", "lung-bounds"])
     parser.add_argument("--data", type=Path, default=cxr_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir())
     parser.add_argument("--width", choices=["reduced", "paper"], default="reduced")
@@ -347,9 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "trunk":
         widths = hydra.REDUCED_WIDTHS if args.width == "reduced" else hydra.PAPER_WIDTHS
         train_trunk(args.data, args.out, widths, args.steps or TRUNK_STEPS, args.seed)
-    else:
+    elif args.what == "heads":
         train_heads(args.data, args.out, args.steps or LUNG_STEPS, args.seed, epochs=args.epochs)
+        store_lung_bounds(args.data, args.out)
+    else:
+        store_lung_bounds(args.data, args.out)
     return 0
+
+
+def store_lung_bounds(data_dir: Path, out_dir: Path) -> dict:
+    """The plausible-lungs bounds (``hydra.lung_bounds``) of the training split's reference masks,
+    written into the lung head's config: the ``cxr`` pipeline writes no SEG and no finding for a
+    mask outside them."""
+    masks = [cxr_data.read_mask(s.mask) > 0.5 for s in cxr_data.load_split(data_dir, "train") if s.mask]
+    bounds = hydra.lung_bounds(masks)
+    weights.update_config(out_dir / LUNGS_FILE, lung_bounds=bounds)
+    log.info("lung bounds from %d training masks: %s", len(masks), bounds)
+    return bounds
 
 
 if __name__ == "__main__":

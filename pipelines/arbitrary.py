@@ -148,11 +148,12 @@ class ArbitraryPipeline:
                           "holds projection images")
         return self._run_images(loaded, opts, network, context)
 
-    def _series(self, opts, network: Network | None, label: str, text: str, **geometry) -> DerivedSeries:
+    def _series(self, opts, network: Network | None, label: str, text: str, note: str | None = None,
+                **geometry) -> DerivedSeries:
         name = {"meta": "Meta-Upscale", "mdrn": "MDRN"}[network.name] if network else f"{opts['model']} (interpolation)"
         how = (f"{name} (srnode arbitrary), residual on Lanczos; values outside the network's intensity window "
                "are Lanczos-interpolated" if network else f"{opts['model']} interpolation (srnode arbitrary)")
-        head = f"super-res {label}"
+        head = f"{note} super-res {label}" if note else f"super-res {label}"  # the note is never cut
         room = DESCRIPTION_ROOM - len(name) - 1
         if len(head) > room:  # cut the factors (DerivationDescription has them all), not the method's name
             head = head[:room - 2].rsplit(" ", 1)[0].rstrip(" ,") + "..."  # at a word
@@ -207,10 +208,10 @@ class ArbitraryPipeline:
         through = n_out != n
         text = _text(h, w, (rows, cols)) + (f", {n} -> {n_out} slices" if through else "")
         label = ", ".join(([_inplane_label(h, w, (rows, cols))] if (rows, cols) != (h, w) else [])
-                          + ([f"slices x{n_out / n:.4g}"] if through else []) + ([note] if note else []))
+                          + ([f"slices x{n_out / n:.4g}"] if through else []))
         if note:
             text += f"; every slice kept where it is, as the series has {vol.irregular}"
-        series = self._series(opts, network, label, text,
+        series = self._series(opts, network, label, text, note,
                               spacing_between_slices=n * vol.slice_spacing / n_out if through else None,
                               images_in_acquisition=n_out if through else None)
         stream = _inplane_stream(vol.voxels, rows, cols, opts["model"], network, window)

@@ -148,7 +148,7 @@ class InterpPipeline:
         if through and out_spacing > (vol.slice_spacing or 0.0):
             thickness = max(vol.slice_thickness or 0.0, out_spacing)
         series = DerivedSeries(
-            description=_label(opts, through=through) + (f", {note}" if note else ""),
+            description=(f"{note} " if note else "") + _label(opts, through=through),  # the note first: never cut
             derivation_description=_derivation_text(opts, (rows, cols), (rows_out, cols_out), n, n_out)
             + (f"; every slice kept where it is, as the series has {vol.irregular}" if note else ""),
             model_name=f"interp ({opts['method']})",

@@ -183,7 +183,7 @@ class SR3DPipeline:
         out_spacing = vol.slice_spacing / r_t if r_t > 1 else None
         n_out = n * r_t
         series = DerivedSeries(
-            description=_label(r_in, r_t, method, opts["self_ensemble"]) + (f", {note}" if note else ""),
+            description=(f"{note} " if note else "") + _label(r_in, r_t, method, opts["self_ensemble"]),
             derivation_description=_derivation_text(vol, r_in, r_t, method, opts["self_ensemble"])
             + (f"; every slice kept where it is, as the series has {vol.irregular}" if note else ""),
             model_name={"cnn": "sr3d two-stage CNN", "mdrn": "sr3d MDRN + through-plane CNN"}.get(method, f"sr3d ({method})"),

@@ -56,7 +56,7 @@ def test_the_real_tilted_ge_head_ct_gets_an_in_plane_result(tmp_path: Path, capl
         outputs = list(INTERP.run(sources, {"inplane_scale": 2, "through_scale": 2, "method": "linear"}, CONTEXT))
     assert "through-plane resampling skipped, in-plane only: gantry tilt 18.5 deg" in caplog.text
     check_in_place(sources, outputs, 2)
-    assert outputs[0].SeriesDescription.endswith("x2 linear (interpolation), in-plane only - research use")
+    assert outputs[0].SeriesDescription.endswith("in-plane only super-res x2 linear (interpolation) - research use")
     assert "gantry tilt 18.5 deg" in outputs[0].DerivationDescription
     source_paths = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in sorted(folder.glob("*.dcm"))}
     for k, out in enumerate(outputs[::9]):

@@ -283,6 +283,8 @@ def _series_check(datasets: list) -> str:
     if isinstance(loaded, Volume):
         slices, rows, columns = loaded.shape
         spacing = f", slices {loaded.slice_spacing:g} mm apart" if loaded.slice_spacing else ""
+        if loaded.irregular:  # pipelines.dicom.series.in_plane_only decides from the same note
+            spacing = f"; {loaded.irregular}: in-plane only (a through-plane-only route is refused)"
         return (f"series check: OK, a volume of {slices} slice(s) of {rows}x{columns}, pixels "
                 f"{loaded.pixel_spacing[0]:g}x{loaded.pixel_spacing[1]:g} mm{spacing}")
     return f"series check: OK, {len(loaded)} projection image(s)"

@@ -166,6 +166,8 @@ def cmd_process(args) -> int:
             outputs = run_pipeline(datasets, args.pipeline, options, out / "tmp-in-progress", progress=progress)
         except pipelines.Refusal as exc:
             entry.update(status="refused", reason=str(exc))
+        except pipelines.InvalidOutput as exc:  # its outputs are left out (tmp-in-progress is emptied)
+            entry.update(status="failed", reason=str(exc))
         except Exception as exc:  # report it and carry on with the next series
             entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
         else:

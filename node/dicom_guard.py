@@ -7,7 +7,9 @@
   does it in the accepting thread, where one silent client would stop the port).
 * ``association_request_timeout_s`` from accept to a whole A-ASSOCIATE-RQ (ARTIM, absolute: bytes
   that trickle in do not extend it); ``idle_timeout_s`` between PDUs; the PDU cap: both read by
-  :class:`node.fast_reactor.FastDUL`, which never blocks on a partial PDU.
+  :class:`node.fast_reactor.FastDUL`, which never blocks on a partial PDU; ``max_dataset_bytes``:
+  the P-DATA fragments of one data set that pynetdicom accumulates in memory, counted by FastDUL as
+  they arrive (A-ABORT once over it).
 * At the A-ASSOCIATE-RQ (:meth:`Guard.associate`): at most ``max_associations_per_host``
   associations per host and ``node.max_associations`` in all, else A-ASSOCIATE-RJ (transient,
   local limit exceeded).
@@ -250,6 +252,7 @@ class GuardedHandler(_FastRequestHandler):
             assoc = self._create_association()
             assoc.acse_timeout = max(0.1, deadline - time.monotonic())  # ARTIM: the rest of the deadline
             assoc.dul.max_pdu_bytes = limits.max_pdu_bytes
+            assoc.dul.max_dataset_bytes = limits.max_dataset_bytes
             assoc.dul.on_violation = lambda reason: guard.violation(assoc, reason)
             assoc.on_end = guard.ended
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})

@@ -25,6 +25,7 @@ from pydicom import Dataset, dcmread
 
 import node
 import pipelines
+from pipelines.dicom import input_checks
 from node.spool import Spool, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def run_pipeline(
     """Validate options, run the pipeline and write every output to ``out_dir`` (fsync'd).
 
     Raises :class:`pipelines.Refusal` when the pipeline refuses the input, ``ValueError`` for bad
-    options.
+    options, :class:`pipelines.InvalidOutput` for an output with non-finite values (nothing of the
+    run is kept: the caller drops ``out_dir``).
     """
     pipe = pipelines.get(pipeline)
     opts = pipe.validate_options(options)
@@ -77,6 +79,7 @@ def run_pipeline(
     outputs = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for ds in pipe.run(datasets, opts, context):
+        input_checks.check_output(ds)
         path = out_dir / f"{len(outputs) + 1:05d}.dcm"
         write_atomic(path, encode(ds))
         outputs.append(Output(path, ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID))
@@ -228,6 +231,8 @@ def _run(spool: Spool, job_id: int) -> dict[str, Any]:
                 log.warning("job %s: outputs already in place from another run; keeping those", job_id)
         except pipelines.Refusal as exc:
             return {"state": "refused", "reason": str(exc), "started": started}
+        except pipelines.InvalidOutput as exc:  # a wrong output is never delivered; no traceback for it
+            return {"state": "failed", "reason": str(exc), "started": started}
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,8 @@ does not say).
 Dropped from the copy because they would be wrong or stale: private elements (vendor data about
 the original slice), group lengths, overlay and curve groups (60xx/50xx, sized to the old matrix),
 Smallest/Largest pixel values, encapsulation leftovers and trailing padding.
-Values: every output slice goes through :func:`pipelines.dicom.valid_field.guard` (the input
+Values: an output slice holding NaN or infinity fails the job (:mod:`pipelines.dicom.input_checks`:
+rounding to stored values would hide it); every output slice goes through :func:`pipelines.dicom.valid_field.guard` (the input
 series' range plus 2 %, no ringing at the edges of projection images, and the input's own value
 where the output samples padding or the air outside a CT's reconstruction field).
 """
@@ -43,7 +44,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
-from pipelines.dicom import multiframe, valid_field
+from pipelines.dicom import input_checks, multiframe, valid_field
 from pipelines.dicom.derived_multiframe import combine
 from pipelines.dicom.series import Volume
 
@@ -197,6 +198,7 @@ def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContex
 
     _set_file_meta(out)  # before the pixels: set_pixel_data refuses a big-endian source syntax
     _update_geometry(out, src, item, series)
+    input_checks.check_output_pixels(item.pixels, item.index)
     _set_pixels(out, src, item.pixels)
     _set_derivation(out, item.sources, series, context)
     return out

@@ -122,8 +122,11 @@ def main() -> None:
                 print(f"data set of {args.dataset_mib} MiB pixel data in 262144-byte PDUs; node max_dataset_bytes "
                       f"{(args.max_dataset_mib << 20) or 'default (2 GiB + 128 MiB)'}")
                 print(f"client sent {sent / 2**20:.1f} MiB in {took:.1f} s: {how}")
+                after_1s = rss_kib(node.proc.pid)
+                time.sleep(4.0)
                 print(f"node RSS: {before / 1024:.1f} MiB before, peak {peak[0] / 1024:.1f} MiB during "
-                      f"(+{(peak[0] - before) / 1024:.1f} MiB), {rss_kib(node.proc.pid) / 1024:.1f} MiB after")
+                      f"(+{(peak[0] - before) / 1024:.1f} MiB); {after_1s / 1024:.1f} MiB 1 s after, "
+                      f"{rss_kib(node.proc.pid) / 1024:.1f} MiB 5 s after")
                 lines = [ln for ln in node.log().splitlines() if "violation" in ln or "C-STORE" in ln or "SOP" in ln]
                 print("node log:", *lines[-5:], sep="\n  ")
                 return

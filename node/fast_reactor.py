@@ -479,6 +479,11 @@ class FastAssociation(Association):
         try:
             super().run()
         finally:
+            if not self.dul.is_alive():
+                # A data set cut off mid-message (abort, max_dataset_bytes) stays in the DIMSE
+                # provider, and the association's objects are reference cycles: without this, its
+                # fragments are held until a full garbage collection (measured: 256 MiB for > 5 s).
+                self.dimse.message = None
             if self.on_end is not None:
                 self.on_end(self)
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import time
 from collections import defaultdict
@@ -87,10 +88,42 @@ def cmd_run(args) -> int:
     try:
         Node(config).serve_forever()
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
+        if exc.errno == errno.EADDRINUSE:
+            sys.exit(f"srnode: {_port_in_use(exc, config)}")
+        why = _spool_unusable(exc, config)
+        if why is None:
             raise
-        sys.exit(f"srnode: {_port_in_use(exc, config)}")
+        sys.exit(f"srnode: cannot start: {why}")
+    except sqlite3.Error as exc:
+        why = _spool_unusable(exc, config)
+        if why is None:
+            raise
+        sys.exit(f"srnode: cannot start: {why}")
     return 0
+
+
+def _spool_unusable(exc: BaseException, config) -> str | None:
+    """Why the spool keeps the node from starting, in one line an admin can act on; None when
+    ``exc`` is something else. A disk with a little room left does not get here: the node starts
+    and refuses instances below ``retention.min_free_bytes``. With none at all, not even the ledger
+    can be opened (SQLite needs room for its WAL index)."""
+    import shutil
+
+    from node.spool import disk_full
+
+    spool = config.node.spool
+    try:
+        free = shutil.disk_usage(spool).free
+    except OSError:
+        free = None
+    what = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    if disk_full(exc) or (isinstance(exc, sqlite3.Error) and free is not None and free < (1 << 20)):
+        return (f"the spool's disk is full ({free} bytes free in {spool}; {what}). Free some space there "
+                f"(the node takes instances above retention.min_free_bytes = {config.retention.min_free_bytes}) "
+                "and start it again")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the spool {spool} is not writable ({what})"
+    return None
 
 
 def _port_in_use(exc: OSError, config) -> str:
@@ -351,7 +384,7 @@ def cmd_jobs(args) -> int:
         print("no jobs")
         return 0
     now = time.time()
-    print(f"{'id':>6}  {'state':<11} {'updated':<19}  {'route/pipeline':<22} {'mod':<4} {'series':<24} "
+    print(f"{'id':>6}  {'state':<12} {'updated':<19}  {'route/pipeline':<22} {'mod':<4} {'series':<24} "
           f"{'in->out':>9}  {'queued':>6} {'ran':>6} {'sent':>6} {'total':>6}  deliveries")
     for r in rows:
         deliveries = " ".join(f"{k}={v}" for k, v in sorted(r["deliveries"].items())) or "-"
@@ -362,7 +395,7 @@ def cmd_jobs(args) -> int:
             (now if r["state"] in ("pending", "queued", "dispatching") else r["updated"])
         description = (r["series_description"] or "")[:24]
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
-        print(f"{r['id']:>6}  {state:<11} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
+        print(f"{r['id']:>6}  {state:<12} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
               f"{(r['modality'] or '?'):<4} {description:<24} {counts:>9}  "
               f"{_duration(r['complete'], r['started']):>6} "
               f"{_duration(r['started'], r['finished'] or (now if r['progress'] is not None else None)):>6} "
@@ -377,9 +410,9 @@ def cmd_retry(args) -> int:
 
     spool = _spool(args)
     ledger = Ledger(spool.ledger_path)
-    ids = [args.job] if args.job is not None else [j.id for j in ledger.jobs(["parked", "failed"], limit=100000)]
+    ids = [args.job] if args.job is not None else [j.id for j in ledger.jobs(["parked", "failed", "waiting_disk"], limit=100000)]
     if not ids:
-        print("nothing parked or failed")
+        print("nothing parked, failed or waiting for disk space")
     for job_id in ids:
         try:
             outcome = ledger.retry(job_id)
@@ -485,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
     p = with_config(sub.add_parser("jobs", help="recent jobs and their state"))
     p.add_argument("--state", help="only jobs in this state (pending, queued, dispatching, delivered, parked, refused, "
-                                   "failed; a running job is queued)")
+                                   "failed, waiting_disk; a running job is queued)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
@@ -499,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "a bad one is refused and the running config stays)"))
     p.add_argument("--timeout", type=float, default=30, help="seconds to wait for the node's answer")
     p.set_defaults(func=cmd_reload)
-    p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
+    p = with_config(sub.add_parser("retry", help="replay a parked or failed job, or one waiting for disk space (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
     for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "

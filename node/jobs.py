@@ -25,7 +25,7 @@ from pydicom import Dataset, dcmread
 
 import node
 import pipelines
-from node.spool import Spool, read_json, write_atomic, write_json
+from node.spool import Spool, disk_full, read_json, write_atomic, write_json
 from pipelines.dicom.derived import flag_description
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,29 @@ def _weight_cards() -> list[dict[str, str]]:
     return cards
 
 
+RESULT_RETRY_S = 5.0  # a result that cannot be written (disk full) is tried again this often
+
+
+def _write_result(job_dir: Path, job_id: int, result: dict[str, Any]) -> None:
+    """``result.json``, durable. On a full disk (the job's partial outputs are already gone, so
+    it rarely is) it is tried again every ``RESULT_RETRY_S`` until it can be written: without it
+    the node would wait for the job forever."""
+    logged = False
+    while True:
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            write_json(job_dir / "result.json", result)
+            return
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            if not logged:
+                log.error("job %s: cannot write its result, the spool's disk is full; trying again every %.0f s",
+                          job_id, RESULT_RETRY_S)
+                logged = True
+            time.sleep(RESULT_RETRY_S)
+
+
 def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     """Run job ``job_id`` from its spool folder; returns (and writes) its ``result.json``.
 
@@ -252,12 +275,15 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     try:
         result = _run(spool, job_id)
     except Exception as exc:  # the job fails with its reason; the worker keeps serving
-        log.exception("job %s failed", job_id)
-        result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        if disk_full(exc):  # not the job's fault: the node runs it again once there is space (node.scheduler)
+            log.warning("job %s stopped: the spool's disk is full (%s)", job_id, exc)
+            result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}", "disk_full": True}
+        else:
+            log.exception("job %s failed", job_id)
+            result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     result.setdefault("finished", time.time())
     if read_result(spool, job_id) is None:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_json(job_dir / "result.json", result)
+        _write_result(job_dir, job_id, result)
     log.info("job %s %s%s", job_id, result["state"], f": {result['reason']}" if "reason" in result else "")
     return read_result(spool, job_id)
 

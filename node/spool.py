@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import sqlite3
 import tempfile
 import threading
 from pathlib import Path
@@ -30,6 +31,23 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 def valid_uid(value: object) -> bool:
     """A DICOM UID that is also safe as a file name (no path tricks)."""
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID.match(value))
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk or an exhausted quota: ENOSPC/EDQUOT, or
+    SQLite's SQLITE_FULL ("database or disk is full")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def fsync_dir(path: Path) -> None:

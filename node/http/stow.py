@@ -13,7 +13,8 @@ fsync do not stall the event loop). A peer's requests are one session for the as
 association is (:class:`PeerSessions`). The answer: 200 all stored, 202 some refused, 409 none
 stored, with the Store Instances Response Module (Referenced / Failed SOP Sequence, a Failure
 Reason per refused part) in DICOM JSON, or DICOM XML for a client that accepts only that. A full
-spool (``retention.min_free_bytes`` or ENOSPC) is 503 with Retry-After; the body of such a
+spool (``retention.min_free_bytes``, ENOSPC, a ledger that cannot be written: every part refused
+0xA700) is 503 with Retry-After; the body of such a
 request is read to its end first, so the sender gets the 503 rather than a reset connection.
 Behind a reverse proxy every request comes from the proxy's address: ``host`` pins and ``sender``
 would apply to the proxy.
@@ -41,7 +42,7 @@ from starlette.responses import Response
 
 from node.config import Peer
 from node.http.auth import HttpError, authenticate_peer, check_backoff, client_address, shown
-from node.ingest import Ingest, Verdict
+from node.ingest import OUT_OF_RESOURCES, Ingest, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,10 @@ class StowService:
         stored = [v for v in verdicts if v.stored]
         failed = [v for v in verdicts if not v.stored]
         stored_series.update(v.series_key for v in stored)
+        if failed and not stored and all(v.status == OUT_OF_RESOURCES for v in failed):
+            # Nothing stored for want of room (the disk filled, the ledger cannot be written): the
+            # sender should come back later, not take it as a refusal of its data.
+            raise HttpError(503, failed[0].comment, {"Retry-After": str(FULL_RETRY_AFTER_S)}, body_read=True)
         code = 200 if not failed else 202 if stored else 409
         log.info("%s@%s: %d instance(s) stored, %d refused (HTTP %d)", via, address, len(stored), len(failed), code)
         return code, _response(stored, failed)

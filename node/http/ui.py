@@ -162,7 +162,7 @@ def status_view(node) -> dict:
     jobs = jobs_view(node, None, 50)
     for job in jobs:
         job["qa"] = _qa_view(node, job["id"]) if job["state"] in ("dispatching", "delivered", "parked") else []
-    problems = [j for j in jobs_view(node, None, 500) if j["state"] in ("failed", "parked", "refused")][:20]
+    problems = [j for j in jobs_view(node, None, 500) if j["state"] in ("failed", "parked", "refused", "waiting_disk")][:20]
     usage = shutil.disk_usage(node.spool.root)
     queue = {state: len(node.ledger.jobs([state], limit=100000)) for state in ("pending", "queued", "dispatching")}
     return {"jobs": jobs, "problems": problems, "destinations": destinations_view(node), "queue": queue,

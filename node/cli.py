@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import sys
 import time
@@ -178,7 +179,7 @@ def cmd_process(args) -> int:
     import pipelines
     from pipelines.progress import Progress
 
-    from node.jobs import run_pipeline
+    from node.jobs import qa_folder, run_pipeline
 
     options = _options(args.set)
     try:
@@ -187,6 +188,7 @@ def cmd_process(args) -> int:
         sys.exit(f"srnode: {exc}")
     series, skipped = read_inputs(args.inputs)
     out = Path(args.out)
+    tmp = out / "tmp-in-progress"
     summary = {"pipeline": args.pipeline, "options": options, "skipped_not_dicom": skipped, "series": []}
     for uid, datasets in series.items():
         entry = {"input_series": uid, "instances": len(datasets)}
@@ -196,7 +198,7 @@ def cmd_process(args) -> int:
             bar.update(done, total)
 
         try:
-            outputs = run_pipeline(datasets, args.pipeline, options, out / "tmp-in-progress", progress=progress)
+            outputs = run_pipeline(datasets, args.pipeline, options, tmp, progress=progress)
         except pipelines.Refusal as exc:
             entry.update(status="refused", reason=str(exc))
         except pipelines.InvalidOutput as exc:  # its outputs are left out (tmp-in-progress is emptied)
@@ -211,18 +213,28 @@ def cmd_process(args) -> int:
                 os.replace(o.path, target)
                 by_series[o.series_uid].append(str(target))
             entry.update(status="done", outputs=[
-                {"series_uid": s, "instances": len(f), "folder": str(out / s)} for s, f in by_series.items()])
+                {"series_uid": s, "instances": len(f), "folder": str(out / s), **_move_qa(qa_folder(tmp, s), out / s)}
+                for s, f in by_series.items()])
         finally:
             bar.close()
         summary["series"].append(entry)
-    tmp = out / "tmp-in-progress"
     if tmp.is_dir():
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0 if summary["series"] and all(s["status"] == "done" for s in summary["series"]) else 1
+
+
+def _move_qa(folder: Path, target: Path) -> dict:
+    """``qa.png`` and ``qa.json`` of one output series moved beside its DICOM files; the verdict for
+    the summary (nothing when no QA was made)."""
+    if not (folder / "qa.json").exists():
+        return {}
+    record = json.loads((folder / "qa.json").read_text())
+    for name in ("qa.png", "qa.json"):
+        os.replace(folder / name, target / name)
+    return {"qa": {"consistency_psnr_db": record["consistency"]["psnr_db"], "threshold_db": record["threshold_db"],
+                   "passed": record["passed"]}}
 
 
 def cmd_echo(args) -> int:
@@ -527,10 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retry)
     for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "
                                       "in-plane and through-plane CNNs; sr2d: Meta-Upscale, MDRN)"),
-                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d)")):
+                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d; qa: "
+                                     "the consistency thresholds of every model)")):
         p = sub.add_parser(name, help=help_text, description=help_text + "; the family's own options: "
                            f"srnode {name} FAMILY --help")
-        p.add_argument("family", choices=sorted(FAMILIES))
+        p.add_argument("family", choices=sorted(FAMILIES if name == "train" else EVALS))
         p.add_argument("rest", nargs=argparse.REMAINDER, help="the family's arguments")
         p.set_defaults(func=cmd_train if name == "train" else cmd_eval)
     return parser
@@ -538,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 FAMILIES = {family: (f"pipelines.training.train_{family}", f"pipelines.evaluation.eval_{family}")
             for family in ("cxr", "sr3d", "sr2d")}
+EVALS = {**{family: modules[1] for family, modules in FAMILIES.items()}, "qa": "pipelines.evaluation.eval_qa"}
 
 
 def cmd_train(args) -> int:
@@ -545,7 +559,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    return importlib.import_module(FAMILIES[args.family][1]).main(args.rest)
+    return importlib.import_module(EVALS[args.family]).main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

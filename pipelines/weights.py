@@ -154,3 +154,17 @@ def set_evaluation(path: Path, section: str) -> None:
     card = card_path(path)
     text = card.read_text().split("\n## Evaluation")[0].rstrip()
     card.write_text(text + "\n\n" + section)
+
+
+def set_section(path: Path, heading: str, text: str) -> None:
+    """Replace (or add) the section starting at ``heading`` of the model card of ``path``, placed before
+    its evaluation section (which :func:`set_evaluation` rewrites); the weights are untouched."""
+    card = card_path(path)
+    body = card.read_text()
+    if heading in body:
+        start = body.index(heading)
+        end = body.find("\n## ", start + 1)
+        body = body[:start].rstrip() + "\n\n" + (body[end + 1:] if end >= 0 else "")
+    cut = body.find("\n## Evaluation")
+    head, tail = (body, "") if cut < 0 else (body[:cut], body[cut + 1:])
+    card.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))

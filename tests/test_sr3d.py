@@ -179,6 +179,60 @@ def test_eval_markdown_gives_each_volume_its_own_gain():
     assert "| brain (MR) | +1.20 | +1.30 |" in lines and "| sag (MR) | +3.00 | - |" in lines
 
 
+
+def test_degradations_keep_alignment_and_the_area_is_the_block_mean():
+    hr = _phantom(n=2, size=48, seed=3).astype(np.float32)
+    for kind in volume_data.DEGRADATIONS:
+        lr = volume_data.degrade(hr, 2, (1, 2), kind)
+        assert lr.shape == (2, 24, 24) and lr.dtype == np.float32
+        flat = volume_data.degrade(np.full((1, 16, 12), 7.0, np.float32), 2, (1, 2), kind)
+        assert np.allclose(flat, 7.0, atol=1e-4), kind  # rows sum to 1, edges renormalised
+        ramp = volume_data.degrade(np.tile(np.arange(32, dtype=np.float32), (1, 4, 1)), 2, (2,), kind)
+        assert np.allclose(ramp[0, 0, 4:-4], np.arange(4, 12) * 2 + 0.5, atol=1e-3), kind  # LR i sits at 2i + 0.5
+    assert np.allclose(volume_data.degrade(hr, 2, (1, 2), "area"), hr.reshape(2, 24, 2, 24, 2).mean((2, 4)), atol=1e-6)
+    assert np.array_equal(volume_data.degrade(hr, 2, (1, 2), "cubic"), volume_data.downscale(hr, 2, (1, 2)))
+    wide = volume_data.degrade(hr, 2, (1, 2), "gaussian", sigma=1.5)
+    assert wide.std() < volume_data.degrade(hr, 2, (1, 2), "gaussian").std()  # a wider PSF blurs more
+    with pytest.raises(ValueError, match="unknown degradation"):
+        volume_data.degrade(hr, 2, (1,), "box")
+    with pytest.raises(ValueError, match="multiple of 2"):
+        volume_data.degrade(hr[:, :47], 2, (1,), "area")
+    noisy = volume_data.add_noise(np.zeros((64, 64), np.float32), 0.01, 4000.0, np.random.default_rng(0))
+    assert noisy.std() == pytest.approx(40.0, rel=0.05)
+
+
+def test_mixed_degradation_batches_are_seeded_and_differ_from_cubic():
+    batch = lambda degradations: train_sr3d.PatchSampler(_synthetic_volumes(), np.random.default_rng(1)).batch(  # noqa: E731
+        16, 2, 12, 2, degradations=degradations)
+    (lr_mix, hr_mix), (again, _), (lr_cubic, hr_cubic) = batch("mix"), batch("mix"), batch("cubic")
+    assert lr_mix.shape == (16, 1, 12, 12) and hr_mix.shape == (16, 1, 24, 24)
+    assert torch.equal(lr_mix, again) and torch.equal(hr_mix, hr_cubic) and not torch.equal(lr_mix, lr_cubic)
+    card = train_sr3d.card_text("inplane", CNNConfig(2, 2), train_sr3d.RECIPES["cpu"], 10, 0, 1e-3, 6, 1, "cpu", "mix")
+    assert "area averaging" in card and "--degradations mix" in card
+
+
+def test_degradation_table_reports_gains_per_volume_and_keeps_its_own_card_section(tmp_path):
+    from pipelines.evaluation import degradation_table
+
+    result = {"cubic": {"psnr": 30.0, "ssim": 0.9}, "lanczos": {"psnr": 30.5, "ssim": 0.91},
+              "cnn": {"psnr": 32.0, "ssim": 0.95}}
+    results = {f"{k} noise 0": result for k in volume_data.DEGRADATIONS}
+    report = {"scale": 2, "psf_sigma_hr_px": 0.6, "noises": [0.0], "degradations": list(volume_data.DEGRADATIONS),
+              "weights": "inplane_x2:0000", "trained": "cubic.",
+              "volumes": {"chest": {"modality": "CT", "shape": [4, 8, 8], "region": "chest",
+                                    "region_in_training": False, "results": results}}}
+    text = degradation_table.markdown(report)
+    assert "| chest (CT, chest, region not trained on) | +1.50 / +2.00 |" in text
+    path = tmp_path / "m.safetensors"
+    weights.card_path(path).write_text("# m\n\n## Recipe\nr\n\n## Evaluation on x\nold\n")
+    for _ in range(2):
+        weights.set_section(path, degradation_table.HEADING, text)
+    weights.set_evaluation(path, "## Evaluation on x\nnew\n")
+    card = weights.card_path(path).read_text()
+    assert card.count(degradation_table.HEADING) == 1 and card.index("## Recipe") < card.index(
+        degradation_table.HEADING) < card.index("## Evaluation") and card.endswith("new\n")
+
+
 # ---- pipeline: options and refusals -------------------------------------------------------------
 
 @pytest.mark.parametrize("options, words", [

@@ -176,15 +176,7 @@ def markdown(report: dict, command: str, counts: dict) -> str:
 
 def set_card_section(path: Path, text: str) -> None:
     """Replace (or add) the QA section of a model card, before its evaluation section."""
-    card = weights.card_path(path)
-    body = card.read_text()
-    if SECTION in body:
-        start = body.index(SECTION)
-        end = body.find("\n## ", start + 1)
-        body = body[:start].rstrip() + "\n\n" + (body[end + 1:] if end >= 0 else "")
-    cut = body.find("\n## Evaluation")
-    head, tail = (body, "") if cut < 0 else (body[:cut], body[cut + 1:])
-    card.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))
+    weights.set_section(path, SECTION, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,11 @@
 """``srnode eval sr3d``: the paper's Tables 3-6 on held-out CT and MR volumes, as JSON and markdown.
 
     python -m pipelines.evaluation.eval_sr3d [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
+    python -m pipelines.evaluation.eval_sr3d --degradations [--noise 0,0.01] [...]
+
+``--degradations``: instead, in-plane x2 under each way of making the LR image (antialiased cubic, area,
+Gaussian PSF, linear, Lanczos; with and without noise): :mod:`pipelines.evaluation.degradation_table`,
+written to ``sr3d_degradations.{json,md}`` and (``--update-cards``) its own section of the in-plane x2 card.
 
 * 2D (in-plane only): every axial slice of each ``test`` volume of :mod:`pipelines.training.volume_data`
   is downscaled x2 / x4 in-plane (antialiased cubic, on the modality values) and brought back by
@@ -197,10 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=weights.weights_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir() / "eval")
     parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
+    parser.add_argument("--degradations", action="store_true",
+                        help="in-plane x2 per degradation (cubic, area, Gaussian PSF, linear, Lanczos) instead")
+    parser.add_argument("--noise", default="0,0.01",
+                        help="with --degradations: noise levels, fractions of the intensity window (default 0,0.01)")
     args = parser.parse_args(argv)
+    if args.degradations:
+        return degradations(args)
     report = evaluate(args.data, args.weights)
     cards = [args.weights / name for name in (*INPLANE_FILES.values(), THROUGH_FILE)] if args.update_cards else []
     publish(args.out, "sr3d_eval", report, markdown(report), cards)
+    return 0
+
+
+def degradations(args) -> int:
+    from pipelines.evaluation import degradation_table as table
+
+    noises = tuple(float(n) for n in args.noise.split(",") if n.strip())
+    report = table.evaluate(args.data, args.weights, noises)
+    text = table.markdown(report)
+    publish(args.out, "sr3d_degradations", report, text)
+    if args.update_cards:
+        weights.set_section(args.weights / INPLANE_FILES[2], table.HEADING, text)
     return 0
 
 

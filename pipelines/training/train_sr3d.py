@@ -16,6 +16,13 @@ slices teach the same one-axis task (the SMORE observation in ``shared/notes/sr-
 Random 90-degree rotations and flips; patches with almost no structure (air) are kept at a
 quarter of their rate so the model still learns that flat stays flat.
 
+``--degradations mix`` (the shipped weights use ``cubic``): each patch draws its own way of making the LR
+image from :data:`MIX` (antialiased cubic, area averaging, a Gaussian PSF of sigma ~ U(0.5, 1.0) x factor/2
+HR px then decimation, antialiased linear; :func:`volume_data.degrade`), after the same optional 3x3 blur,
+and a fraction :data:`NOISE_P` of the LR patches gets Gaussian noise of sigma ~ U(0, 1 %) of the window.
+Antialiased Lanczos downscaling is left out, so ``srnode eval sr3d --degradations`` has a degradation
+no model was trained on.
+
 Two recipes, named in the model card. ``cpu`` (the default, the shipped weights): batch 64 of
 24-px LR patches (16 px at x4), Adam 1e-3 decayed along a cosine to 1e-4, ``STEPS`` steps.
 ``paper`` (for a GPU): the paper's batch 128 of 7-px LR patches, Adam 1e-4 and 1e-5 for the
@@ -78,6 +85,10 @@ RECIPES = {
 FLAT_STD = 0.01
 FLAT_KEEP = 0.25
 BLUR_P, BLUR_MAX_SIGMA = 0.5, 0.5
+MIX = ("cubic", "area", "gaussian", "linear")
+PSF_SIGMA = (0.5, 1.0)  # Gaussian PSF sigma range, HR px at x2 (scaled with the factor)
+NOISE_P, NOISE_MAX = 0.3, 0.01
+DEGRADATION_CHOICES = ("cubic", "mix")
 
 
 class PatchSampler:
@@ -123,16 +134,31 @@ class PatchSampler:
                 total += depth * (h // size) * (w // size)
         return total
 
-    def batch(self, n: int, scale: int, lr_patch: int, axes: int, blur: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LR inputs, HR targets) as (n, 1, h, w) tensors."""
+    def batch(self, n: int, scale: int, lr_patch: int, axes: int, blur: bool = True,
+              degradations: str = "cubic") -> tuple[torch.Tensor, torch.Tensor]:
+        """(LR inputs, HR targets) as (n, 1, h, w) tensors; ``degradations``: ``cubic`` or ``mix``."""
         hr = np.stack([self.patch(lr_patch * scale) for _ in range(n)])
         degraded = hr
         if blur:
             sigmas = np.where(self.rng.random(n) < BLUR_P, self.rng.uniform(0, BLUR_MAX_SIGMA, n), 0.0)
             degraded = volume_data.gaussian_blur3(hr, sigmas)
-        lr = volume_data.downscale(degraded, scale, (1, 2) if axes == 2 else (1,))
+        lr_axes = (1, 2) if axes == 2 else (1,)
+        if degradations == "mix":
+            lr = np.stack([self.mixed(image, scale, lr_axes) for image in degraded])
+        else:
+            lr = volume_data.downscale(degraded, scale, lr_axes)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]  # noqa: E731
         return as_tensor(lr), as_tensor(hr)
+
+
+    def mixed(self, image: np.ndarray, scale: int, lr_axes: tuple[int, ...]) -> np.ndarray:
+        """One HR image degraded by a kind drawn from ``MIX``, with noise on a fraction ``NOISE_P``."""
+        kind = MIX[self.rng.integers(len(MIX))]
+        sigma = self.rng.uniform(*PSF_SIGMA) * scale / 2 if kind == "gaussian" else None
+        lr = volume_data.degrade(image[None], scale, lr_axes, kind, sigma)[0]
+        if self.rng.random() < NOISE_P:
+            lr = volume_data.add_noise(lr, self.rng.uniform(0, NOISE_MAX), 1.0, self.rng)
+        return lr
 
 
 def load_training_volumes(data_dir: Path) -> list[tuple[volume_data.VolumeSource, np.ndarray]]:
@@ -169,7 +195,7 @@ def check_arguments(kind: str, scale: int, recipe: str, steps: int | None, epoch
 
 def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | None, seed: int,
           lr: float | None = None, volumes: list[tuple[volume_data.VolumeSource, np.ndarray]] | None = None,
-          recipe: str = "cpu", epochs: float | None = None) -> Path:
+          recipe: str = "cpu", epochs: float | None = None, degradations: str = "cubic") -> Path:
     """Train one model and write it with its card. ``steps`` None: ``STEPS`` for the cpu recipe, ``epochs``
     (default ``PAPER_EPOCHS``) for the paper's; ``lr`` None: the recipe's; ``volumes`` replaces the
     training split (tests)."""
@@ -198,7 +224,8 @@ def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | Non
     file_name = INPLANE_FILES[scale] if kind == "inplane" else THROUGH_FILE
     progress = Progress(f"{kind} x{scale}", steps, out_dir / "logs" / f"{Path(file_name).stem}.csv", every=50)
     for step in range(1, steps + 1):
-        lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(plan.batch, scale, lr_patch, axes))
+        lr_batch, hr_batch = (t.to(dev) for t in sampler.batch(plan.batch, scale, lr_patch, axes,
+                                                                degradations=degradations))
         out, mid = model(lr_batch)
         loss = intermediate_l1(out, mid, hr_batch)
         opt.zero_grad(set_to_none=True)
@@ -209,7 +236,7 @@ def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | Non
         progress.step(step, loss.item(), gain)
     seconds = progress.close()
     model.cpu()
-    card = card_text(kind, config, plan, steps, seed, lr, seconds, parameter_count(model), str(dev))
+    card = card_text(kind, config, plan, steps, seed, lr, seconds, parameter_count(model), str(dev), degradations)
     meta = {"model": "sr3d-cnn", **config.to_dict()}
     weights.save(out_dir / file_name, model.state_dict(), meta, card)
     print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
@@ -221,7 +248,7 @@ def sampler_volumes(sampler: PatchSampler) -> list:
 
 
 def card_text(kind: str, config: CNNConfig, plan: Recipe, steps: int, seed: int, lr: float, seconds: float,
-              params: int, dev: str) -> str:
+              params: int, dev: str, degradations: str = "cubic") -> str:
     what = (f"In-plane x{config.scale}" if kind == "inplane" else "Through-plane x2 (one axis)")
     train_names = ", ".join(s.name for s in volume_data.sources("train"))
     test_names = ", ".join(s.name for s in volume_data.sources("test"))
@@ -238,11 +265,11 @@ TotalSegmentator, dcm_qa_ct; MR: studyforrest PDDL, MNI template, IXI CC BY-SA 3
 
 ## Recipe
 Intensities: CT HU clipped to [-1024, 2976] -> [0, 1]; MR clipped per volume at the 0.5/99.5 percentiles.
-Degradation: 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half the samples, then antialiased cubic downscaling
-by {config.scale} on {"both image axes" if config.axes == 2 else "the rows (the depth axis of a view)"}.
+Degradation: 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half the samples, then {degradation_text(degradations)}
+by {config.scale} on {"both image axes" if config.axes == 2 else "the rows (the depth axis of a view)"}{mix_noise(degradations)}.
 Recipe `{plan.name}`: batch {plan.batch} patches of {plan.lr_patch[config.scale]} px (LR), rotations and flips, flat
 (air) patches at a quarter of their rate. Loss L1(output) + L1(sub-pixel output). {plan.describe(lr)},
-{steps} steps, seed {seed}, on {dev}: {seconds / 60:.1f} min. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""}{" --recipe " + plan.name if plan.name != "cpu" else ""} --steps {steps} --seed {seed}{f" --lr {lr:g}" if lr != plan.lr else ""}`.
+{steps} steps, seed {seed}, on {dev}: {seconds / 60:.1f} min. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""}{" --recipe " + plan.name if plan.name != "cpu" else ""} --steps {steps} --seed {seed}{f" --lr {lr:g}" if lr != plan.lr else ""}{" --degradations " + degradations if degradations != "cubic" else ""}`.
 
 ## Known limits
 - Trained to undo antialiased cubic downscaling (plus mild blur), not a scanner's slice profile or noise:
@@ -258,6 +285,19 @@ Written by `srnode eval sr3d --update-cards` (held-out volumes; see weights/eval
 """
 
 
+def degradation_text(degradations: str) -> str:
+    if degradations == "cubic":
+        return "antialiased cubic downscaling"
+    lo, hi = PSF_SIGMA
+    return (f"per patch one of antialiased cubic, area averaging, a Gaussian PSF (sigma ~ U({lo:g}, {hi:g}) x factor/2 "
+            "HR px) then decimation, antialiased linear downscaling")
+
+
+def mix_noise(degradations: str) -> str:
+    return "" if degradations == "cubic" else (
+        f"; Gaussian noise of sigma ~ U(0, {NOISE_MAX:.0%}) of the window on {NOISE_P:.0%} of the LR patches")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="srnode train sr3d", description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=["inplane", "through"])
@@ -269,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--epochs", type=float, help=f"paper recipe only (default {PAPER_EPOCHS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, help="default: the recipe's (cpu 1e-3, paper 1e-4)")
+    parser.add_argument("--degradations", choices=DEGRADATION_CHOICES, default="cubic",
+                        help="cubic: antialiased cubic LR (the shipped weights); mix: a degradation drawn per patch, plus noise")
     parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir())
     args = parser.parse_args(argv)
@@ -277,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     train(args.kind, args.scale, args.data, args.out, args.steps, args.seed, args.lr, recipe=args.recipe,
-          epochs=args.epochs)
+          epochs=args.epochs, degradations=args.degradations)
     return 0
 
 

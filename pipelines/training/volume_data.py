@@ -14,6 +14,14 @@ Degradation (training and evaluation): antialiased cubic downscaling by the fact
 being super-resolved (:mod:`pipelines.models.interpolation`, Pillow's BICUBIC convention). Training adds
 the paper's augmentation: a 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half of the samples,
 before downscaling.
+
+Other ways of making the LR image (:data:`DEGRADATIONS`, :func:`degrade`; the ``mix`` training recipe
+and ``srnode eval sr3d --degradations``): ``area`` (the mean of each block of factor x factor HR
+pixels: a detector that integrates over its pixel), ``gaussian`` (a Gaussian point-spread function of
+``sigma`` HR pixels, sampled at the LR pixel centres: blur then decimation), and antialiased ``linear``
+or ``lanczos`` downscaling. Every one keeps Pillow's alignment (LR pixel ``i`` is centred at HR
+coordinate ``(i + 0.5) * factor - 0.5``), so the upsamplers see the same geometry whatever the
+degradation. :func:`add_noise`: Gaussian noise of a fraction of the intensity window.
 """
 from __future__ import annotations
 
@@ -26,7 +34,9 @@ import pydicom
 
 from pipelines.dicom.series import decode
 from pipelines.models.intensity import normalise, normaliser
-from pipelines.models.interpolation import resize_axis
+import scipy.sparse as sp
+
+from pipelines.models.interpolation import apply_axis, resize_axis, resize_weights
 
 @dataclass(frozen=True)
 class VolumeSource:
@@ -120,3 +130,56 @@ def gaussian_blur3(images: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
         out[i] = g[0] * rows[:, :-2] + g[1] * rows[:, 1:-1] + g[2] * rows[:, 2:]
     return out
 
+
+
+DEGRADATIONS = ("cubic", "area", "gaussian", "linear", "lanczos")
+#: Gaussian PSF sigma of the evaluation, in HR pixels per unit of factor (0.6 HR px at x2)
+PSF_SIGMA_PER_SCALE = 0.3
+
+
+def psf_sigma(scale: int) -> float:
+    return PSF_SIGMA_PER_SCALE * scale
+
+
+def degradation_weights(n: int, scale: int, kind: str, sigma: float | None = None) -> sp.csr_array:
+    """(n // scale, n) float32 matrix making the LR samples of an axis of ``n`` HR samples, rows summing to 1."""
+    m = n // scale
+    if kind in ("cubic", "linear", "lanczos"):
+        return resize_weights(n, m, kind)
+    if kind == "area":
+        cols = np.arange(m * scale)
+        return sp.csr_array((np.full(cols.size, 1 / scale, np.float32), (cols // scale, cols)), shape=(m, n))
+    if kind == "gaussian":
+        sigma = psf_sigma(scale) if sigma is None else float(sigma)
+        if sigma <= 0:
+            raise ValueError(f"PSF sigma must be > 0, got {sigma}")
+        centres = (np.arange(m) + 0.5) * scale - 0.5
+        radius = int(np.ceil(3 * sigma)) + 1
+        cols = np.floor(centres).astype(np.int64)[:, None] + np.arange(-radius + 1, radius + 1)[None, :]
+        w = np.exp(-((cols - centres[:, None]) ** 2) / (2 * sigma * sigma))
+        w[(cols < 0) | (cols >= n)] = 0.0  # taps outside dropped, the rest renormalised (as Pillow does)
+        w /= w.sum(axis=1, keepdims=True)
+        keep = w > 0
+        rows = np.broadcast_to(np.arange(m)[:, None], cols.shape)
+        return sp.csr_array((w[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(m, n))
+    raise ValueError(f"unknown degradation {kind!r}: {', '.join(DEGRADATIONS)}")
+
+
+def degrade(hr: np.ndarray, scale: int, axes: tuple[int, ...], kind: str = "cubic",
+            sigma: float | None = None) -> np.ndarray:
+    """The LR image of ``hr`` under degradation ``kind`` on ``axes`` (lengths multiples of ``scale``);
+    ``sigma``: the Gaussian PSF's, in HR pixels (default :func:`psf_sigma`)."""
+    out = np.asarray(hr, dtype=np.float32)
+    for axis in axes:
+        n = out.shape[axis]
+        if n % scale:
+            raise ValueError(f"axis {axis} has {n} samples, not a multiple of {scale}: crop first")
+        out = apply_axis(out, axis, degradation_weights(n, scale, kind, sigma))
+    return out
+
+
+def add_noise(image: np.ndarray, fraction: float, span: float, rng: np.random.Generator) -> np.ndarray:
+    """``image`` plus Gaussian noise of standard deviation ``fraction * span`` (float32)."""
+    if fraction <= 0:
+        return np.asarray(image, dtype=np.float32)
+    return (image + rng.normal(0.0, fraction * span, image.shape)).astype(np.float32)

@@ -12,7 +12,10 @@ Heads tap the 6th conv, so one trunk forward gives the SR image and the features
     field (about 30 px) is far too small to tell lung from air outside the body. Its dilations
     (1, 2, 4, 8, 16, 1) give it about half the grid as context without adding parameters. Two
     more input channels carry each cell's row and column position in [-1, 1]: convolutions cannot
-    tell where in the image they are, and lungs always lie in the same region of a PA film.
+    tell where in the image they are, and lungs always lie in the same region of a PA film. A
+    head trained with ``film`` also gets the film averaged onto the grid (``film_on_grid``): the
+    trunk's features encode the SR residual, not the brightness that tells air-filled lung from
+    tissue (held-out IoU 0.930 -> 0.936 with it and a Dice term, same steps and seed).
   * abnormality: global average pooling, a fully connected layer, dropout and a two-way softmax
     (cross-entropy).
 Both heads train with the trunk frozen, as in the paper, and standardise the features they get

@@ -6,5 +6,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["node", "node.*", "pipelines", "pipelines.*"]), "srnode_weights"],
     package_dir={"srnode_weights": "weights"},
-    package_data={"srnode_weights": ["*.safetensors", "*.md"], "node.http": ["templates/*.html"]},
+    package_data={"srnode_weights": ["*.safetensors", "*.md", "qa_thresholds.json"], "node.http": ["templates/*.html"]},
 )

@@ -9,11 +9,26 @@ With Redis, unacknowledged messages of a killed worker come back after ``visibil
 from __future__ import annotations
 
 from celery import Celery
+from kombu.transport import filesystem
 
 from node.config import Config
 from node.spool import Spool
 
 PIPELINE_QUEUE = "srnode.pipelines"
+
+STOP_CHECK_S = 0.25
+
+
+class SpoolTransport(filesystem.Transport):
+    """kombu's filesystem transport, waiting at most ``STOP_CHECK_S`` per poll. The worker's blocking
+    loop (this transport has no event loop) sees a stop request only between waits, which Celery
+    makes 2 s long: a node stop took ~3 s, now ~0.5 s."""
+
+    def drain_events(self, connection, timeout=None):
+        if timeout is not None:
+            timeout = min(timeout, STOP_CHECK_S)
+        return super().drain_events(connection, timeout=timeout)
+
 
 app = Celery("srnode")
 app.conf.update(
@@ -36,6 +51,7 @@ def configure(config: Config) -> Celery:
         folder = str(spool.broker_dir)
         app.conf.update(
             broker_url="filesystem://",
+            broker_transport="node.celery_app:SpoolTransport",
             broker_transport_options={
                 "data_folder_in": folder,
                 "data_folder_out": folder,

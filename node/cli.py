@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import sqlite3
 import sys
 import time
 from collections import defaultdict
@@ -86,10 +88,42 @@ def cmd_run(args) -> int:
     try:
         Node(config).serve_forever()
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
+        if exc.errno == errno.EADDRINUSE:
+            sys.exit(f"srnode: {_port_in_use(exc, config)}")
+        why = _spool_unusable(exc, config)
+        if why is None:
             raise
-        sys.exit(f"srnode: {_port_in_use(exc, config)}")
+        sys.exit(f"srnode: cannot start: {why}")
+    except sqlite3.Error as exc:
+        why = _spool_unusable(exc, config)
+        if why is None:
+            raise
+        sys.exit(f"srnode: cannot start: {why}")
     return 0
+
+
+def _spool_unusable(exc: BaseException, config) -> str | None:
+    """Why the spool keeps the node from starting, in one line an admin can act on; None when
+    ``exc`` is something else. A disk with a little room left does not get here: the node starts
+    and refuses instances below ``retention.min_free_bytes``. With none at all, not even the ledger
+    can be opened (SQLite needs room for its WAL index)."""
+    import shutil
+
+    from node.spool import disk_full
+
+    spool = config.node.spool
+    try:
+        free = shutil.disk_usage(spool).free
+    except OSError:
+        free = None
+    what = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    if disk_full(exc) or (isinstance(exc, sqlite3.Error) and free is not None and free < (1 << 20)):
+        return (f"the spool's disk is full ({free} bytes free in {spool}; {what}). Free some space there "
+                f"(the node takes instances above retention.min_free_bytes = {config.retention.min_free_bytes}) "
+                "and start it again")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the spool {spool} is not writable ({what})"
+    return None
 
 
 def _port_in_use(exc: OSError, config) -> str:
@@ -145,7 +179,7 @@ def cmd_process(args) -> int:
     import pipelines
     from pipelines.progress import Progress
 
-    from node.jobs import run_pipeline
+    from node.jobs import qa_folder, run_pipeline
 
     options = _options(args.set)
     try:
@@ -154,6 +188,7 @@ def cmd_process(args) -> int:
         sys.exit(f"srnode: {exc}")
     series, skipped = read_inputs(args.inputs)
     out = Path(args.out)
+    tmp = out / "tmp-in-progress"
     summary = {"pipeline": args.pipeline, "options": options, "skipped_not_dicom": skipped, "series": []}
     for uid, datasets in series.items():
         entry = {"input_series": uid, "instances": len(datasets)}
@@ -163,9 +198,11 @@ def cmd_process(args) -> int:
             bar.update(done, total)
 
         try:
-            outputs = run_pipeline(datasets, args.pipeline, options, out / "tmp-in-progress", progress=progress)
+            outputs = run_pipeline(datasets, args.pipeline, options, tmp, progress=progress)
         except pipelines.Refusal as exc:
             entry.update(status="refused", reason=str(exc))
+        except pipelines.InvalidOutput as exc:  # its outputs are left out (tmp-in-progress is emptied)
+            entry.update(status="failed", reason=str(exc))
         except Exception as exc:  # report it and carry on with the next series
             entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
         else:
@@ -176,18 +213,28 @@ def cmd_process(args) -> int:
                 os.replace(o.path, target)
                 by_series[o.series_uid].append(str(target))
             entry.update(status="done", outputs=[
-                {"series_uid": s, "instances": len(f), "folder": str(out / s)} for s, f in by_series.items()])
+                {"series_uid": s, "instances": len(f), "folder": str(out / s), **_move_qa(qa_folder(tmp, s), out / s)}
+                for s, f in by_series.items()])
         finally:
             bar.close()
         summary["series"].append(entry)
-    tmp = out / "tmp-in-progress"
     if tmp.is_dir():
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0 if summary["series"] and all(s["status"] == "done" for s in summary["series"]) else 1
+
+
+def _move_qa(folder: Path, target: Path) -> dict:
+    """``qa.png`` and ``qa.json`` of one output series moved beside its DICOM files; the verdict for
+    the summary (nothing when no QA was made)."""
+    if not (folder / "qa.json").exists():
+        return {}
+    record = json.loads((folder / "qa.json").read_text())
+    for name in ("qa.png", "qa.json"):
+        os.replace(folder / name, target / name)
+    return {"qa": {"consistency_psnr_db": record["consistency"]["psnr_db"], "threshold_db": record["threshold_db"],
+                   "passed": record["passed"]}}
 
 
 def cmd_echo(args) -> int:
@@ -339,7 +386,7 @@ def cmd_jobs(args) -> int:
         print("no jobs")
         return 0
     now = time.time()
-    print(f"{'id':>6}  {'state':<11} {'updated':<19}  {'route/pipeline':<22} {'mod':<4} {'series':<24} "
+    print(f"{'id':>6}  {'state':<12} {'updated':<19}  {'route/pipeline':<22} {'mod':<4} {'series':<24} "
           f"{'in->out':>9}  {'queued':>6} {'ran':>6} {'sent':>6} {'total':>6}  deliveries")
     for r in rows:
         deliveries = " ".join(f"{k}={v}" for k, v in sorted(r["deliveries"].items())) or "-"
@@ -350,7 +397,7 @@ def cmd_jobs(args) -> int:
             (now if r["state"] in ("pending", "queued", "dispatching") else r["updated"])
         description = (r["series_description"] or "")[:24]
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
-        print(f"{r['id']:>6}  {state:<11} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
+        print(f"{r['id']:>6}  {state:<12} {updated}  {(r['route'] + '/' + r['pipeline'] + ' v' + str(r['version'])):<22} "
               f"{(r['modality'] or '?'):<4} {description:<24} {counts:>9}  "
               f"{_duration(r['complete'], r['started']):>6} "
               f"{_duration(r['started'], r['finished'] or (now if r['progress'] is not None else None)):>6} "
@@ -365,9 +412,9 @@ def cmd_retry(args) -> int:
 
     spool = _spool(args)
     ledger = Ledger(spool.ledger_path)
-    ids = [args.job] if args.job is not None else [j.id for j in ledger.jobs(["parked", "failed"], limit=100000)]
+    ids = [args.job] if args.job is not None else [j.id for j in ledger.jobs(["parked", "failed", "waiting_disk"], limit=100000)]
     if not ids:
-        print("nothing parked or failed")
+        print("nothing parked, failed or waiting for disk space")
     for job_id in ids:
         try:
             outcome = ledger.retry(job_id)
@@ -473,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
     p = with_config(sub.add_parser("jobs", help="recent jobs and their state"))
     p.add_argument("--state", help="only jobs in this state (pending, queued, dispatching, delivered, parked, refused, "
-                                   "failed; a running job is queued)")
+                                   "failed, waiting_disk; a running job is queued)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
@@ -487,15 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "a bad one is refused and the running config stays)"))
     p.add_argument("--timeout", type=float, default=30, help="seconds to wait for the node's answer")
     p.set_defaults(func=cmd_reload)
-    p = with_config(sub.add_parser("retry", help="replay a parked or failed job (all of them without JOB)"))
+    p = with_config(sub.add_parser("retry", help="replay a parked or failed job, or one waiting for disk space (all of them without JOB)"))
     p.add_argument("job", type=int, nargs="?")
     p.set_defaults(func=cmd_retry)
     for name, help_text in (("train", "train a model family (cxr: the Hydra trunk, then its heads; sr3d: the "
                                       "in-plane and through-plane CNNs; sr2d: Meta-Upscale, MDRN)"),
-                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d)")):
+                            ("eval", "evaluate a model family on its held-out split (cxr, sr3d, sr2d; qa: "
+                                     "the consistency thresholds of every model)")):
         p = sub.add_parser(name, help=help_text, description=help_text + "; the family's own options: "
                            f"srnode {name} FAMILY --help")
-        p.add_argument("family", choices=sorted(FAMILIES))
+        p.add_argument("family", choices=sorted(FAMILIES if name == "train" else EVALS))
         p.add_argument("rest", nargs=argparse.REMAINDER, help="the family's arguments")
         p.set_defaults(func=cmd_train if name == "train" else cmd_eval)
     return parser
@@ -503,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 FAMILIES = {family: (f"pipelines.training.train_{family}", f"pipelines.evaluation.eval_{family}")
             for family in ("cxr", "sr3d", "sr2d")}
+EVALS = {**{family: modules[1] for family, modules in FAMILIES.items()}, "qa": "pipelines.evaluation.eval_qa"}
 
 
 def cmd_train(args) -> int:
@@ -510,7 +559,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    return importlib.import_module(FAMILIES[args.family][1]).main(args.rest)
+    return importlib.import_module(EVALS[args.family]).main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

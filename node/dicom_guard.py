@@ -7,7 +7,9 @@
   does it in the accepting thread, where one silent client would stop the port).
 * ``association_request_timeout_s`` from accept to a whole A-ASSOCIATE-RQ (ARTIM, absolute: bytes
   that trickle in do not extend it); ``idle_timeout_s`` between PDUs; the PDU cap: both read by
-  :class:`node.fast_reactor.FastDUL`, which never blocks on a partial PDU.
+  :class:`node.fast_reactor.FastDUL`, which never blocks on a partial PDU; ``max_dataset_bytes``:
+  the P-DATA fragments of one data set that pynetdicom accumulates in memory, counted by FastDUL as
+  they arrive (A-ABORT once over it).
 * At the A-ASSOCIATE-RQ (:meth:`Guard.associate`): at most ``max_associations_per_host``
   associations per host and ``node.max_associations`` in all, else A-ASSOCIATE-RJ (transient,
   local limit exceeded).
@@ -31,6 +33,7 @@ from typing import Callable
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import spill
 from node.backoff import Backoff
 from node.config import Limits
 from node.fast_reactor import FastAssociation, _FastRequestHandler
@@ -250,6 +253,9 @@ class GuardedHandler(_FastRequestHandler):
             assoc = self._create_association()
             assoc.acse_timeout = max(0.1, deadline - time.monotonic())  # ARTIM: the rest of the deadline
             assoc.dul.max_pdu_bytes = limits.max_pdu_bytes
+            assoc.dul.max_dataset_bytes = limits.max_dataset_bytes
+            if getattr(self.server, "spill_dir", None) is not None:
+                spill.enable(assoc, limits.spill_dataset_bytes, self.server.spill_dir)
             assoc.dul.on_violation = lambda reason: guard.violation(assoc, reason)
             assoc.on_end = guard.ended
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})

@@ -32,8 +32,9 @@ PDU reading is replaced too (:meth:`FastDUL._read_pdu_data`), because the stock 
 ``recv()`` until a whole PDU has arrived: a peer that drips bytes holds the DUL thread there, where
 the ARTIM timer is never checked, and a peer that announces 1 GiB gets 1 GiB buffered. Here the
 socket is read without blocking into one buffer per PDU, sized from the PDU header only after the
-header passed the checks (known PDU type, length within :attr:`FastDUL.max_pdu_bytes`); a PDU that
-breaks them is answered as pynetdicom answers an invalid PDU (Evt19: A-ABORT) and nothing more is
+header passed the checks (known PDU type, length within :attr:`FastDUL.max_pdu_bytes`); an
+A-ASSOCIATE-RQ is checked for presentation context IDs that break PS3.8 (:func:`bad_context_ids`)
+before the state machine sees it; a PDU that breaks these rules is answered as pynetdicom answers an invalid PDU (Evt19: A-ABORT) and nothing more is
 read from that peer. The network idle timer restarts on whole PDUs only, so a drip cannot hold an
 association open either.
 
@@ -68,6 +69,8 @@ from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler
 from pynetdicom.utils import make_target
+
+from node import spill
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +167,24 @@ class _WakingQueue(queue.Queue):
         self._wake()
 
 
+def bad_context_ids(pdu: Any) -> str | None:
+    """Why the presentation context IDs of a decoded A-ASSOCIATE-RQ break PS3.8 9.3.2.2 (odd
+    integers 1-255, each context its own ID), or None. pynetdicom raises in its state machine on an
+    even or zero ID (a logged error, then an abort) and accepts a duplicate, answering two contexts
+    under one ID, so that the peer's P-DATA on it means either."""
+    seen: set[int] = set()
+    for item in getattr(pdu, "variable_items", []):
+        if type(item).__name__ != "PresentationContextItemRQ":
+            continue
+        cid = item.context_id
+        if cid is None or not 1 <= cid <= 255 or cid % 2 == 0:
+            return f"presentation context ID {cid} (must be odd, 1 to 255)"
+        if cid in seen:
+            return f"presentation context ID {cid} proposed twice"
+        seen.add(cid)
+    return None
+
+
 class FastDUL(DULServiceProvider):
     """The DUL reactor, blocking in ``select()`` instead of sleeping 1 ms when idle.
 
@@ -173,6 +194,10 @@ class FastDUL(DULServiceProvider):
 
     #: Longest PDU length field accepted (None: no limit); a longer PDU is refused before it is read.
     max_pdu_bytes: int | None = None
+    #: Most bytes of one incoming data set (its P-DATA fragments, which pynetdicom accumulates
+    #: until the last one: in memory, or in a file past node.spill's threshold); None: no limit.
+    #: Over it, the association is aborted.
+    max_dataset_bytes: int | None = None
     #: Called (in the DUL thread) with the reason when the peer breaks the PDU rules; it logs.
     on_violation: Callable[[str], None] | None = None
     #: Set when the ARTIM timer ended the wait for the A-ASSOCIATE-RQ.
@@ -183,6 +208,7 @@ class FastDUL(DULServiceProvider):
         self._pdu: bytearray | None = None
         self._got = 0
         self._refused = False  # after a violation nothing more is read from the peer
+        self._dataset_bytes = 0  # data set fragments received since the last one that ended a data set
         self._woke_user = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -336,6 +362,10 @@ class FastDUL(DULServiceProvider):
         elif self._got < len(self._pdu):
             return False
         data, self._pdu, self._got = self._pdu, None, 0
+        if data[0] == 0x04 and self.max_dataset_bytes is not None and self._count_dataset(data):
+            self._violate(f"a data set of more than {self.max_dataset_bytes} bytes "
+                          "(node.limits.max_dataset_bytes)")
+            return True
         try:
             pdu, event = self._decode_pdu(data)
         except Exception as exc:
@@ -343,9 +373,32 @@ class FastDUL(DULServiceProvider):
             name = _PDU_TYPES[bytes(data[0:1])][0].__name__.replace("_", "-")
             self._violate(f"{name} that cannot be decoded ({type(exc).__name__}: {detail})")
             return True
+        if data[0] == 0x01:
+            why = bad_context_ids(pdu)
+            if why:  # pynetdicom would accept duplicates, and fail in its state machine on the rest
+                self._violate(f"A-ASSOCIATE-RQ with {why}")
+                return True
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
         return True
+
+    def _count_dataset(self, data: bytearray) -> bool:
+        """Add the data set fragments of one P-DATA-TF (PS3.8 9.3.5, E.2: each PDV is length, context
+        ID, control header; bit 0 set: command, bit 1 set: last fragment). True when the data set
+        being received is now over :attr:`max_dataset_bytes`. PDV lengths that lie are left to the
+        decoder."""
+        pos, end = 6, len(data)
+        while pos + 6 <= end:
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            header = data[pos + 5]
+            if not header & 0x01:
+                self._dataset_bytes += max(length - 2, 0)
+                if self._dataset_bytes > self.max_dataset_bytes:
+                    return True
+                if header & 0x02:
+                    self._dataset_bytes = 0
+            pos += 4 + length
+        return False
 
     def _is_transport_event(self) -> bool:
         """Stock, except that a partial PDU read is not an event."""
@@ -429,6 +482,13 @@ class FastAssociation(Association):
         try:
             super().run()
         finally:
+            if not self.dul.is_alive():
+                # A data set cut off mid-message (abort, max_dataset_bytes) stays in the DIMSE
+                # provider, and the association's objects are reference cycles: without this, its
+                # fragments are held until a full garbage collection (measured: 256 MiB for > 5 s).
+                # One that went to a file (node.spill) leaves no file behind.
+                spill.drop_partial(self.dimse)
+                self.dimse.message = None
             if self.on_end is not None:
                 self.on_end(self)
 

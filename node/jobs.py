@@ -25,9 +25,12 @@ from pydicom import Dataset, dcmread
 
 import node
 import pipelines
-from node.spool import Spool, read_json, write_atomic, write_json
+from node.spool import Spool, disk_full, read_json, write_atomic, write_json
+from pipelines.dicom import input_checks
+from pipelines.dicom.derived import flag_description
 
 log = logging.getLogger(__name__)
+QA_DIR = "qa"  # out/qa/<output series UID>/qa.png, qa.json
 
 
 def input_key(sop_uids: Iterable[str]) -> str:
@@ -59,11 +62,15 @@ def run_pipeline(
     out_dir: Path,
     version: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    qa: bool = True,
+    label: str = "",
 ) -> list[Output]:
-    """Validate options, run the pipeline and write every output to ``out_dir`` (fsync'd).
+    """Validate options, run the pipeline and write every output to ``out_dir`` (fsync'd); with
+    ``qa``, also each output series' QA files (:func:`write_qa`; ``label`` starts its log lines).
 
     Raises :class:`pipelines.Refusal` when the pipeline refuses the input, ``ValueError`` for bad
-    options.
+    options, :class:`pipelines.InvalidOutput` for an output with non-finite values (nothing of the
+    run is kept: the caller drops ``out_dir``).
     """
     pipe = pipelines.get(pipeline)
     opts = pipe.validate_options(options)
@@ -76,11 +83,72 @@ def run_pipeline(
     )
     outputs = []
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     for ds in pipe.run(datasets, opts, context):
+        input_checks.check_output(ds)
         path = out_dir / f"{len(outputs) + 1:05d}.dcm"
         write_atomic(path, encode(ds))
         outputs.append(Output(path, ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID))
+    if qa:
+        extra = {"pipeline": pipeline, "options": opts, "seconds": round(time.monotonic() - started, 2)}
+        write_qa(datasets, outputs, out_dir, extra, version, label)
     return outputs
+
+
+def qa_folder(out_dir: Path, series_uid: str) -> Path:
+    """Where :func:`run_pipeline` puts ``qa.png`` and ``qa.json`` of one output series."""
+    return out_dir / QA_DIR / series_uid
+
+
+def qa_records(spool: Spool, job_id: int) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, qa.json) of each output series of a finished job, in a fixed order (the status page
+    numbers them from 1); none while it runs, after retention or for a job without QA."""
+    found = []
+    for path in sorted((spool.job_dir(job_id) / "out" / QA_DIR).glob("*/qa.json")):
+        try:
+            found.append((path.parent, read_json(path)))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def write_qa(datasets: Sequence[Dataset], outputs: list[Output], out_dir: Path, extra: dict[str, Any],
+             version: int = 1, label: str = "") -> None:
+    """``qa.png`` and ``qa.json`` (:mod:`pipelines.qa`) for each output series; a series whose
+    consistency is below its threshold gets :data:`pipelines.qa.FLAG` in its SeriesDescription (its
+    files are rewritten, same UIDs) and a WARNING line. The outputs are delivered either way; a QA
+    that cannot be made is a WARNING, never a failed job."""
+    from pipelines import qa, weights
+
+    series: dict[str, list[Output]] = {}
+    for o in outputs:
+        series.setdefault(o.series_uid, []).append(o)
+    thresholds = qa.load_thresholds(weights.weights_dir())
+    what = f"{label}: " if label else ""
+    for n, (series_uid, items) in enumerate(series.items(), 1):
+        started = time.monotonic()
+        try:
+            written = [dcmread(o.path) for o in items]
+            found = qa.assess(datasets, written, thresholds, models_claimed(written), extra)
+        except Exception as exc:  # noqa: BLE001 - the QA must never keep outputs from delivery
+            log.warning("%soutput series %d: no QA picture or consistency check (%s: %s)", what, n,
+                        type(exc).__name__, str(exc)[:200])
+            continue
+        if found is None:
+            continue
+        found.record["qa_seconds"] = round(time.monotonic() - started, 2)
+        folder = qa_folder(out_dir, series_uid)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / "qa.png", found.png)
+        write_atomic(folder / "qa.json", json.dumps(found.record, indent=1, default=str).encode())
+        if found.passed is False:
+            log.warning("%soutput series %d (%s): consistency %.2f dB is below the threshold %.2f dB; its "
+                        "SeriesDescription says %r", what, n, found.record["model"],
+                        found.record["consistency"]["psnr_db"], found.record["threshold_db"], qa.FLAG)
+            original = datasets[0].get("SeriesDescription") if datasets else None
+            for o, ds in zip(items, written, strict=True):
+                ds.SeriesDescription = flag_description(str(ds.get("SeriesDescription", "")), qa.FLAG, version, original)
+                write_atomic(o.path, encode(ds))
 
 
 def write_job_spec(spool: Spool, job_id: int, inputs: list[Path], pipeline: str,
@@ -172,6 +240,29 @@ def _weight_cards() -> list[dict[str, str]]:
     return cards
 
 
+RESULT_RETRY_S = 5.0  # a result that cannot be written (disk full) is tried again this often
+
+
+def _write_result(job_dir: Path, job_id: int, result: dict[str, Any]) -> None:
+    """``result.json``, durable. On a full disk (the job's partial outputs are already gone, so
+    it rarely is) it is tried again every ``RESULT_RETRY_S`` until it can be written: without it
+    the node would wait for the job forever."""
+    logged = False
+    while True:
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            write_json(job_dir / "result.json", result)
+            return
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            if not logged:
+                log.error("job %s: cannot write its result, the spool's disk is full; trying again every %.0f s",
+                          job_id, RESULT_RETRY_S)
+                logged = True
+            time.sleep(RESULT_RETRY_S)
+
+
 def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     """Run job ``job_id`` from its spool folder; returns (and writes) its ``result.json``.
 
@@ -187,12 +278,15 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     try:
         result = _run(spool, job_id)
     except Exception as exc:  # the job fails with its reason; the worker keeps serving
-        log.exception("job %s failed", job_id)
-        result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        if disk_full(exc):  # not the job's fault: the node runs it again once there is space (node.scheduler)
+            log.warning("job %s stopped: the spool's disk is full (%s)", job_id, exc)
+            result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}", "disk_full": True}
+        else:
+            log.exception("job %s failed", job_id)
+            result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     result.setdefault("finished", time.time())
     if read_result(spool, job_id) is None:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_json(job_dir / "result.json", result)
+        _write_result(job_dir, job_id, result)
     log.info("job %s %s%s", job_id, result["state"], f": {result['reason']}" if "reason" in result else "")
     return read_result(spool, job_id)
 
@@ -219,7 +313,8 @@ def _run(spool: Spool, job_id: int) -> dict[str, Any]:
         started = progress.started
         try:
             datasets = [dcmread(spool.abs(rel)) for rel in spec["inputs"]]
-            run_pipeline(datasets, spec["pipeline"], spec["options"], tmp, spec["version"], progress=progress)
+            run_pipeline(datasets, spec["pipeline"], spec["options"], tmp, spec["version"], progress=progress,
+                         label=f"job {job_id}")
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -228,6 +323,8 @@ def _run(spool: Spool, job_id: int) -> dict[str, Any]:
                 log.warning("job %s: outputs already in place from another run; keeping those", job_id)
         except pipelines.Refusal as exc:
             return {"state": "refused", "reason": str(exc), "started": started}
+        except pipelines.InvalidOutput as exc:  # a wrong output is never delivered; no traceback for it
+            return {"state": "failed", "reason": str(exc), "started": started}
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

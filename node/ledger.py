@@ -7,7 +7,9 @@ and the state of every (output instance, destination) pair. The CLI (``srnode jo
 
 Job states: ``pending`` (to submit) -> ``queued`` (on the Celery queue) -> ``dispatching``
 (outputs ready, deliveries under way) -> ``delivered`` | ``parked`` (a delivery gave up);
-or ``refused`` (the pipeline said why it cannot process the series) | ``failed`` (an error).
+or ``refused`` (the pipeline said why it cannot process the series) | ``failed`` (an error);
+or ``waiting_disk`` (the spool's disk filled up while it ran: back to ``pending`` once there is
+space again, node.scheduler; ``disk_waits`` counts how often).
 Delivery states: ``pending`` -> ``sent`` | ``warning`` (stored with a warning status) | ``parked``.
 
 Each job also keeps what an admin asks about: the series' modality and description, instances
@@ -69,13 +71,13 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
 """
 
 ACTIVE_JOB_STATES = ("pending", "queued", "dispatching")
-JOB_STATES = ("pending", "queued", "dispatching", "delivered", "parked", "refused", "failed")
+JOB_STATES = ("pending", "queued", "dispatching", "delivered", "parked", "refused", "failed", "waiting_disk")
 
 # Columns added to ``jobs`` after the first release: added to an older ledger when it is opened.
 JOB_DETAILS = {
     "modality": "TEXT", "series_description": "TEXT", "instances_in": "INTEGER", "instances_out": "INTEGER",
     "received": "REAL", "started": "REAL", "finished": "REAL", "delivered": "REAL", "progress": "REAL",
-    "purged": "REAL",
+    "purged": "REAL", "disk_waits": "INTEGER",
 }
 
 # Ledgers written before a series was identified by (Study, Series) UID keyed it by Series UID
@@ -108,6 +110,7 @@ class Job:
     delivered: float | None = None
     progress: float | None = None
     purged: float | None = None
+    disk_waits: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -265,6 +268,16 @@ class Ledger:
     def set_job_state(self, job_id: int, state: str, reason: str | None = None) -> None:
         self._q("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ?", (state, reason, time.time(), job_id))
 
+    def wait_for_disk(self, job_id: int, reason: str) -> None:
+        """The job stopped on a full disk: it waits for space (node.scheduler resumes it)."""
+        self._q("UPDATE jobs SET state = 'waiting_disk', reason = ?, updated = ?, disk_waits = COALESCE(disk_waits, 0) + 1"
+                " WHERE id = ?", (reason, time.time(), job_id))
+
+    def run_again(self, job_id: int, reason: str) -> None:
+        """A finished job back to ``pending``: its pipeline runs again (retry, disk space back)."""
+        self._q("UPDATE jobs SET state = 'pending', reason = ?, updated = ?, started = NULL, finished = NULL,"
+                " progress = NULL WHERE id = ?", (reason, time.time(), job_id))
+
     def set_progress(self, job_id: int, started: float | None, progress: float | None) -> None:
         """What the worker's ``progress.json`` says of a running job (node.jobs)."""
         self._q("UPDATE jobs SET started = COALESCE(?, started), progress = ? WHERE id = ?",
@@ -391,7 +404,7 @@ class Ledger:
             "instances_out": job.instances_out, "received": job.received, "complete": job.created,
             "started": job.started, "finished": job.finished, "delivered": job.delivered,
             "progress": job.progress if job.state == "queued" and job.started and not job.finished else None,
-            "reason": job.reason, "updated": job.updated, "purged": job.purged,
+            "reason": job.reason, "updated": job.updated, "purged": job.purged, "disk_waits": job.disk_waits or 0,
             "send_to": job.send_to, "deliveries": self.delivery_counts(job.id),
         }
         if deliveries:
@@ -403,7 +416,8 @@ class Ledger:
             "SELECT state, COUNT(*) FROM deliveries WHERE job_id = ? GROUP BY state", (job_id,))}
 
     def retry(self, job_id: int) -> str:
-        """Replay a parked, failed or refused job. Returns what was done (for the CLI)."""
+        """Replay a parked, failed or refused job (or one waiting for disk space, at once). Returns
+        what was done (for the CLI)."""
         job = self.job(job_id)
         if job is None:
             raise KeyError(f"no job {job_id}")
@@ -421,8 +435,7 @@ class Ledger:
                 ("UPDATE jobs SET state = 'dispatching', reason = NULL, updated = ? WHERE id = ?", (now, job_id)),
             ])
             return f"job {job_id}: {parked} parked deliveries queued again"
-        if job.state in ("failed", "refused"):
-            self._tx([("UPDATE jobs SET state = 'pending', reason = 'retry requested', updated = ?, started = NULL,"
-                       " finished = NULL, progress = NULL WHERE id = ?", (now, job_id))])
+        if job.state in ("failed", "refused", "waiting_disk"):
+            self.run_again(job_id, "retry requested")
             return f"job {job_id}: pipeline queued to run again"
         return f"job {job_id} is {job.state}: still in progress, nothing to retry"

@@ -4,11 +4,16 @@ One thread of the node runs :meth:`Scheduler.tick` in a loop:
   1. route every series the assembler says is complete (one job per matching route);
   2. submit pending jobs to the Celery queue;
   3. collect the results of queued jobs (workers write ``result.json`` in the shared spool):
-     outputs become deliveries, refusals and failures are recorded with their reason.
+     outputs become deliveries, refusals and failures are recorded with their reason; a job that
+     stopped on a full disk waits for space (``waiting_disk``);
+  4. every ``DISK_CHECK_S``: put jobs waiting for disk space back to pending once the spool has
+     ``retention.min_free_bytes`` free, each no sooner than its back-off (``disk_wait_s``), so a
+     disk that fills again at once costs a run every few minutes, not a loop.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 from pydicom import dcmread
@@ -26,6 +31,14 @@ log = logging.getLogger(__name__)
 
 PROGRESS_POLL_S = 1.0  # how often running jobs' progress.json is copied into the ledger
 PROGRESS_LOG_S = 10.0  # one progress line a running job this often
+DISK_CHECK_S = 1.0  # how often jobs waiting for disk space look at the free space
+DISK_RETRY_FIRST_S = 2.0  # a job that stopped on a full disk runs again no sooner than this ...
+DISK_RETRY_MAX_S = 600.0  # ... doubling each time it stops so again, up to this
+
+
+def disk_wait_s(waits: int) -> float:
+    """The least time a job that stopped on a full disk ``waits`` times waits before it runs again."""
+    return min(DISK_RETRY_FIRST_S * 2 ** max(waits - 1, 0), DISK_RETRY_MAX_S)
 
 
 class Scheduler:
@@ -40,6 +53,7 @@ class Scheduler:
         self._progress_polled = 0.0
         self._progress_logged: dict[int, float] = {}  # job id -> monotonic time of its last progress line
         self._last_instance: dict[int, float] = {}  # job id -> monotonic time of its series' last activity
+        self._disk_checked = 0.0
 
     def tick(self) -> None:
         for entry in self.assembler.due():
@@ -56,6 +70,29 @@ class Scheduler:
         if time.monotonic() - self._progress_polled >= PROGRESS_POLL_S:
             self._progress_polled = time.monotonic()
             self.poll_progress(queued)
+        if time.monotonic() - self._disk_checked >= DISK_CHECK_S:
+            self._disk_checked = time.monotonic()
+            self.resume_disk_waits()
+
+    def resume_disk_waits(self, now: float | None = None) -> list[int]:
+        """Jobs waiting for disk space back to pending once the spool has ``retention.min_free_bytes``
+        free and their back-off is over; returns their ids."""
+        waiting = self.ledger.jobs(["waiting_disk"], limit=1000)
+        if not waiting:
+            return []
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.config.retention.min_free_bytes:
+            return []
+        now = time.time() if now is None else now
+        resumed = []
+        for job in waiting:
+            if now - job.updated < disk_wait_s(job.disk_waits or 1):
+                continue
+            self.ledger.run_again(job.id, "disk space is back: running again")
+            log.info("job %s (%s/%s) resumes: disk space is back (%d bytes free in the spool)",
+                     job.id, job.route, job.pipeline, free)
+            resumed.append(job.id)
+        return resumed
 
     def poll_progress(self, jobs: list[Job]) -> None:
         """Copy running jobs' progress into the ledger; log one line a job every PROGRESS_LOG_S."""
@@ -151,7 +188,8 @@ class Scheduler:
         result = read_result(self.spool, job.id)
         if result is None:
             return
-        metrics.JOBS.labels(job.pipeline, result["state"]).inc()
+        full = result["state"] == "failed" and bool(result.get("disk_full"))
+        metrics.JOBS.labels(job.pipeline, "waiting_disk" if full else result["state"]).inc()
         if result.get("started") and result.get("finished"):
             metrics.JOB_DURATION.labels(job.pipeline).observe(max(result["finished"] - result["started"], 0))
         outputs = result.get("outputs") or []
@@ -171,6 +209,13 @@ class Scheduler:
                 return
             self.ledger.add_deliveries(job.id, outputs, job.send_to)
             log.info("job %s done: %d outputs to %s", job.id, len(outputs), ", ".join(job.send_to))
+        elif full:
+            reason = (f"waiting for disk space: {result.get('reason')}; runs again once the spool has "
+                      f"retention.min_free_bytes ({self.config.retention.min_free_bytes} bytes) free")
+            self.ledger.wait_for_disk(job.id, reason)
+            waits = (self.ledger.job(job.id) or job).disk_waits or 1
+            log.warning("job %s (%s/%s) parked, %s (no sooner than %.0f s)", job.id, job.route, job.pipeline,
+                        reason, disk_wait_s(waits))
         else:
             self.ledger.set_job_state(job.id, result["state"], result.get("reason"))
             log.warning("job %s %s: %s", job.id, result["state"], result.get("reason"))

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from node import spill
 from node.assembly import Assembler
 from node.audit import Audit
 from node.celery_app import PIPELINE_QUEUE, configure
@@ -27,7 +28,7 @@ from node.reload import changes, pid_path, prepare, take_request, write_answer
 from node.retention import Retention
 from node.scheduler import Scheduler
 from node.scp import StorageSCP
-from node.spool import Spool, remove_partial_writes
+from node.spool import Spool, disk_full, remove_partial_writes
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         removed = remove_partial_writes(self.spool.root / "series")  # before anything can write there
+        removed += spill.remove_leftovers(self.spool.incoming_dir)
         if removed:
             log.warning("removed %d partial instance file(s) left by an interrupted write (never acknowledged)",
                         removed)
@@ -89,7 +91,15 @@ class Node:
         if self.http is not None:
             self.http.start()
         self.assembler.recover()
-        self.scheduler.resubmit_unfinished()
+        try:
+            self.scheduler.resubmit_unfinished()
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            # Below min_free_bytes the node still starts: it refuses instances (0xA700 / 503) and
+            # /healthz says why; the scheduler loop re-submits once it can write again.
+            log.error("the spool's disk is full (%s): unfinished jobs are re-submitted once there is space", exc)
+            self._resubmit.set()
         if self.config.queue.broker == "embedded":
             self._start_worker()
             self._spawn(self._supervise_worker, "worker-supervisor")
@@ -113,9 +123,18 @@ class Node:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # what did start (listeners, the worker) must not keep the process alive
+            raise
         pid_file = pid_path(self.spool.root)
-        pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            pid_file.write_text(f"{os.getpid()}\n")
+        except OSError as exc:  # a full disk: the node runs and refuses instances; SIGHUP still reloads
+            pid_file.unlink(missing_ok=True)
+            log.error("cannot write %s (%s): `srnode reload` cannot find the node; send it SIGHUP instead",
+                      pid_file, exc.strerror)
         try:
             while not self._stop.wait(0.2):
                 if self._reload.is_set():
@@ -186,8 +205,8 @@ class Node:
         lost_check = time.monotonic()
         while not self._stop.is_set():
             if self._resubmit.is_set():
+                self.scheduler.resubmit_unfinished()  # a full disk: raises, and is tried again
                 self._resubmit.clear()
-                self.scheduler.resubmit_unfinished()
             if self.config.queue.broker != "embedded" and time.monotonic() - lost_check > 60:
                 # Redis redelivers an unacknowledged job after the visibility timeout; a job still
                 # without a result after twice that was lost with the broker's memory (a restart).

@@ -4,7 +4,7 @@
 Adding a pipeline = one module that defines an object following :class:`pipelines.base.Pipeline`
 and registers it in :mod:`pipelines.registry`.
 """
-from pipelines.base import Pipeline, Refusal, RunContext
+from pipelines.base import InvalidOutput, Pipeline, Refusal, RunContext
 from pipelines.registry import get, names
 
-__all__ = ["Pipeline", "Refusal", "RunContext", "get", "names"]
+__all__ = ["InvalidOutput", "Pipeline", "Refusal", "RunContext", "get", "names"]

@@ -25,6 +25,11 @@ class Refusal(Exception):
     """
 
 
+class InvalidOutput(Exception):
+    """The pipeline made an output that must not be delivered (NaN or infinite values); ``str(exc)``
+    says what. The job fails with that reason (no patient data in it)."""
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What a pipeline needs from outside besides the instances and the options.

@@ -45,6 +45,23 @@ def p_data(cid: int, header: int, data: bytes) -> bytes:
     return pdu(0x04, struct.pack(">IBB", len(data) + 2, cid, header) + data)
 
 
+def c_store_rq_command(sop_instance: str, sop_class: bytes = CT_IMAGE, message_id: int = 1) -> bytes:
+    """The command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1), Implicit VR LE."""
+    from pydicom import Dataset
+    from pynetdicom.dsutils import encode
+
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_class.decode()
+    cmd.CommandField = 0x0001
+    cmd.MessageID = message_id
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    cmd.AffectedSOPInstanceUID = sop_instance
+    body = encode(cmd, True, True)
+    group_length = struct.pack("<HHII", 0, 0, 4, len(body))
+    return group_length + body
+
+
 def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket()
     sock.bind((source, 0))

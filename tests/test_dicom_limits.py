@@ -23,13 +23,16 @@ from tests.peers import echoscu, free_port, storescu, wait_for
 REQUEST_TIMEOUT = 2.0  # node.limits.association_request_timeout_s in these tests
 IDLE_TIMEOUT = 2.0
 DEADLINE = REQUEST_TIMEOUT + 1.5  # what a case may take at most
+MAX_DATASET = 1 << 20  # node.limits.max_dataset_bytes in these tests (the default is 2 GiB + 128 MiB)
+SPILL = 65536  # node.limits.spill_dataset_bytes: past this a data set goes to spool/incoming (node.spill)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
     config = node_config(free_port(), root / "spool", routes=[], destinations={}, bind="0.0.0.0",
-                         limits={"association_request_timeout_s": REQUEST_TIMEOUT, "idle_timeout_s": IDLE_TIMEOUT})
+                         limits={"association_request_timeout_s": REQUEST_TIMEOUT, "idle_timeout_s": IDLE_TIMEOUT,
+                                 "max_dataset_bytes": MAX_DATASET, "spill_dataset_bytes": SPILL})
     proc = NodeProcess(root, config).start()
     time.sleep(0.5)
     baseline = threads(proc.proc.pid)
@@ -82,13 +85,17 @@ BEFORE = {
     "A-ASSOCIATE-RQ, 300-byte abstract syntax UID": (
         wire.assoc_rq(contexts=[wire.context(1, b"1." * 150, [wire.IMPLICIT_LE])]),
         {"A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"}),
+    # PS3.8 9.3.2.2: presentation context IDs are odd, 1-255, one per context: an invalid PDU (A-ABORT)
     "A-ASSOCIATE-RQ, even presentation context IDs": (
-        wire.assoc_rq(contexts=[wire.context(2, wire.VERIFICATION, [wire.IMPLICIT_LE])]),
-        {"A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"}),
+        wire.assoc_rq(contexts=[wire.context(2, wire.VERIFICATION, [wire.IMPLICIT_LE])]), {"A-ABORT"}),
+    "A-ASSOCIATE-RQ, presentation context ID 0": (
+        wire.assoc_rq(contexts=[wire.context(0, wire.VERIFICATION, [wire.IMPLICIT_LE])]), {"A-ABORT"}),
+    "A-ASSOCIATE-RQ, a valid then an even presentation context ID": (
+        wire.assoc_rq(contexts=[wire.context(1, wire.VERIFICATION, [wire.IMPLICIT_LE]),
+                                wire.context(4, wire.CT_IMAGE, [wire.IMPLICIT_LE])]), {"A-ABORT"}),
     "A-ASSOCIATE-RQ, duplicate presentation context IDs": (
         wire.assoc_rq(contexts=[wire.context(1, wire.VERIFICATION, [wire.IMPLICIT_LE]),
-                                wire.context(1, wire.CT_IMAGE, [wire.IMPLICIT_LE])]),
-        {"A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"}),
+                                wire.context(1, wire.CT_IMAGE, [wire.IMPLICIT_LE])]), {"A-ABORT"}),
     "A-ASSOCIATE-RQ, 300 presentation contexts (IDs past 255)": (
         wire.assoc_rq(contexts=[wire.context(i % 256, wire.VERIFICATION, [wire.IMPLICIT_LE]) for i in range(1, 600, 2)]),
         {"A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"}),
@@ -175,6 +182,58 @@ def test_oversized_pdu_aborted_at_its_header_and_logged_once(node):
     wait_for(lambda: "127.0.2.1: P-DATA-TF of 1073741824 bytes, over the maximum of 262144" in node.log(), 5,
              what="the PDU violation logged")
     assert node.log().count("PDU violation from STORESCU@127.0.2.1") == 1
+
+
+def test_bad_presentation_context_ids_get_one_log_line_each(node):
+    """Each refused request: one line naming the peer and the ID, none of pynetdicom's own errors."""
+    for host, cid in (("127.0.2.11", 2), ("127.0.2.12", 0)):
+        sock = wire.connect(node.port, host)
+        try:
+            sock.sendall(wire.assoc_rq(contexts=[wire.context(cid, wire.VERIFICATION, [wire.IMPLICIT_LE])]))
+            assert wire.answer(sock, DEADLINE)[0] == "A-ABORT"
+        finally:
+            sock.close()
+        line = f"(not associated)@{host}: A-ASSOCIATE-RQ with presentation context ID {cid} (must be odd, 1 to 255)"
+        wait_for(lambda: line in node.log(), 5, what=line)
+        assert node.log().count(f"@{host}") == 1, [ln for ln in node.log().splitlines() if host in ln]
+    assert "must be an odd integer" not in node.log()  # pynetdicom's state machine never saw them
+    assert serves(node)
+
+
+def test_a_data_set_over_max_dataset_bytes_is_aborted_mid_message_and_logged_once(node):
+    """A C-STORE whose data set keeps coming in PDUs each within max_pdu_bytes: pynetdicom would
+    gather every fragment in memory; the node counts them and aborts past max_dataset_bytes (and
+    removes the file the data set went to past spill_dataset_bytes)."""
+    host = "127.0.2.21"
+    sock = wire.associate(node.port, host, max_pdu=262144)
+    fragment = wire.p_data(3, 0, b"\0" * 65536)  # data set, not the last fragment
+    sent = 0
+    try:
+        sock.sendall(wire.p_data(3, 3, wire.c_store_rq_command("1.2.3.4.5")))
+        sock.settimeout(2)
+        try:
+            while sent < 8 * MAX_DATASET:
+                sock.sendall(fragment)
+                sent += 65536
+        except OSError:
+            pass
+        assert wire.drain(sock, DEADLINE) == "closed"
+    finally:
+        sock.close()
+    assert MAX_DATASET < sent < 8 * MAX_DATASET, f"the node kept reading: {sent} bytes sent"
+    line = f"PDU violation from STORESCU@{host}: a data set of more than {MAX_DATASET} bytes"
+    wait_for(lambda: line in node.log(), 5, what=line)
+    assert node.log().count(f"STORESCU@{host}") == 1
+    # the part received went to a file (past SPILL), removed when the association ended
+    wait_for(lambda: not list((node.spool / "incoming").iterdir()), 5, what="spool/incoming emptied")
+    assert serves(node)
+
+
+def test_data_sets_under_max_dataset_bytes_are_stored(node, tmp_path):
+    """The count restarts with each data set: several instances on one association, together over
+    the limit, each under it."""
+    files = make.ct_volume(tmp_path / "ct", "dataset-cap", 40)  # 40 x 39 KB: 1.5 MiB on one association
+    assert storescu(files, node.port).returncode == 0
 
 
 def test_random_mutations_of_an_association_request(node):

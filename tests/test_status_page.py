@@ -73,6 +73,18 @@ def test_sign_in_see_the_job_just_sent_and_retry_a_parked_one(make_node, tmp_pat
     assert "delivered" in row and "ct / interp" in row and "3 → 3" in row
     [cookie] = browser.get_cookies()
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and ADMIN not in cookie["value"]
+    # The job's QA picture: linked from its row, served with the session cookie or a viewer token, 401 without.
+    link = browser.find_element(By.ID, f"qa-{sent['id']}-1")
+    assert "dB" in link.text and "QA low" not in link.text
+    picture = requests.get(link.get_attribute("href"), cookies={cookie["name"]: cookie["value"]}, timeout=10)
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert picture.content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert requests.get(link.get_attribute("href"), timeout=10).status_code == 401
+    numbers = requests.get(f"{url}/ui/jobs/{sent['id']}/qa/1.json", headers={"Authorization": f"Bearer {VIEWER}"},
+                           timeout=10)
+    assert numbers.status_code == 200 and numbers.json()["consistency"]["compared"] == 3
+    assert requests.get(f"{url}/ui/jobs/{sent['id']}/qa/2.png", cookies={cookie["name"]: cookie["value"]},
+                        timeout=10).status_code == 404
     problem = browser.find_element(By.ID, f"problem-{parked['id']}").text
     assert "parked" in problem and "no association" in problem
 

@@ -13,7 +13,8 @@ fsync do not stall the event loop). A peer's requests are one session for the as
 association is (:class:`PeerSessions`). The answer: 200 all stored, 202 some refused, 409 none
 stored, with the Store Instances Response Module (Referenced / Failed SOP Sequence, a Failure
 Reason per refused part) in DICOM JSON, or DICOM XML for a client that accepts only that. A full
-spool (``retention.min_free_bytes`` or ENOSPC) is 503 with Retry-After; the body of such a
+spool (``retention.min_free_bytes``, ENOSPC, a ledger that cannot be written: every part refused
+0xA700) is 503 with Retry-After; the body of such a
 request is read to its end first, so the sender gets the 503 rather than a reset connection.
 Behind a reverse proxy every request comes from the proxy's address: ``host`` pins and ``sender``
 would apply to the proxy.
@@ -39,9 +40,11 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 
+from node import spill
 from node.config import Peer
 from node.http.auth import HttpError, authenticate_peer, check_backoff, client_address, shown
-from node.ingest import Ingest, Verdict
+from node.ingest import OUT_OF_RESOURCES, Ingest, Verdict
+from node.spool import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +310,33 @@ class StowService:
             spans = list(_parts(data, boundary))  # the whole framing first: a body cut short stores nothing
             if not spans:
                 raise HttpError(400, "no parts in the multipart body (wrong boundary?)")
-            verdicts = list(_STORERS.map(lambda span: self.ingest.store(
-                data[span[0]:span[1]], session, peer.ae_title, address, via, expected_study=study, negotiated=False),
-                spans))
+            large = self.node.config.node.limits.spill_dataset_bytes  # checked from a file (node.spill)
+
+            def store(span: tuple[int, int]) -> Verdict:
+                start, end = span
+                if end - start < large:
+                    return self.ingest.store(data[start:end], session, peer.ae_title, address, via,
+                                             expected_study=study, negotiated=False)
+                try:
+                    path = spill.part_to_file(data, start, end, self.ingest.spool.incoming_dir)
+                except OSError as exc:
+                    log.error("%s: cannot copy a part of %d bytes to the spool: %s", via, end - start, exc.strerror)
+                    return Verdict(OUT_OF_RESOURCES, "node disk full" if disk_full(exc) else
+                                   "node cannot write to its spool")
+                try:
+                    return self.ingest.store(path, session, peer.ae_title, address, via, expected_study=study,
+                                             negotiated=False)
+                finally:
+                    path.unlink(missing_ok=True)
+
+            verdicts = list(_STORERS.map(store, spans))
         stored = [v for v in verdicts if v.stored]
         failed = [v for v in verdicts if not v.stored]
         stored_series.update(v.series_key for v in stored)
+        if failed and not stored and all(v.status == OUT_OF_RESOURCES for v in failed):
+            # Nothing stored for want of room (the disk filled, the ledger cannot be written): the
+            # sender should come back later, not take it as a refusal of its data.
+            raise HttpError(503, failed[0].comment, {"Retry-After": str(FULL_RETRY_AFTER_S)}, body_read=True)
         code = 200 if not failed else 202 if stored else 409
         log.info("%s@%s: %d instance(s) stored, %d refused (HTTP %d)", via, address, len(stored), len(failed), code)
         return code, _response(stored, failed)

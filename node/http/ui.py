@@ -1,5 +1,6 @@
 """The status page (``GET /``, viewer): recent jobs and their timeline, failed and parked jobs with
-their reason and a retry button (admin), destinations and their health, spool usage, queue depth.
+their reason and a retry button (admin), each finished job's QA (consistency PSNR against its
+threshold, linking to the QA picture ``/ui/jobs/{id}/qa/{n}.png``), destinations and their health, spool usage, queue depth.
 
 Server-rendered (Jinja2, autoescaped), no script but a 10 s refresh. A person signs in once with
 a token (``POST /signin``): the node keeps a session (in memory, 12 h) and sets its id in a cookie
@@ -27,7 +28,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from node.http.admin import destinations_view, jobs_view, retry_job
-from node.http.auth import ROLES, check_backoff, client_address, HttpError, identify
+from node.http.auth import ROLES, authorize, check_backoff, client_address, HttpError, identify
+from node.jobs import qa_records
 
 COOKIE = "srnode_session"
 SESSION_S = 12 * 3600
@@ -151,9 +153,16 @@ def _span(a: float | None, b: float | None) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def _qa_view(node, job_id: int) -> list[dict]:
+    return [{"psnr": r["consistency"]["psnr_db"], "threshold": r["threshold_db"], "passed": r["passed"],
+             "model": r["model"]} for _, r in qa_records(node.spool, job_id)]
+
+
 def status_view(node) -> dict:
     jobs = jobs_view(node, None, 50)
-    problems = [j for j in jobs_view(node, None, 500) if j["state"] in ("failed", "parked", "refused")][:20]
+    for job in jobs:
+        job["qa"] = _qa_view(node, job["id"]) if job["state"] in ("dispatching", "delivered", "parked") else []
+    problems = [j for j in jobs_view(node, None, 500) if j["state"] in ("failed", "parked", "refused", "waiting_disk")][:20]
     usage = shutil.disk_usage(node.spool.root)
     queue = {state: len(node.ledger.jobs([state], limit=100000)) for state in ("pending", "queued", "dispatching")}
     return {"jobs": jobs, "problems": problems, "destinations": destinations_view(node), "queue": queue,
@@ -192,6 +201,28 @@ async def ui_retry(request: Request) -> Response:
     return RedirectResponse(f"/?done={quote(outcome)}", 303)
 
 
+async def qa_file(request: Request) -> Response:
+    """``GET /ui/jobs/{id}/qa/{n}.png`` (or ``.json``): the QA picture or numbers of a job's output
+    series ``n`` (from 1), for a signed-in person (the session cookie) or a viewer token; 401 else."""
+    if signed_in(request) is None:
+        try:
+            authorize(request, "viewer")
+        except HttpError as exc:
+            return Response(exc.message, exc.code, exc.headers, media_type="text/plain")
+    job, name = request.path_params["job_id"], request.path_params["name"]
+    number, _, kind = name.partition(".")
+    if not (job.isdigit() and len(job) < 12 and number.isdigit() and kind in ("png", "json")):
+        return Response("not found", 404, media_type="text/plain")
+    records = await to_thread.run_sync(qa_records, request.app.state.node.spool, int(job))
+    if not 1 <= int(number) <= len(records):
+        return Response("no such QA file (the job has not finished, or retention removed it)", 404,
+                        media_type="text/plain")
+    path = records[int(number) - 1][0] / f"qa.{kind}"
+    body = await to_thread.run_sync(path.read_bytes)
+    return Response(body, 200, {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+                    media_type="image/png" if kind == "png" else "application/json")
+
+
 def routes() -> list[BaseRoute]:
     return [
         Route("/", status, methods=["GET"]),
@@ -199,4 +230,5 @@ def routes() -> list[BaseRoute]:
         Route("/signin", signin, methods=["POST"]),
         Route("/signout", signout, methods=["POST"]),
         Route("/ui/jobs/{job_id}/retry", ui_retry, methods=["POST"]),
+        Route("/ui/jobs/{job_id}/qa/{name}", qa_file, methods=["GET"]),
     ]

@@ -21,7 +21,8 @@ does not say).
 Dropped from the copy because they would be wrong or stale: private elements (vendor data about
 the original slice), group lengths, overlay and curve groups (60xx/50xx, sized to the old matrix),
 Smallest/Largest pixel values, encapsulation leftovers and trailing padding.
-Values: every output slice goes through :func:`pipelines.dicom.valid_field.guard` (the input
+Values: an output slice holding NaN or infinity fails the job (:mod:`pipelines.dicom.input_checks`:
+rounding to stored values would hide it); every output slice goes through :func:`pipelines.dicom.valid_field.guard` (the input
 series' range plus 2 %, no ringing at the edges of projection images, and the input's own value
 where the output samples padding or the air outside a CT's reconstruction field).
 """
@@ -43,7 +44,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pipelines.base import RunContext
-from pipelines.dicom import multiframe, valid_field
+from pipelines.dicom import input_checks, multiframe, valid_field
 from pipelines.dicom.derived_multiframe import combine
 from pipelines.dicom.series import Volume
 
@@ -197,21 +198,40 @@ def build_instance(item: DerivedSlice, series: DerivedSeries, context: RunContex
 
     _set_file_meta(out)  # before the pixels: set_pixel_data refuses a big-endian source syntax
     _update_geometry(out, src, item, series)
+    input_checks.check_output_pixels(item.pixels, item.index)
     _set_pixels(out, src, item.pixels)
     _set_derivation(out, item.sources, series, context)
     return out
 
 
-def series_description(description: str, version: int = 1, original: object = None) -> str:
-    """``"<original> <description> - research use[ vN]"``, shortened to fit LO (64 characters): the
-    source's own description is cut first. Pipelines describe their work as ``"super-res ..."``, never
-    ``"SR ..."``, which a PACS series list shows beside Structured Reports (modality SR)."""
-    suffix = f" - {RESEARCH_USE}" + (f" v{version}" if version > 1 else "")
+def series_description(description: str, version: int = 1, original: object = None, flag: str | None = None) -> str:
+    """``"<original> <description>[ - <flag>] - research use[ vN]"``, shortened to fit LO (64
+    characters): the source's own description is cut first, then the end of ``description``; the flag
+    (the QA's, :data:`pipelines.qa.FLAG`) never. Pipelines describe their work as ``"super-res ..."``,
+    never ``"SR ..."``, which a PACS series list shows beside Structured Reports (modality SR)."""
+    suffix = (f" - {flag}" if flag else "") + f" - {RESEARCH_USE}" + (f" v{version}" if version > 1 else "")
     room = LO_MAX - len(suffix)
     head, fits = " ".join(str(original or "").split()), max(room - len(description) - 1, 0)
     if len(head) > fits:  # cut at a word where there is one
         head = head[:fits + 1].rsplit(" ", 1)[0] if " " in head[:fits + 1] else head[:fits]
     return f"{head} {description}".strip()[:room].rstrip() + suffix
+
+
+def flag_description(written: str, flag: str, version: int = 1, original: object = None) -> str:
+    """``written`` (a :func:`series_description` of ``version`` and ``original``) with ``flag`` added,
+    as :func:`series_description` would have made it: the pipeline's own words are recovered from
+    ``written`` (the text after the source's, possibly cut, description)."""
+    suffix = f" - {RESEARCH_USE}" + (f" v{version}" if version > 1 else "")
+    body = written[:-len(suffix)] if written.endswith(suffix) else written
+    if body.endswith(f" - {flag}"):
+        return written
+    head = " ".join(str(original or "").split())
+    k = 0
+    while k < min(len(body), len(head)) and body[k] == head[k]:
+        k += 1
+    if k < len(body) and body[k] != " ":  # the head was cut at a word before this point
+        k = body.rfind(" ", 0, k) + 1 if " " in body[:k] else 0
+    return series_description(body[k:].strip(), version, original, flag)
 
 
 def derived_series_number(source: object, offset: int) -> int:

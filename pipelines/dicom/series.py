@@ -7,6 +7,9 @@ what the resampling code relies on, decodes the pixel data (all transfer syntaxe
 with pylibjpeg, openjpeg, libjpeg and pyjpegls) and applies the modality rescale. Anything it cannot
 handle raises :class:`~pipelines.base.Refusal` with a reason that carries no patient data.
 
+Every instance (each frame of a multi-frame one) first passes :func:`pipelines.dicom.input_checks.check_inputs`
+(finite rescale that 32-bit arithmetic can apply, finite plane geometry, plausible PixelSpacing).
+
 Volume checks and tolerances (PS3.3 C.7.6.2 Image Plane module)
 --------------------------------------------------------------
 - one SeriesInstanceUID and SOP class; non-blank Study/Series/SOP Instance UIDs, no duplicate SOP UID;
@@ -42,7 +45,7 @@ from pydicom.pixels import apply_voi, get_decoder
 from pydicom.uid import UID
 
 from pipelines.base import Refusal
-from pipelines.dicom import multiframe, valid_field
+from pipelines.dicom import input_checks, multiframe, valid_field
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +209,7 @@ def load_series(datasets: Sequence[Dataset], *, min_slices: int = 1) -> Volume |
         _check_instance(ds)
     _check_same_series(datasets)
     datasets = multiframe.expand(datasets)
+    input_checks.check_inputs(datasets)
     if _is_volume(datasets):
         volume = _load_volume(datasets, min_slices)
         valid_field.note_range(volume.datasets, volume.voxels)

@@ -110,6 +110,17 @@ def value_range(ds: Dataset) -> tuple[float, float] | None:
     return _RANGES.get(id(ds))
 
 
+def outside(ds: Dataset) -> np.ndarray | None:
+    """The mask of pixels of decoded ``ds`` outside its valid field (rule 2), or None (all inside)."""
+    field = _FIELDS.get(id(ds))
+    return None if field is None else field.outside
+
+
+def outside_on(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``mask`` (an input grid's :func:`outside`) sampled on an output grid of ``shape``."""
+    return mask[nearest_index(mask.shape, shape)]
+
+
 def allowed_range(ds: Dataset) -> tuple[float, float] | None:
     """The range an output made from ``ds`` must stay in: its input's, widened by ``MARGIN`` of the span."""
     known = _RANGES.get(id(ds))

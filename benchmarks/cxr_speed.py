@@ -84,7 +84,7 @@ def main() -> int:
     def three_models():
         cxr.trunk_tiled(models.trunk, up, models.lungs.grid)  # SR model
         _, pooled = cxr.trunk_tiled(models.trunk, head_up, models.lungs.grid)  # segmentation model's encoder
-        models.lungs(pooled)
+        hydra.lung_mask(models.lungs, pooled, x.shape, x, models.lung_bounds)
         _, pooled = cxr.trunk_tiled(models.trunk, head_up, models.lungs.grid)  # classification model's encoder
         models.abnormality(pooled.mean(dim=(2, 3)))
 

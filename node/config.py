@@ -56,10 +56,12 @@ class Limits(Strict):
     idle_timeout_s: float = Field(60, gt=0, le=3600)  # no PDU for this long -> A-ABORT
     max_associations_per_host: int = Field(4, ge=1)
     max_pending_per_host: int = Field(4, ge=1)  # connections not yet associated, per host
-    # One incoming DIMSE data set (all its P-DATA fragments), held in memory until complete: past
-    # this the association is aborted. 2 GiB of decoded pixels (node.instance_checks refuses more)
+    # One incoming DIMSE data set (all its P-DATA fragments): past this the association is aborted. 2 GiB of decoded pixels (node.instance_checks refuses more)
     # plus 128 MiB of header (an enhanced multi-frame's per-frame functional groups).
     max_dataset_bytes: int = Field(2**31 + 2**27, ge=65536)
+    # A data set whose fragments pass this continues in a file in the spool (node.spill) instead of
+    # memory, and is checked there without loading its pixel data: what an association holds.
+    spill_dataset_bytes: int = Field(2**24, ge=65536)
 
 
 class NodeSection(Strict):

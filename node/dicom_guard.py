@@ -33,6 +33,7 @@ from typing import Callable
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import spill
 from node.backoff import Backoff
 from node.config import Limits
 from node.fast_reactor import FastAssociation, _FastRequestHandler
@@ -253,6 +254,8 @@ class GuardedHandler(_FastRequestHandler):
             assoc.acse_timeout = max(0.1, deadline - time.monotonic())  # ARTIM: the rest of the deadline
             assoc.dul.max_pdu_bytes = limits.max_pdu_bytes
             assoc.dul.max_dataset_bytes = limits.max_dataset_bytes
+            if getattr(self.server, "spill_dir", None) is not None:
+                spill.enable(assoc, limits.spill_dataset_bytes, self.server.spill_dir)
             assoc.dul.on_violation = lambda reason: guard.violation(assoc, reason)
             assoc.on_end = guard.ended
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})

@@ -70,6 +70,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler
 from pynetdicom.utils import make_target
 
+from node import spill
+
 log = logging.getLogger(__name__)
 
 #: pynetdicom versions whose private reactor API this module matches: [lowest, first unsupported).
@@ -192,8 +194,9 @@ class FastDUL(DULServiceProvider):
 
     #: Longest PDU length field accepted (None: no limit); a longer PDU is refused before it is read.
     max_pdu_bytes: int | None = None
-    #: Most bytes of one incoming data set (its P-DATA fragments, which pynetdicom accumulates in
-    #: memory until the last one); None: no limit. Over it, the association is aborted.
+    #: Most bytes of one incoming data set (its P-DATA fragments, which pynetdicom accumulates
+    #: until the last one: in memory, or in a file past node.spill's threshold); None: no limit.
+    #: Over it, the association is aborted.
     max_dataset_bytes: int | None = None
     #: Called (in the DUL thread) with the reason when the peer breaks the PDU rules; it logs.
     on_violation: Callable[[str], None] | None = None
@@ -483,6 +486,8 @@ class FastAssociation(Association):
                 # A data set cut off mid-message (abort, max_dataset_bytes) stays in the DIMSE
                 # provider, and the association's objects are reference cycles: without this, its
                 # fragments are held until a full garbage collection (measured: 256 MiB for > 5 s).
+                # One that went to a file (node.spill) leaves no file behind.
+                spill.drop_partial(self.dimse)
                 self.dimse.message = None
             if self.on_end is not None:
                 self.on_end(self)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import logging
+import mmap
 import re
 import shutil
 import sqlite3
 import struct
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
@@ -29,7 +32,7 @@ from node import metrics
 from node.assembly import Assembler
 from node.instance_checks import (
     CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, element_name, meta_problem, pixel_problem, structure_problem,
-    value_problem,
+    value_chunks, value_problem,
 )
 from node.ledger import Ledger
 from node.spool import Spool, fsync_dir, make_dirs, valid_uid, write_new
@@ -50,6 +53,8 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
 STORAGE_CLASSES = frozenset(_STORAGE_CLASSES.values())
+#: Values longer than this stay in the file when a large instance is read from one (node.spill).
+DEFER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Ingest:
         self.ledger = ledger
         self.assembler = assembler
         self.min_free_bytes = min_free_bytes  # retention.min_free_bytes: below it, instances are refused
+        self.defer_bytes = DEFER_BYTES
         self._noted: set[tuple[int, tuple[str, str]]] = set()  # (session, (study, series)) in the ledger
         self._writing: dict[tuple[str, str], int] = {}  # (study, series) -> stores under way
         self._lock = threading.Lock()
@@ -119,10 +125,15 @@ class Ingest:
             self._noted = {k for k in self._noted if k[0] != session}
         self.assembler.association_ended(session)
 
-    def store(self, raw: bytes, session: int, sender: str, host: str, via: str,
+    def store(self, raw: bytes | Path, session: int, sender: str, host: str, via: str,
               expected_sop: str | None = None, expected_study: str | None = None,
               negotiated: bool = True, expected_sop_class: str | None = None) -> Verdict:
         """Check and spool one Part 10 file (``raw``, file meta included) from ``sender``.
+
+        ``raw`` is the bytes, or for a large instance (node.spill) a file in the spool's
+        ``incoming/`` folder: read with its large values left in the file (:attr:`defer_bytes`;
+        the checks read the pixel data's extent there), linked into place when stored. The caller
+        removes that file afterwards.
 
         ``via`` starts each log line ("C-STORE from X"). ``expected_sop`` / ``expected_sop_class``:
         the request's SOP Instance / Class UIDs, which the data set must repeat (C-STORE); else the
@@ -131,9 +142,15 @@ class Ingest:
         transfer syntax (C-STORE); else they are checked here (STOW-RS). The checks
         (:mod:`node.instance_checks`) run on this one parse.
         """
-        problem = meta_problem(raw)  # before pydicom reads the stray element as file meta
         try:
-            ds = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too
+            # meta_problem before pydicom reads the stray element as file meta
+            if isinstance(raw, Path):
+                with open(raw, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as head:
+                    problem = meta_problem(head)
+                ds = dcmread(raw, defer_size=self.defer_bytes)
+            else:
+                problem = meta_problem(raw)
+                ds = dcmread(io.BytesIO(raw))  # whole, once: the pixel data is checked too
             problem = problem or structure_problem(ds)  # before any value is converted
             study = str(ds.get("StudyInstanceUID", "")).strip()
             series = str(ds.get("SeriesInstanceUID", "")).strip()
@@ -210,7 +227,7 @@ class Ingest:
                 if not self._writing[key[1]]:
                     del self._writing[key[1]]
 
-    def _store(self, raw: bytes, ds: Dataset, key, sender: str, host: str, via: str, sop: str,
+    def _store(self, raw: bytes | Path, ds: Dataset, key, sender: str, host: str, via: str, sop: str,
                sop_class: str) -> Verdict:
         session, (study, series) = key
         try:
@@ -227,7 +244,7 @@ class Ingest:
             else:
                 fsync_dir(path.parent)  # its first writer may not have made it durable yet
             if not new:
-                if not same_instance(path.read_bytes(), ds):
+                if not same_instance(path, ds):
                     log.warning("%s: SOP %s refused (0x%04X): (0008,0018) SOPInstanceUID is already stored with "
                                 "other content: kept the first", via, sop, DUPLICATE_SOP_INSTANCE)
                     metrics.INSTANCES_REFUSED.labels(_REFUSED[DUPLICATE_SOP_INSTANCE]).inc()
@@ -269,20 +286,31 @@ def _element_in(message: str) -> str:
     return element_name(int(match.group(1) + match.group(2), 16)) if match else ""
 
 
-def same_instance(stored: bytes, received: Dataset) -> bool:
+def same_instance(stored: Path, received: Dataset) -> bool:
     """Whether ``received`` repeats the stored instance: the same pixel data (a sender re-encoding
     it may change padding, group lengths, even header text; a different image under the same SOP
     Instance UID is what must not be acknowledged and dropped). One in another transfer syntax
-    cannot be compared byte for byte and counts as the same (a PACS that re-sends compressed)."""
+    cannot be compared byte for byte and counts as the same (a PACS that re-sends compressed).
+    Large values are compared piece by piece from the files (never whole in memory)."""
     try:
-        first = dcmread(io.BytesIO(stored))
+        first = dcmread(stored, defer_size=DEFER_BYTES)
+        if first.file_meta.get("TransferSyntaxUID") != received.file_meta.get("TransferSyntaxUID"):
+            return True
+        pixels = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+        return all(_same_value(first, received, tag) for tag in pixels)
     except Exception:  # noqa: BLE001 - what the spool holds was checked when it came in
         return False
-    if first.file_meta.get("TransferSyntaxUID") != received.file_meta.get("TransferSyntaxUID"):
+
+
+def _same_value(a: Dataset, b: Dataset, tag: int) -> bool:
+    if (tag in a._dict) != (tag in b._dict):
+        return False
+    if tag not in a._dict:
         return True
-    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-    return all(first.get(k) is None and received.get(k) is None or
-               k in first and k in received and first[k].value == received[k].value for k in pixels)
+    for x, y in itertools.zip_longest(value_chunks(a, tag), value_chunks(b, tag)):
+        if x is None or y is None or x != y:
+            return False
+    return True
 
 
 def _text(ds: Dataset, keyword: str) -> str:

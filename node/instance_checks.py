@@ -115,7 +115,10 @@ class _Bad(Exception):
 
 def _element(ds: Dataset, tag: int):
     """The element as read (raw or converted), or None when absent."""
-    return ds._dict.get(BaseTag(tag))
+    elem = ds._dict.get(BaseTag(tag))
+    if elem is not None and deferred(elem):
+        raise _Bad(tag, "is too long for its VR")
+    return elem
 
 
 def _vr(ds: Dataset, tag: int, elem) -> str:
@@ -252,37 +255,111 @@ def _check_rescale(ds: Dataset) -> None:
         raise _Bad(0x00281052, f"is more than {MAX_RESCALE:g} in size")
 
 
-# -- pixel data -------------------------------------------------------------------------------
+# -- pixel data ----------------------------------------------------------------------------------
+ITEM, SEQUENCE_DELIMITER = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"  # (FFFE,E000), (FFFE,E0DD), little endian
+CHUNK = 1 << 20
+
+
+def deferred(elem) -> bool:
+    """Whether pydicom left the element's value in the file (``dcmread(path, defer_size=...)``, a
+    large instance: node.spill): only its position and length were read."""
+    return isinstance(elem, RawDataElement) and elem.value is None and elem.length != 0
+
+
+def value_span(ds: Dataset, tag: int) -> tuple[int, int] | None:
+    """(offset, length) in ``ds.filename`` of a :func:`deferred` value (the bytes the file has of
+    it, as pydicom would read them); for an undefined length
+    (encapsulated pixel data) up to its sequence delimiter, found by walking the items: None when
+    an item runs past the end of the file or something other than an item is met (as pydicom's
+    value would end there)."""
+    elem = ds._dict[BaseTag(tag)]
+    start = elem.value_tell
+    with open(ds.filename, "rb") as fp:
+        end = fp.seek(0, 2)
+        if elem.length != UNDEFINED_LENGTH:
+            return start, max(0, min(elem.length, end - start))  # cut short: what is there, as pydicom reads it
+        pos = start
+        while pos + 8 <= end:
+            fp.seek(pos)
+            head = fp.read(8)
+            if head[:4] == SEQUENCE_DELIMITER:
+                return start, pos - start
+            if head[:4] != ITEM:
+                return None
+            pos += 8 + struct.unpack_from("<I", head, 4)[0]
+    return None
+
+
+def value_chunks(ds: Dataset, tag: int):
+    """An element's value in pieces of at most :data:`CHUNK` bytes, read from the file when it is
+    :func:`deferred` (never whole in memory); ValueError when its extent cannot be found."""
+    elem = ds._dict[BaseTag(tag)]
+    if not deferred(elem):
+        data = memoryview(ds[tag].value or b"")
+        for pos in range(0, len(data), CHUNK):
+            yield data[pos:pos + CHUNK]
+        return
+    span = value_span(ds, tag)
+    if span is None:
+        raise ValueError(f"{element_name(tag)} runs past the end of the file")
+    start, length = span
+    with open(ds.filename, "rb") as fp:
+        fp.seek(start)
+        for pos in range(0, length, CHUNK):
+            yield fp.read(min(CHUNK, length - pos))
+
+
+def _items_fit(header_at, size: int) -> bool:
+    """Whether the items of encapsulated data of ``size`` bytes (``header_at(pos)``: the 8 bytes
+    at ``pos``) each end within it."""
+    pos = 0
+    while pos + 8 <= size:
+        pos += 8 + struct.unpack_from("<I", header_at(pos), 4)[0]
+    return pos <= size
+
+
 def pixel_problem(ds: Dataset) -> Problem | None:
     """How the Pixel Data disagrees with its header (run after :func:`value_problem`, whose checks
     it relies on). pydicom reads a truncated file without complaint; acknowledged, it would fail its
     whole series later, and the sender would not send it again. An image (Rows present) must have
     pixel data (where undefined-length, encapsulated data runs to the end of the file pydicom
     returns no elements at all); native data must hold Rows x Columns x samples x frames (one
-    trailing padding shorter than a frame is tolerated); each item of encapsulated data must fit."""
+    trailing padding shorter than a frame is tolerated); each item of encapsulated data must fit.
+    A :func:`deferred` value is checked in the file, never loaded."""
     tag = next((t for t in (0x7FE00010, 0x7FE00008, 0x7FE00009) if t in ds._dict), None)
     if tag is None:
         if 0x00280010 in ds._dict:
             return _problem(CANNOT_UNDERSTAND, 0x7FE00010, "is missing (or the data ends inside an element)")
         return None
-    data = ds[tag].value or b""
-    if not data:
-        return _problem(DATASET_DOES_NOT_MATCH_SOP_CLASS, tag, "is empty")
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if tag == 0x7FE00010 and syntax is not None and syntax.is_encapsulated:
-        pos = 0
-        while pos + 8 <= len(data):
-            pos += 8 + struct.unpack_from("<I", data, pos + 4)[0]
-        return None if pos <= len(data) else _problem(CANNOT_UNDERSTAND, tag, "has an encapsulated item cut short")
+    encapsulated = tag == 0x7FE00010 and syntax is not None and syntax.is_encapsulated
+    elem = ds._dict[BaseTag(tag)]
+    data = None if deferred(elem) else (ds[tag].value or b"")
+    if data is None:
+        span = value_span(ds, tag)
+        if span is None:
+            return _problem(CANNOT_UNDERSTAND, tag, "has an encapsulated item cut short")
+        start, size = span
+    else:
+        size = len(data)
+    if not size:
+        return _problem(DATASET_DOES_NOT_MATCH_SOP_CLASS, tag, "is empty")
+    if encapsulated:
+        if data is not None:
+            fits = _items_fit(lambda pos: data[pos:pos + 8], size)
+        else:
+            with open(ds.filename, "rb") as fp:
+                fits = _items_fit(lambda pos: (fp.seek(start + pos), fp.read(8))[1], size)
+        return None if fits else _problem(CANNOT_UNDERSTAND, tag, "has an encapsulated item cut short")
     samples = int(ds.SamplesPerPixel)
     if samples == 3 and str(ds.PhotometricInterpretation).strip() == "YBR_FULL_422":
         samples = 2  # chroma subsampled horizontally: two samples a pixel on average
     bits = {0x7FE00008: 32, 0x7FE00009: 64}.get(tag) or int(ds.BitsAllocated)
     frames = int(float(_numbers(ds, 0x00280008, 1)[0])) if _numbers(ds, 0x00280008, 1) else 1
     expected = -(-int(ds.Rows) * int(ds.Columns) * samples * frames * bits // 8)
-    if len(data) < expected:
-        return _problem(CANNOT_UNDERSTAND, tag, f"is cut short ({len(data)} of {expected} bytes)")
-    if len(data) - expected >= max(expected // frames, 2):  # trailing padding is seen, a whole frame is not
+    if size < expected:
+        return _problem(CANNOT_UNDERSTAND, tag, f"is cut short ({size} of {expected} bytes)")
+    if size - expected >= max(expected // frames, 2):  # trailing padding is seen, a whole frame is not
         return _problem(DATASET_DOES_NOT_MATCH_SOP_CLASS, tag,
-                        f"has {len(data)} bytes, not the {expected} its header describes")
+                        f"has {size} bytes, not the {expected} its header describes")
     return None

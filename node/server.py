@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from node import spill
 from node.assembly import Assembler
 from node.audit import Audit
 from node.celery_app import PIPELINE_QUEUE, configure
@@ -82,6 +83,7 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         removed = remove_partial_writes(self.spool.root / "series")  # before anything can write there
+        removed += spill.remove_leftovers(self.spool.incoming_dir)
         if removed:
             log.warning("removed %d partial instance file(s) left by an interrupted write (never acknowledged)",
                         removed)

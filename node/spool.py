@@ -8,6 +8,7 @@ spool/
   jobs/<id>/out/*.dcm                 outputs, renamed into place only when complete
   jobs/<id>/result.json               the worker's verdict: done / refused / failed
   jobs/<id>/progress.json             a running job's slices done / total (advisory)
+  incoming/.tmp-*.dcm                 large instances being received / checked (node.spill)
   audit/<date>.jsonl                  the audit trail (node.audit), kept past retention
   broker/                             the embedded Celery broker's messages
 ```
@@ -93,10 +94,23 @@ NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errn
 _NO_LINK_LOCK = threading.Lock()
 
 
-def write_new(path: Path, data: bytes) -> bool:
+def _durable(path: Path) -> str:
+    """``path`` (a file written by another writer) fsync'd."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return str(path)
+
+
+def write_new(path: Path, data: bytes | Path) -> bool:
     """:func:`write_atomic` (durable) that never replaces: False (nothing written) when ``path``
-    exists, even if another thread creates it at the same moment (the link is the atomic step)."""
-    tmp = _temporary_copy(path, data, durable=True)
+    exists, even if another thread creates it at the same moment (the link is the atomic step).
+    ``data`` is the bytes, or a file on the same file system (a large instance, node.spill),
+    fsync'd and hard-linked as ``path`` (moved where there are no hard links); the caller removes it."""
+    own = not isinstance(data, Path)
+    tmp = _temporary_copy(path, data, durable=True) if own else _durable(data)
     try:
         try:
             os.link(tmp, path)
@@ -111,7 +125,8 @@ def write_new(path: Path, data: bytes) -> bool:
                     return False
                 os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if own:
+            Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
     return True
 
@@ -149,13 +164,18 @@ class Spool:
         self.root = Path(root)
 
     def ensure(self) -> "Spool":
-        for sub in ("series", "jobs", "broker"):
+        for sub in ("series", "jobs", "broker", "incoming"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         return self
 
     @property
     def ledger_path(self) -> Path:
         return self.root / "ledger.sqlite3"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Large instances being received or checked (node.spill); same file system as series/."""
+        return self.root / "incoming"
 
     @property
     def audit_dir(self) -> Path:

@@ -26,7 +26,7 @@ For each projection image of the series (CR, DX or SC):
      line saying why; the SR series is still written.
   4. outputs: the super-resolved derived series (same SOP class, spacing updated), a BINARY DICOM
      SEG of the lungs on the source matrix (the grid mask resampled back, two largest pieces, holes
-     filled), and a TID 1500 SR with the lung-nodule probability, the operating threshold with the
+     filled, nothing outside the thorax: ``hydra.within_thorax``), and a TID 1500 SR with the lung-nodule probability, the operating threshold with the
      sensitivity and specificity measured at it on the held-out films, and whether the model
      flagged a nodule (``dicom.cxr_outputs.nodule_report``): never "normal", the head looks for
      nodules only.
@@ -247,7 +247,8 @@ class CxrPipeline:
             if reason := heads_skipped(image):
                 logger.warning("image %d: no lung SEG and no nodule finding: %s", i + 1, reason)
                 continue
-            mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape)
+            film, _ = to_model_input(image.pixels, image.dataset)
+            mask = hydra.lung_mask(models.lungs, pooled, image.pixels.shape, film, models.lung_bounds)
             if reason := hydra.implausible_lungs(mask, models.lung_bounds):
                 logger.warning("image %d: no lung SEG and no nodule finding: %s", i + 1, reason)
                 continue

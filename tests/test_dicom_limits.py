@@ -24,6 +24,7 @@ REQUEST_TIMEOUT = 2.0  # node.limits.association_request_timeout_s in these test
 IDLE_TIMEOUT = 2.0
 DEADLINE = REQUEST_TIMEOUT + 1.5  # what a case may take at most
 MAX_DATASET = 1 << 20  # node.limits.max_dataset_bytes in these tests (the default is 2 GiB + 128 MiB)
+SPILL = 65536  # node.limits.spill_dataset_bytes: past this a data set goes to spool/incoming (node.spill)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def node(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
     config = node_config(free_port(), root / "spool", routes=[], destinations={}, bind="0.0.0.0",
                          limits={"association_request_timeout_s": REQUEST_TIMEOUT, "idle_timeout_s": IDLE_TIMEOUT,
-                                 "max_dataset_bytes": MAX_DATASET})
+                                 "max_dataset_bytes": MAX_DATASET, "spill_dataset_bytes": SPILL})
     proc = NodeProcess(root, config).start()
     time.sleep(0.5)
     baseline = threads(proc.proc.pid)
@@ -201,7 +202,8 @@ def test_bad_presentation_context_ids_get_one_log_line_each(node):
 
 def test_a_data_set_over_max_dataset_bytes_is_aborted_mid_message_and_logged_once(node):
     """A C-STORE whose data set keeps coming in PDUs each within max_pdu_bytes: pynetdicom would
-    gather every fragment in memory; the node counts them and aborts past max_dataset_bytes."""
+    gather every fragment in memory; the node counts them and aborts past max_dataset_bytes (and
+    removes the file the data set went to past spill_dataset_bytes)."""
     host = "127.0.2.21"
     sock = wire.associate(node.port, host, max_pdu=262144)
     fragment = wire.p_data(3, 0, b"\0" * 65536)  # data set, not the last fragment
@@ -222,6 +224,8 @@ def test_a_data_set_over_max_dataset_bytes_is_aborted_mid_message_and_logged_onc
     line = f"PDU violation from STORESCU@{host}: a data set of more than {MAX_DATASET} bytes"
     wait_for(lambda: line in node.log(), 5, what=line)
     assert node.log().count(f"STORESCU@{host}") == 1
+    # the part received went to a file (past SPILL), removed when the association ended
+    wait_for(lambda: not list((node.spool / "incoming").iterdir()), 5, what="spool/incoming emptied")
     assert serves(node)
 
 

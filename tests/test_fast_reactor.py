@@ -26,7 +26,8 @@ from node.config import load_config
 from node.fast_reactor import FastAE, FastAssociation, FastDUL
 from node.ingest import Ingest
 from node.ledger import Ledger
-from node.scp import StorageSCP, _explicit_le, _padded
+from node.scp import StorageSCP
+from node.spill import _explicit_le, _padded
 from node.spool import Spool
 from tests import series_factory as make
 from tests.node_fixtures import node_config

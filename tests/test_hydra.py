@@ -5,6 +5,7 @@ import csv
 import json
 
 import numpy as np
+from scipy import ndimage
 import pytest
 import torch
 from PIL import Image
@@ -215,3 +216,39 @@ def test_lung_masks_keep_the_two_lungs_without_specks_or_holes():
     one[10:12, 30:32] = True  # 4 px: under MIN_LUNG_PART of the piece
     assert hydra.clean_lung_mask(one).sum() == 30 * 15
     assert not hydra.clean_lung_mask(np.zeros((8, 8), bool)).any()
+
+
+@pytest.mark.shared_data
+def test_a_leaking_lung_mask_keeps_nothing_outside_the_thorax():
+    """A held-out JSRT film and its reference mask, leaked into the air beside the patient, up
+    past one apex into the neck and down past the other lung's base into the abdomen:
+    ``within_thorax`` (with the shipped lung bounds) removes what lies outside the body and the rows
+    the training films never show, and keeps the lungs."""
+    from tests.paths import shared
+
+    folder = shared("cxr")
+    film = cxr_data.read_image(folder / "jsrt_JPCLN015_abnormal.png")
+    lungs = cxr_data.read_mask(folder / "jsrt_JPCLN015_mask.png") > 0.5
+    bounds = weights.load(weights.weights_dir() / hydra.LUNGS_FILE)[1]["lung_bounds"]
+    labels, _ = ndimage.label(lungs)
+    (top_l, bot_l), (top_r, bot_r) = hydra.vertical_extent(labels, hydra.two_lungs(labels))
+    assert hydra.within_thorax(lungs, film, bounds).sum() == lungs.sum()  # a clean mask stays as it is
+    h, w = film.shape
+    right = labels == hydra.two_lungs(labels)[1]
+    cols = np.nonzero(right.any(axis=0))[0]
+    air = hydra.outside_body(film, lungs)
+    row = int(np.argmax(air[:, 0] & lungs.any(axis=1)))  # a row of the lungs where the film's left edge is air
+    assert air[row, 0]
+    leaky = lungs.copy()
+    leaky[row:row + 6, :np.nonzero(lungs[row])[0].min() + 1] = True  # out to the air at the film's edge
+    centre = int(cols.mean())
+    leaky[:int(top_r * h) + 2, centre - 10:centre + 10] = True  # from the image-right apex to the top edge
+    leaky[int(bot_r * h) - 2:, cols.min() + 20:cols.max() - 5] = True  # below its base, to the bottom edge
+    clean = hydra.within_thorax(leaky, film, bounds)
+    apex, base = bounds["extent"]["apex"], bounds["extent"]["base"]
+    above, below = int((top_l - apex[1]) * h) - 1, int((bot_l - base[0]) * h) + 2
+    assert (leaky & air).any() and leaky[:above].any() and leaky[below:].any()
+    assert not (clean & air).any()
+    assert not clean[:above].any()
+    assert not clean[below:].any()
+    assert (clean & lungs).sum() == lungs.sum()  # the lungs themselves are kept

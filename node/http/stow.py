@@ -40,9 +40,11 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 
+from node import spill
 from node.config import Peer
 from node.http.auth import HttpError, authenticate_peer, check_backoff, client_address, shown
 from node.ingest import OUT_OF_RESOURCES, Ingest, Verdict
+from node.spool import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +310,26 @@ class StowService:
             spans = list(_parts(data, boundary))  # the whole framing first: a body cut short stores nothing
             if not spans:
                 raise HttpError(400, "no parts in the multipart body (wrong boundary?)")
-            verdicts = list(_STORERS.map(lambda span: self.ingest.store(
-                data[span[0]:span[1]], session, peer.ae_title, address, via, expected_study=study, negotiated=False),
-                spans))
+            large = self.node.config.node.limits.spill_dataset_bytes  # checked from a file (node.spill)
+
+            def store(span: tuple[int, int]) -> Verdict:
+                start, end = span
+                if end - start < large:
+                    return self.ingest.store(data[start:end], session, peer.ae_title, address, via,
+                                             expected_study=study, negotiated=False)
+                try:
+                    path = spill.part_to_file(data, start, end, self.ingest.spool.incoming_dir)
+                except OSError as exc:
+                    log.error("%s: cannot copy a part of %d bytes to the spool: %s", via, end - start, exc.strerror)
+                    return Verdict(OUT_OF_RESOURCES, "node disk full" if disk_full(exc) else
+                                   "node cannot write to its spool")
+                try:
+                    return self.ingest.store(path, session, peer.ae_title, address, via, expected_study=study,
+                                             negotiated=False)
+                finally:
+                    path.unlink(missing_ok=True)
+
+            verdicts = list(_STORERS.map(store, spans))
         stored = [v for v in verdicts if v.stored]
         failed = [v for v in verdicts if not v.stored]
         stored_series.update(v.series_key for v in stored)

@@ -75,7 +75,7 @@ def eval_heads(models: hydra.HydraModels, samples, scales, dev) -> tuple[dict, d
             img = cxr_data.read_image(sample.image)
             _, pooled = trunk_tiled(trunk, cxr_data.upsample(img, s), lungs.grid)
             if sample.mask is not None:
-                mask = hydra.lung_mask(lungs, pooled, img.shape)
+                mask = hydra.lung_mask(lungs, pooled, img.shape, img, models.lung_bounds)
                 plausible += models.lung_bounds is not None and hydra.implausible_lungs(mask, models.lung_bounds) is None
                 seg_rows.append(eval_metrics.segmentation(mask, cxr_data.read_mask(sample.mask)))
             scores.append(hydra.abnormal_probability(abnormality(pooled.mean(dim=(2, 3)))).item())
@@ -106,7 +106,8 @@ def eval_cost(models: hydra.HydraModels, dev, size: int = 512, scale: int = 2, r
     def all_outputs():
         out, feats = trunk(x)
         pooled = hydra.pool_features(feats, lungs.grid)
-        return out, lungs(pooled), abnormality(pooled.mean(dim=(2, 3)))
+        film = hydra.film_on_grid(x[0, 0].cpu().numpy(), pooled.shape[-2:]).to(dev) if lungs.film else None
+        return out, lungs(pooled, film), abnormality(pooled.mean(dim=(2, 3)))
 
     return {
         "device": str(dev), "input": f"{size}x{size} x{scale}", "threads": torch.get_num_threads(),
@@ -131,7 +132,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {scale} | {fmt(row['pipeline'])} ({row['model']}) | {fmt(row['hydra'])} | {fmt(row['cubic'])} | "
                      f"{fmt(row['lanczos'])} | {best - row['cubic']['psnr']:+.2f} | {best - row['lanczos']['psnr']:+.2f} |")
     lines += ["", "### Lung segmentation", "",
-              "After the pipeline's clean-up (two largest pieces, holes filled); plausible: masks inside the "
+              "After the pipeline's clean-up (two largest pieces, holes filled, nothing outside the thorax: "
+              "`hydra.within_thorax`); plausible: masks inside the "
               "training films' lung bounds (the pipeline writes no SEG and no finding for the others).", "",
               "| trunk input | IoU | Dice | pixel accuracy | plausible / images |", "|---|---|---|---|---|"]
     for scale, row in report["lungs"].items():

@@ -173,25 +173,73 @@ def head_features(trunk: hydra.HydraTrunk, samples: list[cxr_data.Sample], grid:
     return torch.cat(feats), torch.cat(masks), torch.tensor(labels)
 
 
-def train_heads(data_dir: Path, out_dir: Path, steps: int, seed: int, grid: int = 128, epochs: int = 300) -> None:
+def cached_head_features(trunk: hydra.HydraTrunk, trunk_digest: str, data_dir: Path, grid: int,
+                         cache: Path | None) -> dict:
+    """:func:`head_features` of the train and val splits, from ``cache`` when it holds them for this
+    trunk and grid (computing them is most of a head run's time on a CPU), else computed (and
+    saved there when ``cache`` is given)."""
+    key = {"trunk_sha256": trunk_digest, "grid": grid, "data": str(Path(data_dir).resolve())}
+    if cache is not None and cache.exists():
+        stored = torch.load(cache)
+        if stored["key"] == key:
+            log.info("head features from %s", cache)
+            return stored["data"]
+    splits = {name: cxr_data.load_split(data_dir, name) for name in ("train", "val")}
+    data = {name: head_features(trunk, samples, grid) for name, samples in splits.items()}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "data": data}, cache)
+    return data
+
+
+def train_heads(data_dir: Path, out_dir: Path, steps: int, seed: int, grid: int = 128, epochs: int = 300,
+                which: tuple[str, ...] = ("lungs", "abnormality"), cache: Path | None = None,
+                lung_film: bool = True, lung_loss: str = "bce+dice") -> None:
     seed_everything(seed)
     dev = device()
     trunk = hydra.load_trunk(out_dir / TRUNK_FILE).to(dev)
     for p in trunk.parameters():
         p.requires_grad_(False)
-    splits = {name: cxr_data.load_split(data_dir, name) for name in ("train", "val")}
-    data = {name: head_features(trunk, samples, grid) for name, samples in splits.items()}
     trunk_digest = weights.sha256(out_dir / TRUNK_FILE)
-    _train_lungs(data, out_dir, trunk.feature_channels, grid, steps, seed, trunk_digest, dev)
-    _train_abnormality(data, out_dir, trunk.feature_channels, epochs, seed, trunk_digest, dev)
+    data = cached_head_features(trunk, trunk_digest, data_dir, grid, cache)
+    if "lungs" in which:
+        films = None
+        if lung_film:  # the film itself on the grid: cheap, so not cached
+            films = {name: torch.cat([hydra.film_on_grid(cxr_data.read_image(s.image), (grid, grid))
+                                      for s in cxr_data.load_split(data_dir, name)]) for name in ("train", "val")}
+        _train_lungs(data, out_dir, trunk.feature_channels, grid, steps, seed, trunk_digest, dev, films=films,
+                     loss_name=lung_loss)
+    if "abnormality" in which:
+        _train_abnormality(data, out_dir, trunk.feature_channels, epochs, seed, trunk_digest, dev)
+
+
+LUNG_LOSSES = {
+    "bce": "BCE on the lung mask averaged onto the grid",
+    "bce+dice": "BCE + soft Dice (1 - Dice per film, batch mean) on the lung mask averaged onto the grid",
+}
+
+
+def lung_loss(logits: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    if name == "bce+dice":
+        prob = torch.sigmoid(logits).flatten(1)
+        target = target.flatten(1)
+        dice = (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+        loss = loss + (1 - dice).mean()
+    return loss
 
 
 def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed: int, trunk_digest: str,
-                 dev: torch.device, batch: int = 8, lr: float = 1e-3) -> None:
+                 dev: torch.device, batch: int = 8, lr: float = 1e-3, films: dict | None = None,
+                 loss_name: str = "bce+dice") -> None:
     feats, masks, _ = data["train"]
     with_mask = [i for i in range(len(feats)) if masks[i].sum() > 0]
-    head = hydra.LungHead(channels, grid)
+    head = hydra.LungHead(channels, grid, film=films is not None)
     head.standardise.fit(feats, dims=(0, 2, 3))
+    if films is not None:  # shifted with the features as one more channel
+        feats = torch.cat([feats, films["train"]], dim=1)
+    val_feats, val_masks = data["val"][:2]
+    val_films = films["val"] if films is not None else None
     head = head.to(dev)
     opt, sched = adam_cosine(head.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -200,24 +248,25 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
     for step in range(1, steps + 1):
         idx = torch.tensor(with_mask)[torch.randint(len(with_mask), (batch,), generator=gen)]
         x, target = shifted(feats[idx], masks[idx], gen)
-        loss = F.binary_cross_entropy_with_logits(head(x.to(dev)), target.to(dev))
+        x, film = (x[:, :channels], x[:, channels:]) if films is not None else (x, None)
+        loss = lung_loss(head(x.to(dev), None if film is None else film.to(dev)), target.to(dev), loss_name)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         val = None
         if step % 50 == 0 or step == steps:
-            val = _grid_iou(head, *data["val"][:2], dev)
+            val = _grid_iou(head, val_feats, val_masks, dev, val_films)
             if val > best:
                 best, best_state = val, {k: v.detach().clone() for k, v in head.state_dict().items()}
         progress.step(step, loss.item(), val)
     seconds = progress.close()
     recipe = {"steps": steps, "seed": seed, "batch": batch, "optimizer": f"Adam {lr}, cosine to 10%",
-              "loss": "BCE on the lung mask averaged onto the grid",
+              "loss": LUNG_LOSSES[loss_name], "film_channel": films is not None,
               "augmentation": f"batch shifted by up to {LUNG_SHIFT} grid cells each way, edges replicated",
               "trunk_scale": HEAD_SCALE,
               "best_val_grid_iou": round(best, 4), "seconds": round(seconds), "trunk_sha256": trunk_digest}
-    config = {"model": "hydra-lungs", "channels": channels, "grid": grid,
+    config = {"model": "hydra-lungs", "channels": channels, "grid": grid, "film": films is not None,
               "decoder_dilations": list(hydra.DECODER_DILATIONS), "recipe": recipe}
     weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, hydra.parameter_count(head),
                                                                   HEAD_NOTES["lungs"]))
@@ -240,9 +289,11 @@ def shifted(feats: torch.Tensor, masks: torch.Tensor, gen: torch.Generator,
 
 
 @torch.no_grad()
-def _grid_iou(head: hydra.LungHead, feats: torch.Tensor, masks: torch.Tensor, dev: torch.device) -> float:
+def _grid_iou(head: hydra.LungHead, feats: torch.Tensor, masks: torch.Tensor, dev: torch.device,
+              films: torch.Tensor | None = None) -> float:
     head.eval()
-    pred = torch.cat([head(feats[i:i + 8].to(dev)).cpu() for i in range(0, len(feats), 8)]) > 0
+    pred = torch.cat([head(feats[i:i + 8].to(dev), None if films is None else films[i:i + 8].to(dev)).cpu()
+                      for i in range(0, len(feats), 8)]) > 0
     truth = masks > 0.5
     head.train()
     inter = (pred & truth).flatten(1).sum(1).float()
@@ -299,8 +350,9 @@ def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: in
 HEAD_NOTES = {
     "lungs": """Features: the frozen trunk's 6th conv on the image upsampled x2 (cubic), averaged onto a
 128-px grid and standardised per channel (training-split mean and std, stored in the weights), plus two
-channels of row/column position; target: the mask averaged onto the same grid. Decoder dilations
-1-2-4-8-16-1 (context).
+channels of row/column position, and (`film_channel` in the recipe) the film itself averaged onto the grid and
+standardised per film; target: the mask averaged onto the same grid. Decoder dilations 1-2-4-8-16-1 (context).
+The mask is cleaned after (two largest pieces, holes filled, nothing outside the thorax: `hydra.within_thorax`).
 Trained on x2 features of 512-px films only: the `cxr` pipeline always feeds the heads that geometry
 (the film resampled to a 512-px long side, then x2; `cxr.heads_input`).""",
     "abnormality": """Label: JSRT nodule (abnormal) vs no nodule (normal); the 10 Shenzhen normals are in training.
@@ -343,14 +395,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help=f"trunk: {TRUNK_STEPS}, heads (lungs): {LUNG_STEPS}")
     parser.add_argument("--epochs", type=int, default=300, help="abnormality head epochs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["lungs", "abnormality"],
+                        help="heads: train this head only (the other's weights stay as they are)")
+    parser.add_argument("--lung-film", choices=["yes", "no"], default="yes",
+                        help="lung head: the film averaged onto the grid as one more input channel")
+    parser.add_argument("--lung-loss", choices=sorted(LUNG_LOSSES), default="bce+dice")
+    parser.add_argument("--features-cache", type=Path,
+                        help="heads: keep the trunk features of the train/val films in this file and reuse them "
+                             "while the trunk and grid are the same")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.what == "trunk":
         widths = hydra.REDUCED_WIDTHS if args.width == "reduced" else hydra.PAPER_WIDTHS
         train_trunk(args.data, args.out, widths, args.steps or TRUNK_STEPS, args.seed)
     elif args.what == "heads":
-        train_heads(args.data, args.out, args.steps or LUNG_STEPS, args.seed, epochs=args.epochs)
-        store_lung_bounds(args.data, args.out)
+        which = (args.only,) if args.only else ("lungs", "abnormality")
+        train_heads(args.data, args.out, args.steps or LUNG_STEPS, args.seed, epochs=args.epochs, which=which,
+                    cache=args.features_cache, lung_film=args.lung_film == "yes", lung_loss=args.lung_loss)
+        if "lungs" in which:
+            store_lung_bounds(args.data, args.out)
     else:
         store_lung_bounds(args.data, args.out)
     return 0

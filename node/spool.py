@@ -52,6 +52,7 @@ def disk_full(exc: BaseException | None) -> bool:
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries), or a file, through a read-only descriptor."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -96,11 +97,7 @@ _NO_LINK_LOCK = threading.Lock()
 
 def _durable(path: Path) -> str:
     """``path`` (a file written by another writer) fsync'd."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)  # a read-only descriptor fsyncs a file as well as a folder
     return str(path)
 
 

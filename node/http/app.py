@@ -99,6 +99,11 @@ class _Protocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # an answer's head and body go out as two writes: without this the body waits for the
+            # client's delayed ACK (~40 ms a request, measured by a STOW-RS probe)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm()
 
     def on_message_begin(self) -> None:

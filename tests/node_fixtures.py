@@ -60,7 +60,9 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.config = config
         self.tls_port = (config["node"].get("tls") or {}).get("port")
-        self.port = config["node"]["port"] or self.tls_port  # what start() waits for
+        self.port = config["node"]["port"] or self.tls_port
+        # start() waits for every listener: the HTTP service opens its port after the DICOM one.
+        self.ports = [p for p in (config["node"]["port"], self.tls_port, (config.get("http") or {}).get("port")) if p]
         self.spool = Path(config["node"]["spool"])
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None
@@ -71,15 +73,18 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-        wait_for(self._listening, timeout, what=f"node listening on {self.port}\n{self.log()[-3000:]}")
+        wait_for(self._listening, timeout, what=f"node listening on {self.ports}\n{self.log()[-3000:]}")
         return self
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()[-5000:]}")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        for port in self.ports:
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    return False
+        return True
 
     def kill(self) -> None:
         """kill -9 the node process only (its embedded worker follows through PDEATHSIG)."""

@@ -20,10 +20,14 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+
+from node import store_response
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,8 @@ def new_file(folder: Path):
 
 class SpillingDIMSE(DIMSEServiceProvider):
     """The DIMSE provider of an accepted association: a C-STORE data set past :attr:`spill_bytes`
-    continues in a file in :attr:`folder` (see the module). Set on a not yet started association
-    by :func:`enable`."""
+    continues in a file in :attr:`folder` (see the module), and a C-STORE response's command set is
+    encoded by :mod:`node.store_response`. Set on a not yet started association by :func:`enable`."""
 
     spill_bytes: int = 0
     folder: Path | None = None
@@ -83,6 +87,16 @@ class SpillingDIMSE(DIMSEServiceProvider):
                 and msg.data_set is not None and msg.data_set.tell() >= self.spill_bytes and msg is not self._failed):
             self._spill(msg)
         super().receive_primitive(primitive)
+
+    def send_msg(self, primitive, context_id: int) -> None:
+        encoded = store_response.encode(primitive) if isinstance(primitive, C_STORE) else None
+        limit = self.maximum_pdu_size
+        if encoded is None or (limit and len(encoded) > limit - 6) or self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()  # the whole command set in one last fragment (bits 11), as pynetdicom sends it
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        self.dul.send_pdu(pdata)
 
     def _spill(self, msg: C_STORE_RQ) -> None:
         cs = msg.command_set

@@ -20,6 +20,7 @@ from torch import nn
 
 from pipelines.models.lanczos import centres, lanczos_at
 from pipelines.models.meta_sr import ResidualTrunk
+from pipelines.models.precision import residual_precision
 
 MDRN_FILE = "mdrn.safetensors"
 SCALES = (2, 3, 4)
@@ -72,7 +73,9 @@ class MDRN(nn.Module):
             raise ValueError(f"MDRN scales are {SCALES}, got {scale}")
         h, w = x.shape[-2:]
         base = lanczos_at(x, centres(h, h * scale), centres(w, w * scale))
-        return base + self.tails[str(scale)](self.trunk(x))
+        with residual_precision(x, self.training):
+            residual = self.tails[str(scale)](self.trunk(x))
+        return base + residual.float()
 
 
 def halo(config: MDRNConfig) -> int:

@@ -62,7 +62,7 @@ class Node:
         self._run_job = run_job
         self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit, self.audit)
         self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
-        self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes)
+        self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes, config.node.limits)
         self.scp = StorageSCP(config, self.ingest, self.audit)
         self.retention = Retention(config, self.spool, self.ledger, self.ingest, self.audit)
         self.http = None

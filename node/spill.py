@@ -7,7 +7,9 @@ with its file meta, to a ``.tmp-*`` file in the spool's ``incoming/`` folder, an
 fragments are appended there (pynetdicom's own chunked-dataset path: ``_data_set_file``, which it
 closes and removes after the C-STORE handler). :mod:`node.ingest` checks such a file without
 loading its pixel data and links it into the series folder (same file system: no copy). Small
-instances (below the threshold: every CT/MR slice) stay in memory exactly as before.
+instances (below the threshold: every CT/MR slice) stay in memory exactly as before. When the file
+cannot be written (disk full, folder not writable) the rest of that data set is dropped as it
+arrives (:class:`Dropped`) and the C-STORE is answered 0xA700: a large data set is never held in memory.
 
 STOW-RS parts over the same size are copied from the buffered body into the same folder
 (:func:`part_to_file`) and take the same path.
@@ -67,6 +69,17 @@ def file_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
     return b"".join((b"\0" * 128, b"DICM", _explicit_le(2, 0x0000, b"UL", struct.pack("<I", len(body))), body))
 
 
+class Dropped(BytesIO):
+    """The data set of a C-STORE that could not be spilled: its fragments go nowhere."""
+
+    def __init__(self, why: str):
+        super().__init__()
+        self.why = why
+
+    def write(self, data) -> int:
+        return len(data)
+
+
 def new_file(folder: Path):
     """An open ``.tmp-*.dcm`` file in ``folder`` (the caller removes it)."""
     return tempfile.NamedTemporaryFile(dir=folder, prefix=PREFIX, suffix=".dcm", delete=False)
@@ -79,12 +92,11 @@ class SpillingDIMSE(DIMSEServiceProvider):
 
     spill_bytes: int = 0
     folder: Path | None = None
-    _failed = None  # the message that could not be spilled: it stays in memory (no retry per PDU)
 
     def receive_primitive(self, primitive) -> None:
         msg = self.message
         if (msg is not None and msg._data_set_file is None and isinstance(msg, C_STORE_RQ)
-                and msg.data_set is not None and msg.data_set.tell() >= self.spill_bytes and msg is not self._failed):
+                and msg.data_set is not None and msg.data_set.tell() >= self.spill_bytes):
             self._spill(msg)
         super().receive_primitive(primitive)
 
@@ -100,22 +112,21 @@ class SpillingDIMSE(DIMSEServiceProvider):
 
     def _spill(self, msg: C_STORE_RQ) -> None:
         cs = msg.command_set
+        out = None
         try:
             syntax = self.assoc._accepted_cx[msg.context_id].transfer_syntax[0]
             out = new_file(self.folder)
-        except (KeyError, OSError) as exc:  # no room for the file: the ingest refuses it for want of space
-            self._failed = msg
-            log.warning("cannot move a large incoming data set to %s (%s): kept in memory", self.folder, exc)
-            return
-        try:
             out.write(file_meta(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, syntax))
             out.write(msg.data_set.getbuffer())
             out.flush()
-        except OSError as exc:
-            out.close()
-            Path(out.name).unlink(missing_ok=True)
-            self._failed = msg
-            log.warning("cannot move a large incoming data set to %s (%s): kept in memory", self.folder, exc)
+        except (KeyError, OSError) as exc:
+            if out is not None:
+                out.close()
+                Path(out.name).unlink(missing_ok=True)
+            why = getattr(exc, "strerror", None) or str(exc)
+            log.warning("cannot move a large incoming data set to %s (%s): the rest of it is dropped, the C-STORE "
+                        "gets 0xA700", self.folder, why)
+            msg.data_set = Dropped(why)
             return
         msg._data_set_file = out  # decode_msg appends the next fragments there
         msg._data_set_path = Path(out.name)

@@ -176,3 +176,19 @@ def test_a_data_set_cut_off_mid_message_leaves_no_file(node_scp):
     finally:
         sock.close()
     wait_for(lambda: not list(spool.incoming_dir.iterdir()), 5, what="spool/incoming emptied")
+
+
+def test_a_large_instance_that_cannot_be_spilled_is_refused_not_held(tmp_path, node_scp, caplog):
+    """The spool's incoming/ folder cannot take the file (here it is not a folder): the C-STORE gets
+    0xA700 with one log line, its data set is dropped as it arrives, the next instance is stored."""
+    scp, spool, ingest = node_scp
+    large, ds = multiframe(tmp_path, 40, "spill-unwritable")
+    small, small_ds = multiframe(tmp_path, 1, "spill-after")
+    spool.incoming_dir.rmdir()
+    spool.incoming_dir.write_bytes(b"")
+    result = storescu([large, small], scp.config.node.port, extra=("-nh", "-v"), check=False)  # -nh: go on after a failure
+    assert ingest.seen == ["bytes"]  # only the small one reached the ingest
+    assert "could not be written to the spool" in caplog.text and "0xA700" in caplog.text
+    assert not spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).exists()
+    assert spool.instance_path(small_ds.StudyInstanceUID, small_ds.SeriesInstanceUID, small_ds.SOPInstanceUID).exists()
+    assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr

@@ -176,6 +176,7 @@ class StorageSCP:
                                      server_class=GuardedServer, request_handler=GuardedHandler)
         server.guard = self.guard
         server.spill_dir = self.ingest.spool.incoming_dir  # large data sets (node.spill)
+        server.short_of_space = self.ingest.short_of_space
         self.ae._servers.append(server)  # as start_server does: shutdown() removes it
         threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True).start()
         self._servers.append(server)
@@ -298,8 +299,9 @@ class StorageSCP:
             log.error("C-STORE from %s: SOP %s refused (0x%04X): its data set could not be written to the spool (%s)",
                       calling, uid_shown(str(event.request.AffectedSOPInstanceUID or "")), OUT_OF_RESOURCES,
                       event.request.DataSet.why)
-            metrics.INSTANCES_REFUSED.labels(metrics.SPOOL_ERROR).inc()
-            return _failure(OUT_OF_RESOURCES, "node cannot write to its spool")
+            full = event.request.DataSet.disk_full
+            metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL if full else metrics.SPOOL_ERROR).inc()
+            return _failure(OUT_OF_RESOURCES, "node disk full" if full else "node cannot write to its spool")
         spilled = event.request._dataset_path  # a large data set, in a file (node.spill), else None
         try:
             verdict = self.ingest.store(

@@ -16,6 +16,7 @@ STOW-RS parts over the same size are copied from the buffered body into the same
 """
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import tempfile
@@ -72,9 +73,10 @@ def file_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
 class Dropped(BytesIO):
     """The data set of a C-STORE that could not be spilled: its fragments go nowhere."""
 
-    def __init__(self, why: str):
+    def __init__(self, why: str, disk_full: bool):
         super().__init__()
         self.why = why
+        self.disk_full = disk_full
 
     def write(self, data) -> int:
         return len(data)
@@ -92,6 +94,7 @@ class SpillingDIMSE(DIMSEServiceProvider):
 
     spill_bytes: int = 0
     folder: Path | None = None
+    short_of_space = None  # () -> why the spool takes no more (retention.min_free_bytes), or None
 
     def receive_primitive(self, primitive) -> None:
         msg = self.message
@@ -114,6 +117,9 @@ class SpillingDIMSE(DIMSEServiceProvider):
         cs = msg.command_set
         out = None
         try:
+            short = self.short_of_space() if self.short_of_space is not None else None
+            if short:  # before the file grows: the ledger and the jobs need the room
+                raise OSError(errno.ENOSPC, short)
             syntax = self.assoc._accepted_cx[msg.context_id].transfer_syntax[0]
             out = new_file(self.folder)
             out.write(file_meta(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, syntax))
@@ -126,18 +132,20 @@ class SpillingDIMSE(DIMSEServiceProvider):
             why = getattr(exc, "strerror", None) or str(exc)
             log.warning("cannot move a large incoming data set to %s (%s): the rest of it is dropped, the C-STORE "
                         "gets 0xA700", self.folder, why)
-            msg.data_set = Dropped(why)
+            msg.data_set = Dropped(why, getattr(exc, "errno", None) == errno.ENOSPC)
             return
         msg._data_set_file = out  # decode_msg appends the next fragments there
         msg._data_set_path = Path(out.name)
         msg.data_set = BytesIO()
 
 
-def enable(assoc, spill_bytes: int, folder: Path) -> None:
-    """Spill this (not yet started) association's large C-STORE data sets to ``folder``."""
+def enable(assoc, spill_bytes: int, folder: Path, short_of_space=None) -> None:
+    """Spill this (not yet started) association's large C-STORE data sets to ``folder``, unless
+    ``short_of_space()`` says why not (then they are dropped and answered 0xA700)."""
     assoc.dimse.__class__ = SpillingDIMSE
     assoc.dimse.spill_bytes = spill_bytes
     assoc.dimse.folder = folder
+    assoc.dimse.short_of_space = short_of_space
 
 
 def drop_partial(dimse: DIMSEServiceProvider) -> None:

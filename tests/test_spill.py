@@ -192,3 +192,12 @@ def test_a_large_instance_that_cannot_be_spilled_is_refused_not_held(tmp_path, n
     assert not spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).exists()
     assert spool.instance_path(small_ds.StudyInstanceUID, small_ds.SeriesInstanceUID, small_ds.SOPInstanceUID).exists()
     assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
+
+
+def test_a_large_instance_is_not_spilled_below_min_free_bytes(tmp_path, node_scp):
+    scp, spool, ingest = node_scp
+    large, ds = multiframe(tmp_path, 40, "spill-no-room")
+    ingest.min_free_bytes = ingest.free_bytes() * 4  # the spool's disk is "nearly full"
+    result = storescu([large], scp.config.node.port, extra=("-v",), check=False)
+    assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
+    assert ingest.seen == [] and not list(spool.incoming_dir.iterdir())

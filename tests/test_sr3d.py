@@ -211,6 +211,63 @@ def test_mixed_degradation_batches_are_seeded_and_differ_from_cubic():
     assert "area averaging" in card and "--degradations mix" in card
 
 
+def test_thick_slabs_average_the_slices_they_cover():
+    hr = _phantom(n=8, size=16, seed=4)
+    slab = volume_data.degrade(hr, 2, (0,), "slab")
+    assert np.allclose(slab, hr.reshape(4, 2, 16, 16).mean(1), atol=1e-4)  # a box profile: the mean of 2 slices
+    tri = volume_data.degradation_weights(8, 2, "slab-triangle").toarray()
+    assert np.allclose(tri[1, :6], [0, 0.125, 0.375, 0.375, 0.125, 0])  # FWHM 2 slices, overlapping its neighbours
+    gauss = volume_data.degradation_weights(8, 2, "slab-gaussian").toarray()
+    assert gauss[1, 2] < 0.5 and gauss[1, 1] > 0.05  # wider than the box
+
+
+def test_slab_batches_mix_thick_slabs_with_cubic_and_leave_the_cubic_recipe_alone():
+    batch = lambda degradations: train_sr3d.PatchSampler(_synthetic_volumes(), np.random.default_rng(1)).batch(  # noqa: E731
+        32, 2, 12, 1, degradations=degradations)
+    (lr, hr), (again, _), (lr_cubic, hr_cubic) = batch("slab"), batch("slab"), batch("cubic")
+    assert lr.shape == (32, 1, 12, 24) and torch.equal(lr, again) and torch.equal(hr, hr_cubic)
+    cubic = sum(torch.equal(a, b) for a, b in zip(lr, lr_cubic))
+    assert 0 < cubic < 32  # some patches cubic, the others slabs
+    card = train_sr3d.card_text("through", CNNConfig(2, 1), train_sr3d.RECIPES["cpu"], 10, 0, 3e-4, 6, 1, "cpu", "slab",
+                                "sr3d_through_x2.safetensors (sha256 c2428e5b)")
+    assert "thick slabs" in card and "--degradations slab" in card and "fine-tuned from" in card
+    with pytest.raises(ValueError, match="through-plane"):
+        train_sr3d.check_arguments("inplane", 2, "cpu", 10, None, "slab")
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    start = train_sr3d.train("through", 2, tmp_path, tmp_path / "a", steps=2, seed=5, volumes=_synthetic_volumes())
+    tuned = train_sr3d.train("through", 2, tmp_path, tmp_path / "b", steps=1, seed=5, volumes=_synthetic_volumes(),
+                             lr=1e-12, degradations="slab", init=start)
+    a, _ = weights.load(start)
+    b, _ = weights.load(tuned)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # a step of ~0 keeps the initial weights
+    assert "fine-tuned from" in weights.card_path(tuned).read_text()
+
+
+def test_through_table_compares_models_on_cubic_and_slab_input(tmp_path, monkeypatch):
+    from pipelines.evaluation import through_table
+
+    source = volume_data.VolumeSource("synthetic_ct", "CT", "-", "test", True)
+    monkeypatch.setattr(volume_data, "sources", lambda split: [source])
+    monkeypatch.setattr(volume_data, "read_volume", lambda s, d: _phantom(n=12, size=24))
+    files = [("shipped", THROUGH_FILE, SRCNN(CNNConfig(2, 1))), ("other", THROUGH_FILE, _random_model(CNNConfig(2, 1)))]
+    files += [("shipped", INPLANE_FILES[s], SRCNN(CNNConfig(s, 2))) for s in INPLANE_FILES]
+    for folder, name, model in files:
+        weights.save(tmp_path / folder / name, model.state_dict(), {"model": "sr3d-cnn", **model.config.to_dict()}, "# t\n")
+    report = through_table.evaluate(tmp_path, tmp_path / "shipped", [tmp_path / "other" / THROUGH_FILE])
+    shipped, other = report["models"]
+    r = report["volumes"]["synthetic_ct"]["results"]
+    assert set(r) == {"cubic", "slab"} and shipped.startswith("shipped") and other.startswith("candidate")
+    assert r["cubic"][shipped]["psnr"] == pytest.approx(r["cubic"]["lanczos"]["psnr"], abs=0.2)  # untrained = Lanczos
+    assert r["slab"]["lanczos"]["psnr"] != r["cubic"]["lanczos"]["psnr"]
+    text = through_table.markdown(report)
+    assert through_table.HEADING in text and "**CT mean**" in text and "--through-weights" in text
+    three = report["volumes"]["synthetic_ct"]["3d"]
+    assert three[f"cnn + {shipped}"]["psnr"] == pytest.approx(three["lanczos"]["psnr"], abs=0.5)
+    assert f"cnn + {other}" in three and "### 3D x2" in text
+
+
 def test_degradation_table_reports_gains_per_volume_and_keeps_its_own_card_section(tmp_path):
     from pipelines.evaluation import degradation_table
 

@@ -2,10 +2,16 @@
 
     python -m pipelines.evaluation.eval_sr3d [--data DIR] [--weights DIR] [--out DIR] [--update-cards]
     python -m pipelines.evaluation.eval_sr3d --degradations [--noise 0,0.01] [...]
+    python -m pipelines.evaluation.eval_sr3d --through [--through-weights FILE ...] [...]
 
 ``--degradations``: instead, in-plane x2 under each way of making the LR image (antialiased cubic, area,
 Gaussian PSF, linear, Lanczos; with and without noise): :mod:`pipelines.evaluation.degradation_table`,
 written to ``sr3d_degradations.{json,md}`` and (``--update-cards``) its own section of the in-plane x2 card.
+
+``--through``: instead, through-plane x2 alone from antialiased cubic and from thick-slab (slice-averaged) LR,
+for the shipped through-plane model and any ``--through-weights`` candidates:
+:mod:`pipelines.evaluation.through_table`, written to ``sr3d_through.{json,md}`` and (``--update-cards``) its
+own section of the through-plane card.
 
 * 2D (in-plane only): every axial slice of each ``test`` volume of :mod:`pipelines.training.volume_data`
   is downscaled x2 / x4 in-plane (antialiased cubic, on the modality values) and brought back by
@@ -206,9 +212,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="in-plane x2 per degradation (cubic, area, Gaussian PSF, linear, Lanczos) instead")
     parser.add_argument("--noise", default="0,0.01",
                         help="with --degradations: noise levels, fractions of the intensity window (default 0,0.01)")
+    parser.add_argument("--through", action="store_true",
+                        help="through-plane x2 alone from antialiased cubic and thick-slab LR instead")
+    parser.add_argument("--through-weights", type=Path, nargs="*", default=[],
+                        help="with --through: candidate through-plane x2 weights to compare with the shipped one")
+    parser.add_argument("--through-all-axes", action="store_true",
+                        help="with --through: each axis of the volumes as depth in turn, averaged (3x the time)")
     args = parser.parse_args(argv)
+    if args.degradations and args.through:
+        parser.error("--degradations or --through, not both")
+    if args.through_weights and (args.update_cards or not args.through):
+        parser.error("--through-weights: with --through, and without --update-cards (the card is the shipped model's)")
     if args.degradations:
         return degradations(args)
+    if args.through:
+        return through(args)
     report = evaluate(args.data, args.weights)
     cards = [args.weights / name for name in (*INPLANE_FILES.values(), THROUGH_FILE)] if args.update_cards else []
     publish(args.out, "sr3d_eval", report, markdown(report), cards)
@@ -224,6 +242,17 @@ def degradations(args) -> int:
     publish(args.out, "sr3d_degradations", report, text)
     if args.update_cards:
         weights.set_section(args.weights / INPLANE_FILES[2], table.HEADING, text)
+    return 0
+
+
+def through(args) -> int:
+    from pipelines.evaluation import through_table as table
+
+    report = table.evaluate(args.data, args.weights, args.through_weights, all_axes=args.through_all_axes)
+    text = table.markdown(report)
+    publish(args.out, "sr3d_through", report, text)
+    if args.update_cards:
+        weights.set_section(args.weights / THROUGH_FILE, table.HEADING, text)
     return 0
 
 

@@ -23,6 +23,11 @@ and a fraction :data:`NOISE_P` of the LR patches gets Gaussian noise of sigma ~ 
 Antialiased Lanczos downscaling is left out, so ``srnode eval sr3d --degradations`` has a degradation
 no model was trained on.
 
+``--degradations slab`` (through-plane only): a fraction :data:`SLAB_P` of the patches (drawn per patch) is
+made as a scanner's thick slices, each LR row the mean of the ``scale`` HR rows it covers (box slice
+profile, :func:`volume_data.degrade` kind ``slab``), the others by the antialiased cubic of the shipped
+recipe; the same optional 3x3 blur before both. ``srnode eval sr3d --through`` measures both inputs.
+
 Two recipes, named in the model card. ``cpu`` (the default, the shipped weights): batch 64 of
 24-px LR patches (16 px at x4), Adam 1e-3 decayed along a cosine to 1e-4, ``STEPS`` steps.
 ``paper`` (for a GPU): the paper's batch 128 of 7-px LR patches, Adam 1e-4 and 1e-5 for the
@@ -88,7 +93,8 @@ BLUR_P, BLUR_MAX_SIGMA = 0.5, 0.5
 MIX = ("cubic", "area", "gaussian", "linear")
 PSF_SIGMA = (0.5, 1.0)  # Gaussian PSF sigma range, HR px at x2 (scaled with the factor)
 NOISE_P, NOISE_MAX = 0.3, 0.01
-DEGRADATION_CHOICES = ("cubic", "mix")
+SLAB_P, SLAB_KIND = 0.5, "slab"  # --degradations slab: fraction of thick-slab patches, their profile
+DEGRADATION_CHOICES = ("cubic", "mix", "slab")
 
 
 class PatchSampler:
@@ -136,7 +142,7 @@ class PatchSampler:
 
     def batch(self, n: int, scale: int, lr_patch: int, axes: int, blur: bool = True,
               degradations: str = "cubic") -> tuple[torch.Tensor, torch.Tensor]:
-        """(LR inputs, HR targets) as (n, 1, h, w) tensors; ``degradations``: ``cubic`` or ``mix``."""
+        """(LR inputs, HR targets) as (n, 1, h, w) tensors; ``degradations``: ``cubic``, ``mix`` or ``slab``."""
         hr = np.stack([self.patch(lr_patch * scale) for _ in range(n)])
         degraded = hr
         if blur:
@@ -145,6 +151,10 @@ class PatchSampler:
         lr_axes = (1, 2) if axes == 2 else (1,)
         if degradations == "mix":
             lr = np.stack([self.mixed(image, scale, lr_axes) for image in degraded])
+        elif degradations == "slab":
+            slab = self.rng.random(n) < SLAB_P
+            lr = volume_data.downscale(degraded, scale, lr_axes)
+            lr[slab] = volume_data.degrade(degraded[slab], scale, lr_axes, SLAB_KIND)
         else:
             lr = volume_data.downscale(degraded, scale, lr_axes)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]  # noqa: E731
@@ -181,7 +191,8 @@ def check_batch_gain(model: SRCNN, batch: tuple[torch.Tensor, torch.Tensor], dev
     return float((psnr(out.clamp(0, 1), hr) - psnr(base.clamp(0, 1), hr)).mean())
 
 
-def check_arguments(kind: str, scale: int, recipe: str, steps: int | None, epochs: float | None) -> None:
+def check_arguments(kind: str, scale: int, recipe: str, steps: int | None, epochs: float | None,
+                    degradations: str = "cubic") -> None:
     """ValueError naming what is wrong with a training request, before any data is read."""
     if kind == "through" and scale != 2:
         raise ValueError("the through-plane model is trained at x2 (x4 applies it twice, as in the paper)")
@@ -189,22 +200,34 @@ def check_arguments(kind: str, scale: int, recipe: str, steps: int | None, epoch
         raise ValueError(f"in-plane scales: {sorted(INPLANE_FILES)}")
     if recipe not in RECIPES:
         raise ValueError(f"recipes: {', '.join(sorted(RECIPES))}")
+    if degradations == "slab" and kind != "through":
+        raise ValueError("--degradations slab is a through-plane recipe (thick slices along the depth axis)")
     if epochs is not None and (recipe != "paper" or steps is not None):
         raise ValueError("epochs set the paper recipe's budget (instead of steps); the cpu recipe counts steps")
 
 
 def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | None, seed: int,
           lr: float | None = None, volumes: list[tuple[volume_data.VolumeSource, np.ndarray]] | None = None,
-          recipe: str = "cpu", epochs: float | None = None, degradations: str = "cubic") -> Path:
+          recipe: str = "cpu", epochs: float | None = None, degradations: str = "cubic",
+          init: Path | None = None) -> Path:
     """Train one model and write it with its card. ``steps`` None: ``STEPS`` for the cpu recipe, ``epochs``
     (default ``PAPER_EPOCHS``) for the paper's; ``lr`` None: the recipe's; ``volumes`` replaces the
-    training split (tests)."""
-    check_arguments(kind, scale, recipe, steps, epochs)
+    training split (tests); ``init``: start from these weights (fine-tuning) instead of Lanczos."""
+    check_arguments(kind, scale, recipe, steps, epochs, degradations)
     seed_everything(seed)
     dev = device()
     axes = 2 if kind == "inplane" else 1
     config = CNNConfig(scale=scale, axes=axes)
-    model = SRCNN(config).to(dev)
+    model = SRCNN(config)
+    if init is not None:
+        from pipelines.sr3d import load_cnn
+
+        start = load_cnn(init)
+        if start.config != config:
+            raise ValueError(f"{init} is a {start.config} model, not {config}")
+        model.load_state_dict(start.state_dict())
+        init = f"{Path(init).name} (sha256 {weights.sha256(init)[:8]})"
+    model = model.to(dev)
     print(f"{kind} x{scale}: {parameter_count(model):,} parameters on {dev}; loading volumes", file=sys.stderr)
     rng = np.random.default_rng(seed)
     sampler = PatchSampler(volumes if volumes is not None else load_training_volumes(data_dir), rng)
@@ -236,7 +259,8 @@ def train(kind: str, scale: int, data_dir: Path, out_dir: Path, steps: int | Non
         progress.step(step, loss.item(), gain)
     seconds = progress.close()
     model.cpu()
-    card = card_text(kind, config, plan, steps, seed, lr, seconds, parameter_count(model), str(dev), degradations)
+    card = card_text(kind, config, plan, steps, seed, lr, seconds, parameter_count(model), str(dev), degradations,
+                     init)
     meta = {"model": "sr3d-cnn", **config.to_dict()}
     weights.save(out_dir / file_name, model.state_dict(), meta, card)
     print(f"wrote {out_dir / file_name} ({seconds:.0f} s)", file=sys.stderr)
@@ -248,7 +272,7 @@ def sampler_volumes(sampler: PatchSampler) -> list:
 
 
 def card_text(kind: str, config: CNNConfig, plan: Recipe, steps: int, seed: int, lr: float, seconds: float,
-              params: int, dev: str, degradations: str = "cubic") -> str:
+              params: int, dev: str, degradations: str = "cubic", init: str | None = None) -> str:
     what = (f"In-plane x{config.scale}" if kind == "inplane" else "Through-plane x2 (one axis)")
     train_names = ", ".join(s.name for s in volume_data.sources("train"))
     test_names = ", ".join(s.name for s in volume_data.sources("test"))
@@ -269,7 +293,7 @@ Degradation: 3x3 Gaussian blur with sigma ~ U(0, 0.5) on half the samples, then 
 by {config.scale} on {"both image axes" if config.axes == 2 else "the rows (the depth axis of a view)"}{mix_noise(degradations)}.
 Recipe `{plan.name}`: batch {plan.batch} patches of {plan.lr_patch[config.scale]} px (LR), rotations and flips, flat
 (air) patches at a quarter of their rate. Loss L1(output) + L1(sub-pixel output). {plan.describe(lr)},
-{steps} steps, seed {seed}, on {dev}: {seconds / 60:.1f} min. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""}{" --recipe " + plan.name if plan.name != "cpu" else ""} --steps {steps} --seed {seed}{f" --lr {lr:g}" if lr != plan.lr else ""}{" --degradations " + degradations if degradations != "cubic" else ""}`.
+{steps} steps, seed {seed}, on {dev}: {seconds / 60:.1f} min{f", fine-tuned from {init}" if init else ""}. Reproduce: `srnode train sr3d {kind}{" --scale " + str(config.scale) if kind == "inplane" else ""}{" --recipe " + plan.name if plan.name != "cpu" else ""} --steps {steps} --seed {seed}{f" --lr {lr:g}" if lr != plan.lr else ""}{" --degradations " + degradations if degradations != "cubic" else ""}{" --init <those weights>" if init else ""}`.
 
 ## Known limits
 - Trained to undo antialiased cubic downscaling (plus mild blur), not a scanner's slice profile or noise:
@@ -288,13 +312,16 @@ Written by `srnode eval sr3d --update-cards` (held-out volumes; see weights/eval
 def degradation_text(degradations: str) -> str:
     if degradations == "cubic":
         return "antialiased cubic downscaling"
+    if degradations == "slab":
+        return (f"per patch, {SLAB_P:.0%} thick slabs (each LR row the mean of the HR rows it covers: a box slice "
+                f"profile of the factor's width) and {1 - SLAB_P:.0%} antialiased cubic downscaling")
     lo, hi = PSF_SIGMA
     return (f"per patch one of antialiased cubic, area averaging, a Gaussian PSF (sigma ~ U({lo:g}, {hi:g}) x factor/2 "
             "HR px) then decimation, antialiased linear downscaling")
 
 
 def mix_noise(degradations: str) -> str:
-    return "" if degradations == "cubic" else (
+    return "" if degradations in ("cubic", "slab") else (
         f"; Gaussian noise of sigma ~ U(0, {NOISE_MAX:.0%}) of the window on {NOISE_P:.0%} of the LR patches")
 
 
@@ -310,16 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, help="default: the recipe's (cpu 1e-3, paper 1e-4)")
     parser.add_argument("--degradations", choices=DEGRADATION_CHOICES, default="cubic",
-                        help="cubic: antialiased cubic LR (the shipped weights); mix: a degradation drawn per patch, plus noise")
+                        help="cubic: antialiased cubic LR (the shipped weights); mix: a degradation drawn per patch, plus noise; "
+                             "slab (through): half the patches thick slabs (the mean of the HR slices covered)")
+    parser.add_argument("--init", type=Path, help="start from these weights (fine-tune) instead of from Lanczos")
     parser.add_argument("--data", type=Path, default=volume_data.default_data_dir())
     parser.add_argument("--out", type=Path, default=weights.weights_dir())
     args = parser.parse_args(argv)
     try:
-        check_arguments(args.kind, args.scale, args.recipe, args.steps, args.epochs)
+        check_arguments(args.kind, args.scale, args.recipe, args.steps, args.epochs, args.degradations)
     except ValueError as err:
         parser.error(str(err))
     train(args.kind, args.scale, args.data, args.out, args.steps, args.seed, args.lr, recipe=args.recipe,
-          epochs=args.epochs, degradations=args.degradations)
+          epochs=args.epochs, degradations=args.degradations, init=args.init)
     return 0
 
 

@@ -22,6 +22,13 @@ pixels: a detector that integrates over its pixel), ``gaussian`` (a Gaussian poi
 or ``lanczos`` downscaling. Every one keeps Pillow's alignment (LR pixel ``i`` is centred at HR
 coordinate ``(i + 0.5) * factor - 0.5``), so the upsamplers see the same geometry whatever the
 degradation. :func:`add_noise`: Gaussian noise of a fraction of the intensity window.
+
+Thick slices (:data:`SLAB_PROFILES`, kinds ``slab``, ``slab-triangle``, ``slab-gaussian``; the ``slab``
+through-plane training recipe and ``srnode eval sr3d --through``): a scanner's thick slice is the average of
+the anatomy over its slice profile, not one thin slice picked out. Each LR slice is the weighted mean of the HR
+slices its profile covers, the profile's full width at half maximum being ``factor`` HR slices (contiguous thick
+slices): ``box`` (the mean of the ``factor`` slices it covers: the same weights as ``area``), ``triangle``
+(base 2 x factor, overlapping its neighbours: a spiral CT's slice sensitivity profile) and ``gaussian``.
 """
 from __future__ import annotations
 
@@ -132,7 +139,10 @@ def gaussian_blur3(images: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
 
 
 
-DEGRADATIONS = ("cubic", "area", "gaussian", "linear", "lanczos")
+DEGRADATIONS = ("cubic", "area", "gaussian", "linear", "lanczos", "slab", "slab-triangle", "slab-gaussian")
+#: slice profiles of a thick slice, FWHM = the factor in HR slices (degradation kinds ``slab`` / ``slab-<profile>``)
+SLAB_PROFILES = {"box": "slab", "triangle": "slab-triangle", "gaussian": "slab-gaussian"}
+FWHM_TO_SIGMA = 1 / (2 * np.sqrt(2 * np.log(2)))
 #: Gaussian PSF sigma of the evaluation, in HR pixels per unit of factor (0.6 HR px at x2)
 PSF_SIGMA_PER_SCALE = 0.3
 
@@ -146,9 +156,16 @@ def degradation_weights(n: int, scale: int, kind: str, sigma: float | None = Non
     m = n // scale
     if kind in ("cubic", "linear", "lanczos"):
         return resize_weights(n, m, kind)
-    if kind == "area":
+    if kind in ("area", "slab"):
         cols = np.arange(m * scale)
         return sp.csr_array((np.full(cols.size, 1 / scale, np.float32), (cols // scale, cols)), shape=(m, n))
+    if kind == "slab-triangle":
+        centres = (np.arange(m) + 0.5) * scale - 0.5
+        cols = np.floor(centres).astype(np.int64)[:, None] + np.arange(-scale + 1, scale + 1)[None, :]
+        w = np.clip(1 - np.abs(cols - centres[:, None]) / scale, 0, None)
+        return _normalised(w, cols, n, m)
+    if kind == "slab-gaussian":
+        return degradation_weights(n, scale, "gaussian", scale * FWHM_TO_SIGMA)
     if kind == "gaussian":
         sigma = psf_sigma(scale) if sigma is None else float(sigma)
         if sigma <= 0:
@@ -157,12 +174,18 @@ def degradation_weights(n: int, scale: int, kind: str, sigma: float | None = Non
         radius = int(np.ceil(3 * sigma)) + 1
         cols = np.floor(centres).astype(np.int64)[:, None] + np.arange(-radius + 1, radius + 1)[None, :]
         w = np.exp(-((cols - centres[:, None]) ** 2) / (2 * sigma * sigma))
-        w[(cols < 0) | (cols >= n)] = 0.0  # taps outside dropped, the rest renormalised (as Pillow does)
-        w /= w.sum(axis=1, keepdims=True)
-        keep = w > 0
-        rows = np.broadcast_to(np.arange(m)[:, None], cols.shape)
-        return sp.csr_array((w[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(m, n))
+        return _normalised(w, cols, n, m)
     raise ValueError(f"unknown degradation {kind!r}: {', '.join(DEGRADATIONS)}")
+
+
+def _normalised(w: np.ndarray, cols: np.ndarray, n: int, m: int) -> sp.csr_array:
+    """(m, n) matrix of the tap weights ``w`` at HR indices ``cols`` (m, taps): taps outside the axis dropped,
+    the rest renormalised (as Pillow does)."""
+    w = np.where((cols < 0) | (cols >= n), 0.0, w)
+    w = w / w.sum(axis=1, keepdims=True)
+    keep = w > 0
+    rows = np.broadcast_to(np.arange(m)[:, None], cols.shape)
+    return sp.csr_array((w[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(m, n))
 
 
 def degrade(hr: np.ndarray, scale: int, axes: tuple[int, ...], kind: str = "cubic",

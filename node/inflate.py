@@ -27,6 +27,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from node.spill import new_file
 
 CHUNK = 1 << 20
+META_PEEK = 4096
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
 
 
 class Broken(Exception):
@@ -39,6 +41,17 @@ class TooLarge(Exception):
     def __init__(self, limit: int):
         super().__init__(f"the deflated data set inflates past {limit} bytes (node.limits.max_dataset_bytes)")
         self.limit = limit
+
+
+def _may_be_deflated(head: bytes) -> bool:
+    """False when the file meta (its length given by its group length element, as writers put it)
+    does not name the deflated syntax: no parse for every other instance (~0.08 ms each)."""
+    if head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return True  # no group length to go by: look properly
+    end = 144 + int.from_bytes(head[140:144], "little")
+    if end > len(head):
+        return True
+    return DEFLATED_UID in head[144:end]
 
 
 def _meta(fp: BinaryIO) -> FileMetaDataset | None:
@@ -66,6 +79,9 @@ def bounded(raw: bytes | Path, folder: Path, spill_bytes: int, max_bytes: int) -
     """``raw`` itself, unless it is deflated and inflates past ``spill_bytes``: then a new file in
     ``folder`` holding it inflated (the caller removes it). :class:`TooLarge` past ``max_bytes``."""
     with (open(raw, "rb") if isinstance(raw, Path) else io.BytesIO(raw)) as fp:
+        if not _may_be_deflated(fp.read(META_PEEK)):
+            return raw
+        fp.seek(0)
         meta = _meta(fp)
         if meta is None or str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
             return raw

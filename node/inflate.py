@@ -33,6 +33,7 @@ from node.spill import new_file
 
 CHUNK = 1 << 20
 META_PEEK = 4096
+RECHECK_BYTES = 64 << 20  # an inflated file checks retention.min_free_bytes again every 64 MiB
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
 
 
@@ -132,6 +133,10 @@ def bounded(raw: bytes | Path, folder: Path, spill_bytes: int, max_bytes: int,
                     raise TooLarge(max_bytes)
                 if out is not None:
                     out.write(piece)
+                    if total % RECHECK_BYTES < len(piece) and short_of_space is not None:
+                        short = short_of_space()  # the disk may fill while this one grows
+                        if short:
+                            raise OSError(errno.ENOSPC, short)
                     continue
                 held += piece
                 if len(held) > spill_bytes:

@@ -133,8 +133,8 @@ class SpillingDIMSE(DIMSEServiceProvider):
                     pass
                 Path(out.name).unlink(missing_ok=True)
             why = getattr(exc, "strerror", None) or str(exc)
-            log.warning("cannot move a large incoming data set to %s (%s): the rest of it is dropped, the C-STORE "
-                        "gets 0xA700", self.folder, why)
+            # node.scp logs the refusal (one line, with the SOP and the sender) when the data set is complete
+            log.debug("cannot move a large incoming data set to %s (%s): the rest of it is dropped", self.folder, why)
             msg.data_set = Dropped(why, getattr(exc, "errno", None) == errno.ENOSPC)
             return
         msg._data_set_file = out  # decode_msg appends the next fragments there

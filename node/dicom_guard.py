@@ -255,7 +255,8 @@ class GuardedHandler(_FastRequestHandler):
             assoc.dul.max_pdu_bytes = limits.max_pdu_bytes
             assoc.dul.max_dataset_bytes = limits.max_dataset_bytes
             if getattr(self.server, "spill_dir", None) is not None:
-                spill.enable(assoc, limits.spill_dataset_bytes, self.server.spill_dir)
+                spill.enable(assoc, limits.spill_dataset_bytes, self.server.spill_dir,
+                             getattr(self.server, "short_of_space", None))
             assoc.dul.on_violation = lambda reason: guard.violation(assoc, reason)
             assoc.on_end = guard.ended
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})

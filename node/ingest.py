@@ -28,8 +28,9 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
-from node import metrics
+from node import inflate, metrics
 from node.assembly import Assembler
+from node.config import Limits
 from node.instance_checks import (
     CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, element_name, meta_problem, pixel_problem, structure_problem,
     value_chunks, value_problem,
@@ -80,8 +81,10 @@ class Ingest:
     """The node's one way in. A *session* (an association, a STOW-RS peer's requests) groups
     instances for the assembler: a series is not complete while a session that sent to it holds it."""
 
-    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler, min_free_bytes: int = 0):
+    def __init__(self, spool: Spool, ledger: Ledger, assembler: Assembler, min_free_bytes: int = 0,
+                 limits: Limits = Limits()):
         self.spool = spool
+        self.limits = limits  # node.limits: how far a deflated data set may inflate (node.inflate)
         self.ledger = ledger
         self.assembler = assembler
         self.min_free_bytes = min_free_bytes  # retention.min_free_bytes: below it, instances are refused
@@ -140,8 +143,42 @@ class Ingest:
         file meta's Media Storage UIDs must match (STOW-RS). ``expected_study``: the study a STOW-RS
         request was addressed to. ``negotiated``: the transport already agreed on the SOP class and
         transfer syntax (C-STORE); else they are checked here (STOW-RS). The checks
-        (:mod:`node.instance_checks`) run on this one parse.
+        (:mod:`node.instance_checks`) run on this one parse. A deflated data set is inflated first,
+        within ``node.limits`` (:mod:`node.inflate`).
         """
+        try:
+            inflated = inflate.bounded(raw, self.spool.incoming_dir, self.limits.spill_dataset_bytes,
+                                       self.limits.max_dataset_bytes, self.short_of_space)
+        except (inflate.TooLarge, inflate.Broken, OSError) as exc:
+            return self._not_inflated(exc, via, expected_sop)
+        try:
+            return self._store_checked(inflated, session, sender, host, via, expected_sop, expected_study, negotiated,
+                                       expected_sop_class)
+        finally:
+            if inflated is not raw:
+                inflated.unlink(missing_ok=True)
+
+    @staticmethod
+    def _not_inflated(exc: Exception, via: str, expected_sop: str | None) -> Verdict:
+        named = uid_shown(expected_sop or "")
+        if isinstance(exc, inflate.Broken):
+            log.warning("%s: SOP %s refused (0x%04X): cannot be parsed (its deflate stream: %s)", via, named,
+                        CANNOT_UNDERSTAND, exc)
+            metrics.INSTANCES_REFUSED.labels(metrics.CANNOT_PARSE).inc()
+            return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed (deflate stream)", sop_instance=expected_sop or "")
+        if isinstance(exc, inflate.TooLarge):
+            log.warning("%s: SOP %s refused (0x%04X): %s", via, named, OUT_OF_RESOURCES, exc)
+            metrics.INSTANCES_REFUSED.labels(metrics.TOO_LARGE).inc()
+            return Verdict(OUT_OF_RESOURCES, "data set too large for the node", sop_instance=expected_sop or "")
+        log.error("%s: cannot inflate SOP %s to the spool: %s", via, named, exc.strerror)
+        full = exc.errno == errno.ENOSPC
+        metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL if full else metrics.SPOOL_ERROR).inc()
+        return Verdict(OUT_OF_RESOURCES, "node disk full" if full else "node cannot write to its spool",
+                       sop_instance=expected_sop or "")
+
+    def _store_checked(self, raw: bytes | Path, session: int, sender: str, host: str, via: str,
+                       expected_sop: str | None, expected_study: str | None, negotiated: bool,
+                       expected_sop_class: str | None) -> Verdict:
         try:
             # meta_problem before pydicom reads the stray element as file meta
             if isinstance(raw, Path):

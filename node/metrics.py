@@ -51,7 +51,8 @@ TRANSFER_SYNTAX = "transfer_syntax_not_supported"  # 0xC122
 DISK_FULL = "disk_full"  # 0xA700: below retention.min_free_bytes, or ENOSPC
 SPOOL_ERROR = "spool_error"  # 0xA700: another write error
 LEDGER_ERROR = "ledger_error"  # 0xA700: the ledger cannot be written
-for _reason in (CANNOT_PARSE, BAD_UIDS, SOP_CLASS, TRANSFER_SYNTAX, DISK_FULL, SPOOL_ERROR, LEDGER_ERROR):
+TOO_LARGE = "too_large"  # 0xA700: a deflated data set inflating past node.limits.max_dataset_bytes
+for _reason in (CANNOT_PARSE, BAD_UIDS, SOP_CLASS, TRANSFER_SYNTAX, DISK_FULL, SPOOL_ERROR, LEDGER_ERROR, TOO_LARGE):
     INSTANCES_REFUSED.labels(_reason)
 
 

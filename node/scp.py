@@ -23,13 +23,15 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification
 
+from node import metrics, spill
 from node.audit import Audit
 from node.backoff import Backoff
 from node.config import Config
 from node.dicom_guard import AssociationOutcome, Guard, GuardedHandler, GuardedServer
 from node.fast_reactor import FastAE, require_supported
-from node.ingest import SOP_CLASS_NOT_SUPPORTED, STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest, uid_shown
-from node.spill import file_meta
+from node.ingest import (
+    OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, STORAGE_CLASSES, SUCCESS, TRANSFER_SYNTAXES, Ingest, uid_shown,
+)
 from node.tls import peer_subject, server_context
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def encoded_with_meta(event: evt.Event) -> bytes:
     if not (request.AffectedSOPClassUID and request.AffectedSOPInstanceUID):
         return event.encoded_dataset(include_meta=True)
     return b"".join((
-        file_meta(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax),
+        spill.file_meta(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax),
         event.encoded_dataset(include_meta=False),
     ))
 
@@ -174,6 +176,7 @@ class StorageSCP:
                                      server_class=GuardedServer, request_handler=GuardedHandler)
         server.guard = self.guard
         server.spill_dir = self.ingest.spool.incoming_dir  # large data sets (node.spill)
+        server.short_of_space = self.ingest.short_of_space
         self.ae._servers.append(server)  # as start_server does: shutdown() removes it
         threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True).start()
         self._servers.append(server)
@@ -292,6 +295,13 @@ class StorageSCP:
                         "context %d", calling, uid_shown(str(event.request.AffectedSOPInstanceUID or "")),
                         SOP_CLASS_NOT_SUPPORTED, uid_shown(sop_class), event.context.context_id)
             return _failure(SOP_CLASS_NOT_SUPPORTED, "SOP class is not the presentation context's")
+        if isinstance(event.request.DataSet, spill.Dropped):
+            log.error("C-STORE from %s: SOP %s refused (0x%04X): its data set could not be written to the spool (%s)",
+                      calling, uid_shown(str(event.request.AffectedSOPInstanceUID or "")), OUT_OF_RESOURCES,
+                      event.request.DataSet.why)
+            full = event.request.DataSet.disk_full
+            metrics.INSTANCES_REFUSED.labels(metrics.DISK_FULL if full else metrics.SPOOL_ERROR).inc()
+            return _failure(OUT_OF_RESOURCES, "node disk full" if full else "node cannot write to its spool")
         spilled = event.request._dataset_path  # a large data set, in a file (node.spill), else None
         try:
             verdict = self.ingest.store(

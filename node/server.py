@@ -62,7 +62,7 @@ class Node:
         self._run_job = run_job
         self.scheduler = Scheduler(config, self.spool, self.ledger, self.assembler, self._submit, self.audit)
         self.dispatcher = Dispatcher(config, self.spool, self.ledger, audit=self.audit)
-        self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes)
+        self.ingest = Ingest(self.spool, self.ledger, self.assembler, config.retention.min_free_bytes, config.node.limits)
         self.scp = StorageSCP(config, self.ingest, self.audit)
         self.retention = Retention(config, self.spool, self.ledger, self.ingest, self.audit)
         self.http = None
@@ -165,6 +165,7 @@ class Node:
             self.scp.guard.set_max_associations(new.node.max_associations)
             limits = new.node.limits
             self.scp.guard.limits = limits
+            self.ingest.limits = limits  # how far a deflated data set may inflate
             self.scp.ae.maximum_pdu_size = limits.max_pdu_bytes
             self.scp.ae.acse_timeout = limits.association_request_timeout_s
             self.scp.ae.network_timeout = limits.idle_timeout_s

@@ -7,13 +7,16 @@ with its file meta, to a ``.tmp-*`` file in the spool's ``incoming/`` folder, an
 fragments are appended there (pynetdicom's own chunked-dataset path: ``_data_set_file``, which it
 closes and removes after the C-STORE handler). :mod:`node.ingest` checks such a file without
 loading its pixel data and links it into the series folder (same file system: no copy). Small
-instances (below the threshold: every CT/MR slice) stay in memory exactly as before.
+instances (below the threshold: every CT/MR slice) stay in memory exactly as before. When the file
+cannot be written (disk full, folder not writable) the rest of that data set is dropped as it
+arrives (:class:`Dropped`) and the C-STORE is answered 0xA700: a large data set is never held in memory.
 
 STOW-RS parts over the same size are copied from the buffered body into the same folder
 (:func:`part_to_file`) and take the same path.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import tempfile
@@ -67,6 +70,18 @@ def file_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
     return b"".join((b"\0" * 128, b"DICM", _explicit_le(2, 0x0000, b"UL", struct.pack("<I", len(body))), body))
 
 
+class Dropped(BytesIO):
+    """The data set of a C-STORE that could not be spilled: its fragments go nowhere."""
+
+    def __init__(self, why: str, disk_full: bool):
+        super().__init__()
+        self.why = why
+        self.disk_full = disk_full
+
+    def write(self, data) -> int:
+        return len(data)
+
+
 def new_file(folder: Path):
     """An open ``.tmp-*.dcm`` file in ``folder`` (the caller removes it)."""
     return tempfile.NamedTemporaryFile(dir=folder, prefix=PREFIX, suffix=".dcm", delete=False)
@@ -79,12 +94,12 @@ class SpillingDIMSE(DIMSEServiceProvider):
 
     spill_bytes: int = 0
     folder: Path | None = None
-    _failed = None  # the message that could not be spilled: it stays in memory (no retry per PDU)
+    short_of_space = None  # () -> why the spool takes no more (retention.min_free_bytes), or None
 
     def receive_primitive(self, primitive) -> None:
         msg = self.message
         if (msg is not None and msg._data_set_file is None and isinstance(msg, C_STORE_RQ)
-                and msg.data_set is not None and msg.data_set.tell() >= self.spill_bytes and msg is not self._failed):
+                and msg.data_set is not None and msg.data_set.tell() >= self.spill_bytes):
             self._spill(msg)
         super().receive_primitive(primitive)
 
@@ -100,33 +115,40 @@ class SpillingDIMSE(DIMSEServiceProvider):
 
     def _spill(self, msg: C_STORE_RQ) -> None:
         cs = msg.command_set
+        out = None
         try:
+            short = self.short_of_space() if self.short_of_space is not None else None
+            if short:  # before the file grows: the ledger and the jobs need the room
+                raise OSError(errno.ENOSPC, short)
             syntax = self.assoc._accepted_cx[msg.context_id].transfer_syntax[0]
             out = new_file(self.folder)
-        except (KeyError, OSError) as exc:  # no room for the file: the ingest refuses it for want of space
-            self._failed = msg
-            log.warning("cannot move a large incoming data set to %s (%s): kept in memory", self.folder, exc)
-            return
-        try:
             out.write(file_meta(cs.AffectedSOPClassUID, cs.AffectedSOPInstanceUID, syntax))
             out.write(msg.data_set.getbuffer())
             out.flush()
-        except OSError as exc:
-            out.close()
-            Path(out.name).unlink(missing_ok=True)
-            self._failed = msg
-            log.warning("cannot move a large incoming data set to %s (%s): kept in memory", self.folder, exc)
+        except (KeyError, OSError) as exc:
+            if out is not None:
+                try:
+                    out.close()  # flushes what is buffered: fails again on a full disk
+                except OSError:
+                    pass
+                Path(out.name).unlink(missing_ok=True)
+            why = getattr(exc, "strerror", None) or str(exc)
+            # node.scp logs the refusal (one line, with the SOP and the sender) when the data set is complete
+            log.debug("cannot move a large incoming data set to %s (%s): the rest of it is dropped", self.folder, why)
+            msg.data_set = Dropped(why, getattr(exc, "errno", None) == errno.ENOSPC)
             return
         msg._data_set_file = out  # decode_msg appends the next fragments there
         msg._data_set_path = Path(out.name)
         msg.data_set = BytesIO()
 
 
-def enable(assoc, spill_bytes: int, folder: Path) -> None:
-    """Spill this (not yet started) association's large C-STORE data sets to ``folder``."""
+def enable(assoc, spill_bytes: int, folder: Path, short_of_space=None) -> None:
+    """Spill this (not yet started) association's large C-STORE data sets to ``folder``, unless
+    ``short_of_space()`` says why not (then they are dropped and answered 0xA700)."""
     assoc.dimse.__class__ = SpillingDIMSE
     assoc.dimse.spill_bytes = spill_bytes
     assoc.dimse.folder = folder
+    assoc.dimse.short_of_space = short_of_space
 
 
 def drop_partial(dimse: DIMSEServiceProvider) -> None:
@@ -134,8 +156,11 @@ def drop_partial(dimse: DIMSEServiceProvider) -> None:
     msg = dimse.message
     out = getattr(msg, "_data_set_file", None)
     if out is not None:
-        out.close()
-        Path(out.name).unlink(missing_ok=True)
+        try:
+            out.close()  # a fragment still buffered on a full disk fails again here
+        except OSError:
+            pass
+        Path(out.name).unlink(missing_ok=True)  # the association's end (its slot) must still follow
 
 
 def part_to_file(data, start: int, end: int, folder: Path) -> Path:

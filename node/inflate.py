@@ -9,24 +9,32 @@ written inflated (Explicit VR Little Endian, the same file meta otherwise) to a 
 the spool's ``incoming/`` folder and checked and stored from there like any large instance
 (:mod:`node.spill`); a small one stays as it came. A stream that is not deflate is left to the parse,
 which refuses it; one that breaks off after ``spill_bytes`` is refused here (:class:`Broken`), as
-pydicom would refuse it after inflating all of it.
+pydicom would refuse it after inflating all of it. Whether an instance is deflated, and where its
+stream starts, is read with ``dcmread``'s own functions (not from the group length, which a sender
+may set to anything): what is inflated here is what ``dcmread`` would inflate. Below
+``retention.min_free_bytes`` no inflated file is started (0xA700, as :mod:`node.spill`).
 """
 from __future__ import annotations
 
+import errno
 import io
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
+from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
 
 from node.spill import new_file
 
 CHUNK = 1 << 20
+META_PEEK = 4096
+RECHECK_BYTES = 64 << 20  # an inflated file checks retention.min_free_bytes again every 64 MiB
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode("ascii")
 
 
 class Broken(Exception):
@@ -41,16 +49,50 @@ class TooLarge(Exception):
         self.limit = limit
 
 
-def _meta(fp: BinaryIO) -> FileMetaDataset | None:
-    """The file meta of a Part 10 stream, ``fp`` left at the data set; None when it has none."""
-    head = fp.read(132)
-    if len(head) < 132 or head[128:] != b"DICM":
-        return None
+SHORT_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_16)
+LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+
+
+def _may_be_deflated(head: bytes) -> bool:
+    """False only when the file meta, walked as ``dcmread`` reads it (Explicit VR Little Endian
+    elements up to the first tag of another group than 0002, whatever the group length says), ends
+    within ``head`` and none of its bytes name the deflated syntax: no parse for every other
+    instance. Anything else (a group length that lies, an odd VR, a long meta) is looked at properly."""
+    if head[128:132] != b"DICM":
+        return True
+    pos = 132
+    while head[pos:pos + 2] == b"\x02\x00":
+        vr = head[pos + 4:pos + 6]
+        if vr in SHORT_VRS and pos + 8 <= len(head):
+            pos += 8 + int.from_bytes(head[pos + 6:pos + 8], "little")
+        elif vr in LONG_VRS and pos + 12 <= len(head):
+            length = int.from_bytes(head[pos + 8:pos + 12], "little")
+            if length == 0xFFFFFFFF:
+                return True
+            pos += 12 + length
+        else:
+            return True
+    if pos + 8 > len(head):
+        return True  # the meta may go on past the head (or the file ends in it)
+    return DEFLATED_UID in head[132:pos]
+
+
+def _meta(fp: BinaryIO) -> tuple[FileMetaDataset, bytes] | None:
+    """The file meta as ``dcmread`` reads it (its own functions: the Implicit VR retry, a group
+    length that lies) and the bytes of any group 0000 elements after it (``dcmread`` reads them
+    before the data set), ``fp`` left where ``dcmread`` starts the data set; None where ``dcmread``
+    fails on it (the parse answers that)."""
     try:
-        meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
-    except Exception:  # a broken header: the parse answers it
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        meta_end = fp.tell()
+        _read_command_set_elements(fp)
+        str(meta.get("TransferSyntaxUID", ""))
+    except Exception:
         return None
-    return FileMetaDataset(meta)
+    start = fp.tell()
+    fp.seek(meta_end)
+    return meta, fp.read(start - meta_end)
 
 
 def _header(meta: FileMetaDataset) -> bytes:
@@ -58,40 +100,64 @@ def _header(meta: FileMetaDataset) -> bytes:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = DicomBytesIO()
     out.is_little_endian, out.is_implicit_VR = True, False
-    write_file_meta_info(out, meta)  # the group length recomputed
+    write_file_meta_info(out, meta, enforce_standard=False)  # the sender's elements, the group length recomputed
     return b"\0" * 128 + b"DICM" + out.getvalue()
 
 
-def bounded(raw: bytes | Path, folder: Path, spill_bytes: int, max_bytes: int) -> bytes | Path:
+def bounded(raw: bytes | Path, folder: Path, spill_bytes: int, max_bytes: int,
+            short_of_space: Callable[[], str | None] | None = None) -> bytes | Path:
     """``raw`` itself, unless it is deflated and inflates past ``spill_bytes``: then a new file in
-    ``folder`` holding it inflated (the caller removes it). :class:`TooLarge` past ``max_bytes``."""
+    ``folder`` holding it inflated (the caller removes it). :class:`TooLarge` past ``max_bytes``;
+    ``OSError(ENOSPC)`` when ``short_of_space()`` says why the file may not be started (as
+    :mod:`node.spill`: a few MB of deflate must not put GBs on a nearly full disk)."""
     with (open(raw, "rb") if isinstance(raw, Path) else io.BytesIO(raw)) as fp:
-        meta = _meta(fp)
-        if meta is None or str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+        if not _may_be_deflated(fp.read(META_PEEK)):
             return raw
+        fp.seek(0)
+        found = _meta(fp)
+        if found is None or str(found[0].get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+            return raw
+        meta, command_set = found
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         held, out, total = bytearray(), None, 0
         try:
             while not inflater.eof:
                 chunk = inflater.unconsumed_tail or fp.read(CHUNK)
-                if not chunk:
-                    raise zlib.error("the deflate stream breaks off")
+                # No input left: zlib may still hold output of input it has taken (a match cut by the
+                # piece's end, the end-of-block code): ask for it before calling the stream cut short.
                 piece = inflater.decompress(chunk, CHUNK)
+                if not chunk and not piece and not inflater.eof:
+                    raise zlib.error("the deflate stream breaks off")
                 total += len(piece)
                 if total > max_bytes:
                     raise TooLarge(max_bytes)
                 if out is not None:
                     out.write(piece)
+                    if total % RECHECK_BYTES < len(piece) and short_of_space is not None:
+                        short = short_of_space()  # the disk may fill while this one grows
+                        if short:
+                            raise OSError(errno.ENOSPC, short)
                     continue
                 held += piece
                 if len(held) > spill_bytes:
+                    short = short_of_space() if short_of_space is not None else None
+                    if short:
+                        raise OSError(errno.ENOSPC, short)
                     out = new_file(folder)
-                    out.write(_header(meta))
+                    try:
+                        out.write(_header(meta) + command_set)  # group 0000 elements: the parse answers them
+                    except Exception as exc:  # a meta pydicom reads but cannot write back
+                        raise Broken(f"its file meta cannot be rewritten: {exc}") from None
                     out.write(held)
                     held = bytearray()
+            if out is not None:
+                out.close()  # may raise (the last piece buffered, the disk full): the file goes below
         except BaseException as exc:
             if out is not None:
-                out.close()
+                try:
+                    out.close()
+                except OSError:
+                    pass
                 Path(out.name).unlink(missing_ok=True)
             if not isinstance(exc, zlib.error):
                 raise
@@ -100,5 +166,4 @@ def bounded(raw: bytes | Path, folder: Path, spill_bytes: int, max_bytes: int) -
             raise Broken(str(exc)) from None
     if out is None:
         return raw
-    out.close()
     return Path(out.name)

@@ -148,7 +148,7 @@ class Ingest:
         """
         try:
             inflated = inflate.bounded(raw, self.spool.incoming_dir, self.limits.spill_dataset_bytes,
-                                       self.limits.max_dataset_bytes)
+                                       self.limits.max_dataset_bytes, self.short_of_space)
         except (inflate.TooLarge, inflate.Broken, OSError) as exc:
             return self._not_inflated(exc, via, expected_sop)
         try:

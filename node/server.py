@@ -165,6 +165,7 @@ class Node:
             self.scp.guard.set_max_associations(new.node.max_associations)
             limits = new.node.limits
             self.scp.guard.limits = limits
+            self.ingest.limits = limits  # how far a deflated data set may inflate
             self.scp.ae.maximum_pdu_size = limits.max_pdu_bytes
             self.scp.ae.acse_timeout = limits.association_request_timeout_s
             self.scp.ae.network_timeout = limits.idle_timeout_s

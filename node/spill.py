@@ -127,11 +127,14 @@ class SpillingDIMSE(DIMSEServiceProvider):
             out.flush()
         except (KeyError, OSError) as exc:
             if out is not None:
-                out.close()
+                try:
+                    out.close()  # flushes what is buffered: fails again on a full disk
+                except OSError:
+                    pass
                 Path(out.name).unlink(missing_ok=True)
             why = getattr(exc, "strerror", None) or str(exc)
-            log.warning("cannot move a large incoming data set to %s (%s): the rest of it is dropped, the C-STORE "
-                        "gets 0xA700", self.folder, why)
+            # node.scp logs the refusal (one line, with the SOP and the sender) when the data set is complete
+            log.debug("cannot move a large incoming data set to %s (%s): the rest of it is dropped", self.folder, why)
             msg.data_set = Dropped(why, getattr(exc, "errno", None) == errno.ENOSPC)
             return
         msg._data_set_file = out  # decode_msg appends the next fragments there
@@ -153,8 +156,11 @@ def drop_partial(dimse: DIMSEServiceProvider) -> None:
     msg = dimse.message
     out = getattr(msg, "_data_set_file", None)
     if out is not None:
-        out.close()
-        Path(out.name).unlink(missing_ok=True)
+        try:
+            out.close()  # a fragment still buffered on a full disk fails again here
+        except OSError:
+            pass
+        Path(out.name).unlink(missing_ok=True)  # the association's end (its slot) must still follow
 
 
 def part_to_file(data, start: int, end: int, folder: Path) -> Path:

@@ -25,7 +25,8 @@ For each projection image of the series (CR, DX or SC):
      with the lung head, ``hydra.implausible_lungs``). Otherwise no SEG and no finding, one log
      line saying why; the SR series is still written.
   4. outputs: the super-resolved derived series (same SOP class, spacing updated), a BINARY DICOM
-     SEG of the lungs on the source matrix (the grid mask resampled back, two largest pieces, holes
+     SEG of the lungs on the source matrix (the grid probabilities resampled back and edge-aligned
+     with the film by a guided filter, ``hydra.lung_probability``; two largest pieces, holes
      filled, nothing outside the thorax: ``hydra.within_thorax``), and a TID 1500 SR with the lung-nodule probability, the operating threshold with the
      sensitivity and specificity measured at it on the held-out films, and whether the model
      flagged a nodule (``dicom.cxr_outputs.nodule_report``): never "normal", the head looks for

@@ -61,8 +61,10 @@ class NodeProcess:
         self.config = config
         self.tls_port = (config["node"].get("tls") or {}).get("port")
         self.port = config["node"]["port"] or self.tls_port
-        # start() waits for every listener: the HTTP service opens its port after the DICOM one.
-        self.ports = [p for p in (config["node"]["port"], self.tls_port, (config.get("http") or {}).get("port")) if p]
+        # start() waits for every listener (the HTTP service opens its port after the DICOM ones): plain
+        # ports by connecting; the TLS port by its log line, as a connection without a handshake would
+        # be logged and counted against 127.0.0.1 as a failed TLS peer (node.backoff).
+        self.ports = [p for p in (config["node"]["port"], (config.get("http") or {}).get("port")) if p]
         self.spool = Path(config["node"]["spool"])
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None
@@ -73,7 +75,7 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-        wait_for(self._listening, timeout, what=f"node listening on {self.ports}\n{self.log()[-3000:]}")
+        wait_for(self._listening, timeout, what=f"node listening on {self.ports} (TLS {self.tls_port})\n{self.log()[-3000:]}")
         return self
 
     def _listening(self) -> bool:
@@ -84,7 +86,7 @@ class NodeProcess:
                 s.settimeout(0.2)
                 if s.connect_ex(("127.0.0.1", port)) != 0:
                     return False
-        return True
+        return not self.tls_port or f":{self.tls_port} (DICOM" in self.log()
 
     def kill(self) -> None:
         """kill -9 the node process only (its embedded worker follows through PDEATHSIG)."""

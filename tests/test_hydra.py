@@ -156,6 +156,31 @@ def test_eval_reports_every_table(trained, tmp_path):
     assert "lung_bounds" in weights.load(out / train_cxr.LUNGS_FILE)[1]  # `train cxr heads` stores them
 
 
+def test_the_guided_filter_moves_a_blurred_lung_border_onto_the_films_edge():
+    film = np.full((64, 64), 0.8, np.float32)
+    film[:, 20:44] = 0.2  # a dark 'lung' from column 20 to 43
+    prob = np.zeros((64, 64), np.float32)
+    prob[:, 23:41] = 1.0  # the head's mask, 3 px short on each side, and blurred like an upsampled grid
+    prob = ndimage.uniform_filter(prob, 7)
+    before = (prob >= 0.5)[0]
+    after = (hydra.guided_filter(film, prob, hydra.EDGE_RADIUS, hydra.EDGE_EPS) >= 0.5)[0]
+    truth = film[0] < 0.5
+    assert (after != truth).sum() < (before != truth).sum()
+    flat = np.full((32, 32), 0.5, np.float32)  # no edges in the film: a smooth probability stays as it is
+    smooth = np.linspace(0, 1, 32, dtype=np.float32)[None].repeat(32, 0)
+    assert np.allclose(hydra.guided_filter(flat, smooth, 4, 1e-3)[:, 8:-8], smooth[:, 8:-8], atol=1e-4)
+
+
+def test_lung_masks_come_on_the_source_matrix_for_films_of_any_size():
+    head = hydra.LungHead(8, grid=16, film=True).eval()
+    for shape in ((300, 200), (1024, 900), (512, 512)):
+        film = np.random.default_rng(0).random(shape).astype(np.float32)
+        pooled = torch.rand(1, 8, *hydra.analysis_grid(*shape, 16))
+        assert hydra.lung_probability(head, pooled, shape, film).shape == shape
+        assert hydra.lung_mask(head, pooled, shape, film).shape == shape
+    assert hydra.film_at(np.ones((1024, 900)), (512, 450)).shape == (512, 450)
+
+
 def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_path):
     _, out = trained
     with pytest.raises(weights.WeightsError, match="missing"):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from node import inflate
+from node import inflate, spill
 from tests import series_factory as make
 from tests.peers import dcmsend, wait_for
 
@@ -111,3 +111,94 @@ def test_through_the_node_a_bomb_gets_a700_and_a_large_deflated_instance_is_stor
     assert not list(node.spool.glob(f"series/*/*/{dcmread(bomb_source).SOPInstanceUID}.dcm"))
     assert not list((node.spool / "incoming").glob(".tmp-*"))
     assert "Traceback" not in node.log()
+
+
+def _ingest(root: Path):
+    from node.assembly import Assembler
+    from node.config import Limits
+    from node.ingest import Ingest
+    from node.ledger import Ledger
+    from node.spool import Spool
+    spool = Spool(root).ensure()
+    ledger = Ledger(spool.ledger_path)
+    limits = Limits(spill_dataset_bytes=SPILL, max_dataset_bytes=LIMIT)
+    return Ingest(spool, ledger, Assembler(spool, ledger, 60), 0, limits)
+
+
+def _dressed(bomb: bytes, how: str) -> bytes:
+    """``bomb`` (a deflated Part 10 file) with its file meta dressed so that a look at the meta's
+    bytes alone would not see the deflated syntax, though ``dcmread`` inflates it all."""
+    start = 144 + int.from_bytes(bomb[140:144], "little")
+    sop = dcmread(io.BytesIO(bomb), stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID
+    if how == "group length that lies":  # pydicom reads group 0002 to its end, whatever the length says
+        return bomb[:140] + (2).to_bytes(4, "little") + bomb[144:]
+    if how == "command set before the stream":  # pydicom skips group 0000 elements before the data set
+        return bomb[:start] + b"\x00\x00\x02\x00\x06\x00\x00\x001.2.3\x00" + bomb[start:]
+    # C-STORE on an Explicit VR Little Endian context: the node's own file meta, then the peer's
+    # data set, which starts with a (0002,0010) naming the deflated syntax (read as file meta)
+    uid = DeflatedExplicitVRLittleEndian.encode() + b"\0"
+    stray = b"\x02\x00\x10\x00UI" + len(uid).to_bytes(2, "little") + uid
+    return spill.file_meta(CTImageStorage, sop, ExplicitVRLittleEndian) + stray + bomb[start:]
+
+
+@pytest.mark.parametrize("how", ["group length that lies", "command set before the stream",
+                                 "file meta element in the data set"])
+def test_a_bomb_is_refused_however_its_file_meta_is_dressed(tmp_path, how):
+    bomb = deflated(make.ct_small(tmp_path / "ct", "inflate-dressed")[0], tmp_path / "bomb.dcm", extra_zeros=64 << 20)
+    raw = _dressed(bomb.read_bytes(), how)
+    ingest = _ingest(tmp_path / "spool")
+    tracemalloc.start()
+    try:
+        verdict = ingest.store(raw, 1, "STORESCU", "127.0.0.1", "test", negotiated=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verdict.status == 0xA700 and "too large" in verdict.comment
+    assert peak < 24 << 20  # pydicom inflating it whole held 141 MB
+    assert not list(ingest.spool.incoming_dir.iterdir())
+
+
+@pytest.mark.parametrize("extra", [1, 7, 63, 200])
+def test_a_stream_whose_last_input_ends_a_piece_is_whole(tmp_path, extra):
+    """zlib can take the last input bytes and still hold output (a match cut at a piece's end):
+    that is not a stream cut short."""
+    data = bytes(2 * inflate.CHUNK + extra)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    meta = spill.file_meta(CTImageStorage, "1.2.3", DeflatedExplicitVRLittleEndian)
+    out = inflate.bounded(meta + packer.compress(data) + packer.flush(), tmp_path, SPILL, LIMIT)
+    assert isinstance(out, Path) and out.read_bytes().endswith(data)
+    assert len(out.read_bytes()) == len(inflate._header(dcmread(io.BytesIO(meta + b"\x08\x00")).file_meta)) + len(data)
+
+
+def test_a_large_one_whose_file_meta_lacks_optional_uids_is_stored_with_that_meta(tmp_path):
+    """The inflated copy keeps the sender's file meta (but its transfer syntax and group length):
+    nothing added, and a meta without (0002,0002) is no error (STOW-RS checks the data set's UIDs)."""
+    source = make.ct_small(tmp_path / "ct", "inflate-bare-meta")[0]
+    path = deflated(source, tmp_path / "large.dcm", extra_zeros=3 << 20)
+    raw = path.read_bytes()
+    ds = dcmread(io.BytesIO(raw), stop_before_pixels=True)
+    meta = ds.file_meta
+    del meta.MediaStorageSOPClassUID, meta.ImplementationVersionName
+    start = 144 + int.from_bytes(raw[140:144], "little")
+    head = io.BytesIO()
+    write_file_meta_info(head, meta, enforce_standard=False)
+    bare = b"\0" * 128 + b"DICM" + head.getvalue() + raw[start:]
+    ingest = _ingest(tmp_path / "spool")
+    verdict = ingest.store(bare, 1, "STOWPEER", "127.0.0.1", "test", negotiated=False)
+    assert verdict.stored, verdict
+    [stored] = ingest.spool.root.glob(f"series/*/*/{ds.SOPInstanceUID}.dcm")
+    got = dcmread(stored, stop_before_pixels=True).file_meta
+    assert got.TransferSyntaxUID == ExplicitVRLittleEndian and "ImplementationVersionName" not in got
+    assert "MediaStorageSOPClassUID" not in got
+    assert not list(ingest.spool.incoming_dir.iterdir())
+
+
+def test_no_inflated_file_is_started_below_min_free_bytes(tmp_path, monkeypatch):
+    """As a spilled data set (node.spill): a few MB of deflate must not put GBs on a nearly full disk."""
+    path = deflated(make.ct_small(tmp_path / "ct", "inflate-no-room")[0], tmp_path / "large.dcm", extra_zeros=3 << 20)
+    ingest = _ingest(tmp_path / "spool")
+    ingest.min_free_bytes = ingest.free_bytes() * 4
+    monkeypatch.setattr(inflate, "new_file", lambda folder: pytest.fail("an inflated file was started"))
+    verdict = ingest.store(path.read_bytes(), 1, "STORESCU", "127.0.0.1", "test", negotiated=False)
+    assert (verdict.status, verdict.comment) == (0xA700, "node disk full")
+    assert not list(ingest.spool.incoming_dir.iterdir())

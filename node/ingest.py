@@ -163,7 +163,7 @@ class Ingest:
         named = uid_shown(expected_sop or "")
         if isinstance(exc, inflate.Broken):
             log.warning("%s: SOP %s refused (0x%04X): cannot be parsed (its deflate stream: %s)", via, named,
-                        CANNOT_UNDERSTAND, exc)
+                        CANNOT_UNDERSTAND, repr(str(exc))[1:-1][:120])  # escaped: no peer text raw in the log
             metrics.INSTANCES_REFUSED.labels(metrics.CANNOT_PARSE).inc()
             return Verdict(CANNOT_UNDERSTAND, "dataset cannot be parsed (deflate stream)", sop_instance=expected_sop or "")
         if isinstance(exc, inflate.TooLarge):

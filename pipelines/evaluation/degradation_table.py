@@ -5,7 +5,7 @@ on the modality values by each of :data:`volume_data.DEGRADATIONS` (antialiased 
 training degradation; area averaging; a Gaussian PSF of :func:`volume_data.psf_sigma` HR pixels then
 decimation; antialiased linear; antialiased Lanczos), optionally with Gaussian noise of a fraction of
 the intensity window (fixed seed), and brought back by cubic, Lanczos and the in-plane x2 CNN exactly as
-the pipeline runs it. PSNR / SSIM as in :mod:`pipelines.evaluation.eval_sr3d`. The CT volumes are
+the pipeline runs it. PSNR / SSIM as in :mod:`pipelines.evaluation.volume_eval`. The CT volumes are
 labelled by body region: the chest CT is a region no training CT shows (head, head phantom, abdomen).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import progress as display, weights
-from pipelines.evaluation.eval_sr3d import metrics
+from pipelines.evaluation.volume_eval import metrics
 from pipelines.models import intensity
 from pipelines.models.interpolation import resize
 from pipelines.models.sr3d_cnn import INPLANE_FILES

@@ -37,31 +37,19 @@ import numpy as np
 import torch
 
 from pipelines import progress as display, weights
+from pipelines.evaluation import degradation_table, through_table
 from pipelines.evaluation.eval_metrics import publish
-from pipelines.evaluation.image_metrics import ssim
+from pipelines.evaluation.volume_eval import mdrn_upsampler, metrics, sr3d_cnn
 from pipelines.models import intensity
 from pipelines.models.interpolation import METHODS, resize
 from pipelines.models.mdrn import MDRN_FILE, load_mdrn
 from pipelines.models.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
-from pipelines.models.volume_stream import cnn_upsampler, inplane_stream, mdrn_images, through_stream
+from pipelines.models.volume_stream import cnn_upsampler, inplane_stream
 from pipelines.sr3d import load_models
 from pipelines.training import volume_data
 
 SCALES = (2, 4)
 EVAL_HEADING = "## Evaluation on the held-out volumes"
-
-
-def metrics(pred: np.ndarray, target: np.ndarray, window: tuple[float, float]) -> dict[str, float]:
-    p = intensity.normalise(pred, window)
-    t = intensity.normalise(target, window)
-    mse = float(np.mean((p - t) ** 2, dtype=np.float64))
-    with torch.no_grad():
-        s = ssim(torch.from_numpy(p)[:, None], torch.from_numpy(t)[:, None]).mean().item()
-    return {"psnr": 10 * np.log10(1.0 / max(mse, 1e-12)), "ssim": s}
-
-
-def _mdrn_upsampler(mdrn, scale: int, window):
-    return lambda images: mdrn_images(mdrn, images, scale, window)
 
 
 def eval_2d(raw: np.ndarray, window, models, scale: int, mdrn=None) -> dict[str, dict[str, float]]:
@@ -76,22 +64,8 @@ def eval_2d(raw: np.ndarray, window, models, scale: int, mdrn=None) -> dict[str,
         ensemble = cnn_upsampler(models.inplane[2], window, ensemble=True)
         out["cnn + self-ensemble"] = metrics(np.stack(list(inplane_stream(lr, 2, ensemble))), hr, window)
     if mdrn is not None:
-        out["mdrn"] = metrics(np.stack(list(inplane_stream(lr, scale, _mdrn_upsampler(mdrn, scale, window)))), hr, window)
+        out["mdrn"] = metrics(np.stack(list(inplane_stream(lr, scale, mdrn_upsampler(mdrn, scale, window)))), hr, window)
     return out
-
-
-def sr3d_cnn(lr: np.ndarray, window, models, scale: int, mdrn=None, ensemble: bool = False) -> np.ndarray:
-    """The pipeline's 3D path: the in-plane CNN (or MDRN), then the through-plane CNN on both views;
-    ``ensemble``: both CNN stages as a self-ensemble (the pipeline's ``self_ensemble``)."""
-    inplane = (cnn_upsampler(models.inplane[scale], window, ensemble) if mdrn is None
-               else _mdrn_upsampler(mdrn, scale, window))
-    stream = inplane_stream(lr, scale, inplane)
-    through = cnn_upsampler(models.through, window, ensemble)
-    n = lr.shape[0]
-    for _ in range(int(np.log2(scale))):
-        stream = through_stream(stream, n, through, scale=2)
-        n *= 2
-    return np.stack(list(stream))
 
 
 def eval_3d(raw: np.ndarray, window, models, scale: int,
@@ -234,25 +208,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def degradations(args) -> int:
-    from pipelines.evaluation import degradation_table as table
-
     noises = tuple(float(n) for n in args.noise.split(",") if n.strip())
-    report = table.evaluate(args.data, args.weights, noises)
-    text = table.markdown(report)
+    report = degradation_table.evaluate(args.data, args.weights, noises)
+    text = degradation_table.markdown(report)
     publish(args.out, "sr3d_degradations", report, text)
     if args.update_cards:
-        weights.set_section(args.weights / INPLANE_FILES[2], table.HEADING, text)
+        weights.set_section(args.weights / INPLANE_FILES[2], degradation_table.HEADING, text)
     return 0
 
 
 def through(args) -> int:
-    from pipelines.evaluation import through_table as table
-
-    report = table.evaluate(args.data, args.weights, args.through_weights, all_axes=args.through_all_axes)
-    text = table.markdown(report)
+    report = through_table.evaluate(args.data, args.weights, args.through_weights, all_axes=args.through_all_axes)
+    text = through_table.markdown(report)
     publish(args.out, "sr3d_through", report, text)
     if args.update_cards:
-        weights.set_section(args.weights / THROUGH_FILE, table.HEADING, text)
+        weights.set_section(args.weights / THROUGH_FILE, through_table.HEADING, text)
     return 0
 
 

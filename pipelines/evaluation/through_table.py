@@ -13,7 +13,7 @@ by each of :data:`DEGRADATIONS`:
 
 It is brought back along the depth by bicubic and Lanczos interpolation and by each through-plane CNN
 exactly as the pipeline runs it (:func:`pipelines.models.volume_stream.through_stream`: both views,
-averaged). PSNR / SSIM as in :mod:`pipelines.evaluation.eval_sr3d` (the fixed window, the whole volume;
+averaged). PSNR / SSIM as in :mod:`pipelines.evaluation.volume_eval` (the fixed window, the whole volume;
 SSIM over the slices along the first axis of the view), averaged over the depth axes of a volume; modality
 means over the volumes. With each through-plane model the table also gives ``srnode eval sr3d``'s 3D x2 rows
 (every axis downscaled by antialiased cubic; the shipped in-plane x2 CNN, or MDRN, then that through-plane
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import progress as display, weights
-from pipelines.evaluation.eval_sr3d import metrics, sr3d_cnn
+from pipelines.evaluation.volume_eval import metrics, sr3d_cnn
 from pipelines.models import intensity
 from pipelines.models.interpolation import resize
 from pipelines.models.sr3d_cnn import THROUGH_FILE

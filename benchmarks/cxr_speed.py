@@ -37,7 +37,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from node.jobs import run_pipeline  # noqa: E402
 from pipelines import cxr, weights  # noqa: E402
 from pipelines.dicom.series import decode  # noqa: E402
-from pipelines.models import hydra  # noqa: E402
+from pipelines.models import hydra, parameter_count  # noqa: E402
 from pipelines.models.interpolation import resize  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main() -> int:
         three = timed(three_models, args.repeats)
     dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"cxr pipeline, {args.size}x{args.size} CR at x{args.scale}, {dev}, trunk "
-          f"{hydra.parameter_count(models.trunk):,} parameters, mean of {args.repeats}")
+          f"{parameter_count(models.trunk):,} parameters, mean of {args.repeats}")
     print(f"  Lanczos upsampling alone (reference)               {lanczos:8.2f} s")
     print(f"  pipeline, default ({cxr.BEST_MODEL[args.scale]} SR + heads), 3 outputs   {default:8.2f} s   "
           f"= {default / lanczos:6.1f} x Lanczos")

@@ -13,13 +13,13 @@ from PIL import Image
 from pipelines import weights
 from pipelines.evaluation import eval_cxr, eval_metrics
 from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
-from pipelines.models import hydra
+from pipelines.models import hydra, parameter_count
 from pipelines.training import cxr_data, train_cxr
 
 
 def test_trunk_has_the_papers_topology_and_starts_as_the_identity():
     trunk = hydra.HydraTrunk()
-    assert hydra.parameter_count(trunk) == 395_715  # the paper's 395,717 counts BatchNorm's running stats too
+    assert parameter_count(trunk) == 395_715  # the paper's 395,717 counts BatchNorm's running stats too
     assert [c.dilation[0] for c in trunk.convs] == [1, 1, 1, 2, 2, 2]
     assert [c.out_channels for c in trunk.convs] == [8, 16, 32, 64, 128, 256]
     x = torch.rand(2, 1, 48, 40)

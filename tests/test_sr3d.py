@@ -18,7 +18,8 @@ from pipelines.dicom.series import decode
 from pipelines.evaluation import eval_sr3d
 from pipelines.models import intensity, volume_stream
 from pipelines.models.interpolation import resize
-from pipelines.models.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig, lanczos_up, parameter_count
+from pipelines.models import parameter_count
+from pipelines.models.sr3d_cnn import INPLANE_FILES, SRCNN, THROUGH_FILE, CNNConfig, lanczos_up
 from pipelines.training import train_sr3d, volume_data
 from tests import series_factory as make
 from tests.dicom_checks import check_derived, new_dciodvfy_errors

@@ -28,7 +28,7 @@ from pipelines import progress as display
 from pipelines.cxr import trunk_tiled
 from pipelines.evaluation import eval_metrics
 from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
-from pipelines.models import hydra
+from pipelines.models import hydra, parameter_count
 from pipelines.models.mdrn import MDRN_FILE, load_mdrn
 from pipelines.models.hydra import ABNORMALITY_FILE, LUNGS_FILE, TRUNK_FILE
 from pipelines.models.interpolation import resize
@@ -111,8 +111,8 @@ def eval_cost(models: hydra.HydraModels, dev, size: int = 512, scale: int = 2, r
 
     return {
         "device": str(dev), "input": f"{size}x{size} x{scale}", "threads": torch.get_num_threads(),
-        "params": {"trunk": hydra.parameter_count(trunk), "lungs": hydra.parameter_count(lungs),
-                   "abnormality": hydra.parameter_count(abnormality)},
+        "params": {"trunk": parameter_count(trunk), "lungs": parameter_count(lungs),
+                   "abnormality": parameter_count(abnormality)},
         "seconds_trunk_sr": round(timed(lambda: trunk(x)), 3),
         "seconds_trunk_and_heads": round(timed(all_outputs), 3),
     }

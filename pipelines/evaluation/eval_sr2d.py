@@ -28,10 +28,10 @@ import torch
 from pipelines import progress as display, weights
 from pipelines.evaluation.eval_metrics import publish
 from pipelines.evaluation.image_metrics import psnr, ssim
-from pipelines.models import hydra
+from pipelines.models import hydra, parameter_count
 from pipelines.models.interpolation import resize
 from pipelines.models.mdrn import FIXED_FILE, MDRN_FILE, load_mdrn
-from pipelines.models.meta_sr import META_FILE, load_meta, parameter_count
+from pipelines.models.meta_sr import META_FILE, load_meta
 from pipelines.models.sr3d_cnn import INPLANE_FILES
 from pipelines.sr3d import load_cnn
 from pipelines.training import cxr_data, volume_data

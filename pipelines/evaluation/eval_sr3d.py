@@ -43,7 +43,8 @@ from pipelines.evaluation.volume_eval import mdrn_upsampler, metrics, sr3d_cnn
 from pipelines.models import intensity
 from pipelines.models.interpolation import METHODS, resize
 from pipelines.models.mdrn import MDRN_FILE, load_mdrn
-from pipelines.models.sr3d_cnn import INPLANE_FILES, THROUGH_FILE, parameter_count
+from pipelines.models import parameter_count
+from pipelines.models.sr3d_cnn import INPLANE_FILES, THROUGH_FILE
 from pipelines.models.volume_stream import cnn_upsampler, inplane_stream
 from pipelines.sr3d import load_models
 from pipelines.training import volume_data

@@ -403,9 +403,6 @@ def abnormal_probability(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)[:, 1]
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
 
 # -- shipped weights ------------------------------------------------------------------------------
 def load_trunk(path: Path) -> HydraTrunk:

@@ -197,5 +197,3 @@ def load_meta(path) -> MetaSR:
     return weights.restore(model, state, path).eval()
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

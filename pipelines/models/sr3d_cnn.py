@@ -96,9 +96,6 @@ class SRCNN(nn.Module):
         return self.out(g9) + mid, mid
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
 
 def intermediate_l1(out: torch.Tensor, mid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The paper's loss: L1 of the output plus L1 right after the sub-pixel layer, equal weights."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pipelines import progress as display, weights
 from pipelines.cxr import trunk_tiled
 from pipelines.evaluation.image_metrics import psnr, sr_loss
-from pipelines.models import hydra
+from pipelines.models import hydra, parameter_count
 from pipelines.training import cxr_data
 from pipelines.training.common import Progress, adam_cosine, device, seed_everything
 
@@ -113,7 +113,7 @@ def train_trunk(data_dir: Path, out_dir: Path, widths: tuple[int, ...], steps: i
     }
     path = out_dir / TRUNK_FILE
     weights.save(path, best_state, {"model": "hydra-trunk", **config.to_dict(), "recipe": recipe},
-                 trunk_card(config, recipe, hydra.parameter_count(model)))
+                 trunk_card(config, recipe, parameter_count(model)))
     log.info("trunk saved to %s (best validation gain over cubic %.3f dB)", path, best)
     return path
 
@@ -268,7 +268,7 @@ def _train_lungs(data, out_dir: Path, channels: int, grid: int, steps: int, seed
               "best_val_grid_iou": round(best, 4), "seconds": round(seconds), "trunk_sha256": trunk_digest}
     config = {"model": "hydra-lungs", "channels": channels, "grid": grid, "film": films is not None,
               "decoder_dilations": list(hydra.DECODER_DILATIONS), "recipe": recipe}
-    weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, hydra.parameter_count(head),
+    weights.save(out_dir / LUNGS_FILE, best_state, config, head_card("lung segmentation", recipe, parameter_count(head),
                                                                   HEAD_NOTES["lungs"]))
 
 
@@ -343,7 +343,7 @@ def _train_abnormality(data, out_dir: Path, channels: int, epochs: int, seed: in
     config = {"model": "hydra-abnormality", "channels": channels, "threshold": round(float(threshold), 4),
               "recipe": recipe}
     weights.save(out_dir / ABNORMALITY_FILE, best_state, config,
-                 head_card("abnormality (JSRT nodule vs no nodule)", recipe, hydra.parameter_count(head),
+                 head_card("abnormality (JSRT nodule vs no nodule)", recipe, parameter_count(head),
                            HEAD_NOTES["abnormality"]))
 
 

@@ -39,7 +39,8 @@ from pipelines import weights
 from pipelines.models.interpolation import resize
 from pipelines.models.mdrn import FIXED_FILE, MDRN_FILE, MDRN, MDRNConfig, fixed_config
 from pipelines.models.mdrn import SCALES as MDRN_SCALES
-from pipelines.models.meta_sr import META_FILE, MetaConfig, MetaSR, parameter_count
+from pipelines.models import parameter_count
+from pipelines.models.meta_sr import META_FILE, MetaConfig, MetaSR
 from pipelines.training import cxr_data, volume_data
 from pipelines.training.common import Progress, adam_cosine, device, seed_everything
 from pipelines.training.train_sr3d import PatchSampler, load_training_volumes

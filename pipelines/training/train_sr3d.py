@@ -49,6 +49,7 @@ import torch
 from pipelines import weights
 from pipelines.evaluation.image_metrics import psnr
 from pipelines.training import volume_data
+from pipelines.models import parameter_count
 from pipelines.models.sr3d_cnn import (
     INPLANE_FILES,
     SRCNN,
@@ -56,7 +57,6 @@ from pipelines.models.sr3d_cnn import (
     CNNConfig,
     intermediate_l1,
     lanczos_up,
-    parameter_count,
 )
 from pipelines.training.common import Progress, adam_cosine, adam_step_decay, device, seed_everything
 

@@ -96,3 +96,28 @@ def test_thresholds_apply_to_the_weights_they_were_measured_on():
     assert value is None and "srnode eval qa" in why  # retrained: not measured yet, not flagged
     assert qa.threshold_for(table, [], "sr3d (lanczos)")[0] == 44.0
     assert qa.threshold_for(table, [], "interp (cubic)")[0] is None
+
+
+@pytest.mark.parametrize("modality, eval_modality", [("CR", "CXR"), ("CT", "CT")])
+def test_eval_qa_holds_outputs_to_the_rules_the_derived_writer_applies(modality, eval_modality):
+    """`srnode eval qa` measures outputs under the writer's value rules 1 and 3 (range + 2 %, and on a
+    projection image the local range): the same function, so the same values."""
+    from pydicom import Dataset
+
+    from pipelines.dicom import valid_field
+    from pipelines.evaluation import eval_qa
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(100.0, 900.0, (24, 20)).astype(np.float32)
+    image[8:12, :] = 2000.0  # an edge that an SR output overshoots
+    out = rng.uniform(-500.0, 3000.0, (48, 40)).astype(np.float32)
+    ds = Dataset()
+    ds.Modality = modality
+    valid_field.detect(ds, image.astype(np.int32) + 1, image, None, None)  # no air: nothing outside the field
+    valid_field.note_range([ds], image)
+    written, outside, _ = valid_field.guard(out, ds)
+    assert outside is None
+    measured = eval_qa.guard(out, image, eval_modality)
+    assert np.array_equal(measured, written)
+    local_rule = written[:12].max() <= 900.0 + valid_field.MARGIN * 1900.0 + 1e-3  # far from the bright rows
+    assert local_rule == (modality == "CR")

@@ -79,8 +79,7 @@ def detect(ds: Dataset, stored: np.ndarray, pixels: np.ndarray, padding: np.ndar
             fill = int(stored[outside][0])
     low = high = None
     if str(ds.get("Modality", "")) not in VOLUME_MODALITIES and pixels.ndim == 2:
-        low = ndimage.minimum_filter(pixels, LOCAL, mode="nearest")
-        high = ndimage.maximum_filter(pixels, LOCAL, mode="nearest")
+        low, high = local_range(pixels)
     if outside is not None or low is not None:
         _remember(_FIELDS, ds, Field(outside, fill, low, high))
     return outside
@@ -124,25 +123,42 @@ def outside_on(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def allowed_range(ds: Dataset) -> tuple[float, float] | None:
     """The range an output made from ``ds`` must stay in: its input's, widened by ``MARGIN`` of the span."""
     known = _RANGES.get(id(ds))
-    if known is None:
-        return None
-    low, high = known
+    return None if known is None else widened(known)
+
+
+def widened(value_range: tuple[float, float]) -> tuple[float, float]:
+    """An input's (low, high) widened by ``MARGIN`` of its span on each side: rule 1's bounds."""
+    low, high = value_range
     margin = MARGIN * (high - low)
     return low - margin, high + margin
+
+
+def local_range(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest input value around each pixel (``LOCAL`` x ``LOCAL``): rule 3's bounds."""
+    return (ndimage.minimum_filter(pixels, LOCAL, mode="nearest"),
+            ndimage.maximum_filter(pixels, LOCAL, mode="nearest"))
+
+
+def hold(out: np.ndarray, allowed: tuple[float, float] | None,
+         local: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``out`` held to rule 3 (``local``: :func:`local_range` of the input, sampled on the output's
+    grid, widened by ``MARGIN`` of the input's span; only when the grids differ) and rule 1
+    (``allowed``: :func:`widened` input range)."""
+    if local is not None and local[0].shape != out.shape:
+        span = 0.0 if allowed is None else (allowed[1] - allowed[0]) / (1 + 2 * MARGIN)
+        index = nearest_index(local[0].shape, out.shape)
+        out = np.clip(out, local[0][index] - MARGIN * span, local[1][index] + MARGIN * span)
+    if allowed is not None:
+        out = np.clip(out, allowed[0], allowed[1])
+    return out
 
 
 def guard(pixels: np.ndarray, ds: Dataset) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     """(``pixels`` of an output slice made from template ``ds`` held to rules 1 and 3, the mask
     of output pixels outside the field (rule 2), the stored value to write there)."""
-    out = np.asarray(pixels, dtype=np.float32)
     field = _FIELDS.get(id(ds))
-    allowed = allowed_range(ds)
-    if field is not None and field.local_low is not None and field.local_low.shape != out.shape:
-        span = 0.0 if allowed is None else (allowed[1] - allowed[0]) / (1 + 2 * MARGIN)
-        index = nearest_index(field.local_low.shape, out.shape)
-        out = np.clip(out, field.local_low[index] - MARGIN * span, field.local_high[index] + MARGIN * span)
-    if allowed is not None:
-        out = np.clip(out, allowed[0], allowed[1])
+    local = None if field is None or field.local_low is None else (field.local_low, field.local_high)
+    out = hold(np.asarray(pixels, dtype=np.float32), allowed_range(ds), local)
     if field is None or field.outside is None:
         return out, None, None
     return out, field.outside[nearest_index(field.outside.shape, out.shape)], field.fill

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from pipelines import progress as display, qa, weights
 from pipelines.dicom import valid_field
@@ -63,15 +62,10 @@ def held_out(cxr_dir: Path, data_dir: Path, per_source: int) -> list[tuple[str, 
 
 
 def guard(out: np.ndarray, image: np.ndarray, modality: str) -> np.ndarray:
-    """The derived writer's value rules 1 and 3 (:mod:`pipelines.dicom.valid_field`) for one image."""
-    lo, hi = float(image.min()), float(image.max())
-    margin = valid_field.MARGIN * (hi - lo)
-    if modality == "CXR":  # a projection image: held within its local input range
-        index = valid_field.nearest_index(image.shape, out.shape)
-        low = ndimage.minimum_filter(image, valid_field.LOCAL, mode="nearest")[index]
-        high = ndimage.maximum_filter(image, valid_field.LOCAL, mode="nearest")[index]
-        out = np.clip(out, low - margin, high + margin)
-    return np.clip(out, lo - margin, hi + margin)
+    """The derived writer's value rules 1 and 3 (:func:`pipelines.dicom.valid_field.hold`) for one
+    image: its own range, and on a projection image (CXR) its local range."""
+    local = valid_field.local_range(image) if modality == "CXR" else None
+    return valid_field.hold(out, valid_field.widened((float(image.min()), float(image.max()))), local)
 
 
 def runners(weights_dir: Path) -> dict[str, tuple[list[str], list[int], object]]:

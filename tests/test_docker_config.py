@@ -303,3 +303,48 @@ def test_config_suits_the_compose_stack():
         if "127.0.0.1" in where or "localhost" in where:
             problems.append(f"destinations.{name} points at {where!r}, not the orthanc service")
     assert not problems, problems
+
+
+# -- docker/README.md ----------------------------------------------------------------------------------
+def _readme_table(heading: str) -> list[list[str]]:
+    """The rows of the docker README's table whose header row starts with ``| heading |``: the
+    backquoted names of each row's first cell."""
+    lines = (DOCKER / "README.md").read_text().splitlines()
+    start = lines.index(f"| {heading} | what |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return rows
+
+
+def test_docker_readme_names_every_compose_service_and_every_file(compose):
+    services = [names for names in _readme_table("service")]
+    assert all(len(names) == 1 for names in services), services
+    assert sorted(n for [n] in services) == sorted(compose["services"])
+    files = {n for names in _readme_table("file") for n in names}
+    assert files == {p.name for p in DOCKER.iterdir() if p.is_file() and p.name != "README.md"}
+
+
+def test_docker_readme_recipe_without_a_gpu_gives_the_node_the_embedded_queue(compose, tmp_path):
+    """Without the worker, the node must run the jobs itself: the README's sed turns the stack's config
+    into one with the embedded queue (and nothing else changed), which the `up` line mounts."""
+    from node.config import load_config
+
+    text = (DOCKER / "README.md").read_text()
+    sed = re.search(r"^sed 's\|(.+?)\|(.+?)\|' config/node\.compose\.yaml > (\S+)$", text, re.M)
+    assert sed, "docker/README.md: no `sed ... config/node.compose.yaml > FILE` line"
+    up = re.search(r"^SRNODE_CONFIG=\$PWD/(\S+) docker compose -f docker/compose\.yaml up (?:--build )?(.+)$", text, re.M)
+    assert up and up.group(1) == sed.group(3), "the `up` line must mount the file the sed line writes"
+    started = up.group(2).split()
+    assert "worker" not in started and set(started) <= set(compose["services"]) and "node" in started
+    for need in compose["services"]["node"].get("depends_on", {}):
+        assert need in started, f"the node depends on {need}"
+    original = COMPOSE_CONFIG.read_text()
+    changed = re.sub(sed.group(1), sed.group(2), original, flags=re.M)
+    assert len(changed.splitlines()) == len(original.splitlines())
+    (tmp_path / "node.cpu.yaml").write_text(changed)
+    config = load_config(tmp_path / "node.cpu.yaml")
+    assert config.queue.broker == "embedded"
+    assert yaml.safe_load(changed) | {"queue": None} == _node_config() | {"queue": None}

@@ -310,6 +310,7 @@ def cmd_route(args) -> int:
                 print(f"    {reason}")
             if verdict.matched:
                 print(f"    -> pipeline {verdict.route.pipeline} {verdict.route.options}, send to {', '.join(verdict.route.send_to)}")
+                print(f"    {_job_check(datasets, verdict.route)}")
                 chosen = not verdict.route.continue_
         if not any(v.matched for v in explain(config, facts)):
             print("  -> no route matches: the series would be stored and not processed")
@@ -317,9 +318,27 @@ def cmd_route(args) -> int:
     return 0
 
 
+def _job_check(datasets: list, route) -> str:
+    """What the job this route makes of the series would say: the pipeline's ``run`` raises its
+    refusals when called, before the first output is taken (the :class:`pipelines.Pipeline` contract),
+    so calling it without taking an output is the job's own verdict; nothing is computed or written
+    (the series is read, and the weights the options need are loaded)."""
+    import pipelines
+
+    try:
+        pipe = pipelines.get(route.pipeline)
+        outputs = pipe.run(datasets, pipe.validate_options(route.options), pipelines.RunContext(uid_seed="dry-run"))
+    except pipelines.Refusal as exc:
+        return f"job: REFUSED, it would say: {exc}"
+    except Exception as exc:  # bad options or weights: `srnode config check` says more
+        return f"job: cannot tell ({type(exc).__name__}: {exc})"
+    getattr(outputs, "close", lambda: None)()
+    return "job: OK, the pipeline takes this series with these options"
+
+
 def _series_check(datasets: list) -> str:
     """What the pipelines' series loader makes of these instances: the volume or images, or its refusal
-    (tilt, gaps, mixed matrices, ...), so a dry run shows what a job would say."""
+    (tilt, gaps, mixed matrices, ...), whatever the route."""
     from pipelines import Refusal
     from pipelines.dicom.series import Volume, load_series
 
@@ -331,7 +350,7 @@ def _series_check(datasets: list) -> str:
         slices, rows, columns = loaded.shape
         spacing = f", slices {loaded.slice_spacing:g} mm apart" if loaded.slice_spacing else ""
         if loaded.irregular:  # pipelines.dicom.series.in_plane_only decides from the same note
-            spacing = f"; {loaded.irregular}: in-plane only (a through-plane-only route is refused)"
+            spacing = f"; {loaded.irregular}: a route's through-plane resampling is left out (in-plane only)"
         return (f"series check: OK, a volume of {slices} slice(s) of {rows}x{columns}, pixels "
                 f"{loaded.pixel_spacing[0]:g}x{loaded.pixel_spacing[1]:g} mm{spacing}")
     return f"series check: OK, {len(loaded)} projection image(s)"

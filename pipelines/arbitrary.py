@@ -172,6 +172,11 @@ class ArbitraryPipeline:
         plans = [_inplane_plan(im.pixels.shape, im.pixel_spacing, opts) for im in images]
         if all(plan == im.pixels.shape for im, plan in zip(images, plans, strict=True)):
             raise Refusal("the options leave the image unchanged")
+        windows = [None] * len(images)
+        if network is not None:  # refused here, before any output is taken
+            windows = [tuple(float(v) for v in np.percentile(im.pixels, intensity.MR_PERCENTILES)) for im in images]
+            if any(high <= low for low, high in windows):
+                raise Refusal("the image is blank (no contrast between its 0.5 and 99.5 percentiles)")
         h, w = images[0].pixels.shape
         series = self._series(opts, network, _inplane_label(h, w, plans[0]), _text(h, w, plans[0]))
 
@@ -181,10 +186,7 @@ class ArbitraryPipeline:
                 if network is None:
                     out = resize(pixels, (rows, cols), opts["model"])
                 else:
-                    low, high = (float(v) for v in np.percentile(pixels, intensity.MR_PERCENTILES))
-                    if high <= low:
-                        raise Refusal("the image is blank (no contrast between its 0.5 and 99.5 percentiles)")
-                    out = network.inplane(pixels[None], rows, cols, (low, high), image.monochrome1)[0]
+                    out = network.inplane(pixels[None], rows, cols, windows[i], image.monochrome1)[0]
                 yield DerivedSlice(pixels=out, template=image.dataset, sources=[image.dataset], index=i)
                 context.report(i + 1, len(images))
 

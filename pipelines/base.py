@@ -72,4 +72,8 @@ class Pipeline(Protocol):
     def run(
         self, datasets: Sequence[Dataset], options: Mapping[str, Any], context: RunContext
     ) -> Iterator[Dataset]:
-        """Yield output datasets; raise :class:`Refusal` for input it cannot process."""
+        """Return an iterator of output datasets; raise :class:`Refusal` for input it cannot process.
+
+        Everything that can be told from the instances and options is refused by the call itself,
+        before the first output is taken; outputs are computed as they are taken (``srnode route
+        --dry-run`` calls ``run`` and takes nothing, so ``run`` itself is not a generator)."""

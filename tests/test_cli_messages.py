@@ -114,10 +114,64 @@ def test_route_dry_run_says_whether_the_series_loader_would_refuse_the_series(tm
     write_all(ct_series(4, offsets=[0, 5, 10, 20]), tmp_path / "gaps")
     write_all(ct_series(3), tmp_path / "regular")
     for folder, verdict in (("gaps", "series check: OK, a volume of 4 slice(s) of 128x128, pixels 0.661468x0.661468 "
-                                     "mm; irregular slice spacing (gaps from 5.00 to 10.00 mm): in-plane only (a "
-                                     "through-plane-only route is refused)"),
+                                     "mm; irregular slice spacing (gaps from 5.00 to 10.00 mm): a route's through-plane "
+                                     "resampling is left out (in-plane only)"),
                             ("regular", "series check: OK, a volume of 3 slice(s) of 128x128, pixels "
                                         "0.661468x0.661468 mm, slices 5 mm apart")):
         assert cli.main(["route", "--config", str(path), "--dry-run", str(tmp_path / folder)]) == 0
         out = capsys.readouterr().out
         assert "route ct-route: MATCH" in out and out.splitlines()[-1] == f"  {verdict}"
+
+
+def test_route_dry_run_gives_each_matched_route_its_own_verdict(tmp_path, capsys):
+    """A tilted series: a route that only resamples between slices would be refused (with the job's own
+    reason); one that also works in-plane would run (in-plane only)."""
+    import yaml
+
+    from tests.synthetic import ct_series, write_all
+
+    path = _config(tmp_path, {"archive": {"type": "folder", "path": str(tmp_path / "out")}}, ["archive"])
+    config = yaml.safe_load(path.read_text())
+    config["routes"] = [
+        {"name": "slices-only", "match": {"Modality": "CT"}, "pipeline": "interp", "options": {"through_scale": 2},
+         "send_to": ["archive"], "continue": True},
+        {"name": "both", "match": {"Modality": "CT"}, "pipeline": "interp", "options": {"scale": 2, "through_scale": 2},
+         "send_to": ["archive"]},
+    ]
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "tilted").mkdir()
+    write_all(ct_series(4, shear_mm=2.0), tmp_path / "tilted")
+    assert cli.main(["route", "--config", str(path), "--dry-run", str(tmp_path / "tilted")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    jobs = [(lines[i - 1], line) for i, line in enumerate(lines) if line.startswith("    job: ")]
+    assert jobs == [
+        ("    -> pipeline interp {'through_scale': 2}, send to archive",
+         "    job: REFUSED, it would say: through-plane resampling needs regularly spaced slices along their normal; "
+         "this series has gantry tilt 21.8 deg (slice positions are not along the slice normal) (an in-plane factor "
+         "would still apply)"),
+        ("    -> pipeline interp {'scale': 2, 'through_scale': 2}, send to archive",
+         "    job: OK, the pipeline takes this series with these options")]
+
+
+def test_pipelines_refuse_when_run_is_called_not_while_outputs_are_taken():
+    """What the dry run's verdict rests on: ``run`` is no generator (its refusals come with the call),
+    and no generator in pipelines/ raises a Refusal itself (a refusal halfway through the outputs)."""
+    import ast
+    import inspect
+
+    import pipelines
+    from tests.paths import REPO
+
+    assert [name for name in pipelines.names() if inspect.isgeneratorfunction(type(pipelines.get(name)).run)] == []
+    late = []
+    for path in sorted((REPO / "pipelines").rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            inner = {id(n) for sub in ast.walk(fn) if sub is not fn and isinstance(sub, (ast.FunctionDef, ast.Lambda))
+                     for n in ast.walk(sub)}
+            own = [n for n in ast.walk(fn) if id(n) not in inner]
+            if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in own) and any(
+                    isinstance(n, ast.Raise) and n.exc is not None and "Refusal" in ast.unparse(n.exc) for n in own):
+                late.append(f"{path.relative_to(REPO)}: {fn.name}")
+    assert late == []

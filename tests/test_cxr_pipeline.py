@@ -113,7 +113,8 @@ def test_mdrn_and_meta_super_resolve_a_real_radiograph_better_than_lanczos(model
     [out] = list(cxr.PIPELINE.run([src], options, RunContext(f"cxr-{model}")))
     assert (out.Rows, out.Columns) == (384, 384)
     assert out.PhotometricInterpretation == src.PhotometricInterpretation
-    assert {"mdrn": "MDRN", "meta": "Meta-Upscale", None: "MDRN"}[model] in out.SeriesDescription
+    name = {"mdrn": "MDRN", "meta": "Meta-Upscale", None: "MDRN"}[model]
+    assert out.SeriesDescription == f"super-res x2 {name} (AI) - research use"
     check_derived([src], [out])
     path = tmp_path / "out.dcm"
     out.save_as(path, enforce_file_format=True)
@@ -158,7 +159,7 @@ def test_super_resolved_image_is_a_valid_derived_cr(processed, tmp_path):
     [(path, out)] = outputs[src.SOPClassUID]
     assert (out.Rows, out.Columns) == (2 * src.Rows, 2 * src.Columns)
     assert out.PhotometricInterpretation == src.PhotometricInterpretation
-    assert "Hydra" in out.SeriesDescription and "research use" in out.SeriesDescription
+    assert out.SeriesDescription == "super-res x2 Hydra (AI) - research use"
     check_derived([src], [out])
     assert new_dciodvfy_errors(path, source) == []
     # The stored values keep the source's range: the image was not re-windowed or clipped.
@@ -170,6 +171,7 @@ def test_super_resolved_image_is_a_valid_derived_cr(processed, tmp_path):
 def test_lung_seg_is_on_the_source_matrix_and_plausible(processed, tmp_path):
     source, src, outputs, _ = processed
     [(path, seg)] = outputs[SEG_CLASS]
+    assert seg.SeriesDescription == "Lungs Hydra (AI) - research use"
     assert new_dciodvfy_errors(path, source) == []
     mask = hd.seg.segread(path).get_pixels_by_source_instance(
         source_sop_instance_uids=[src.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
@@ -186,6 +188,7 @@ def test_nodule_report_states_what_the_model_measured(processed):
     the film normal (the old report said Normality: Normal)."""
     source, src, outputs, _ = processed
     [(path, sr)] = outputs[COMPREHENSIVE_3D_SR]
+    assert sr.SeriesDescription == "Lung nodule Hydra (AI) - research use"
     assert new_dciodvfy_errors(path, source) == []
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
     assert sr.StudyInstanceUID == src.StudyInstanceUID

@@ -164,6 +164,24 @@ def test_series_description_keeps_the_original_and_cannot_be_taken_for_a_structu
     assert len(first.SeriesDescription) <= 64
 
 
+
+@pytest.mark.parametrize("description, version, original, flag, expected", [
+    # the pipeline's words do not fit with the QA flag: cut at a word, and not inside the brackets
+    ("super-res x2, slices x2 lanczos (interpolation)", 12, "Head", "QA low",
+     "Head super-res x2, slices x2 lanczos - QA low - research use v12"),
+    # the original is cut first, and not inside its brackets either
+    ("super-res x2 Hydra (AI)", 1, "CHEST PA (STANDING PORTABLE) 2 view with markers and grid", None,
+     "CHEST PA super-res x2 Hydra (AI) - research use"),
+    ("super-res x2 lanczos (interpolation)", 1, "Thorax 1.0 B31f (lung window, sharp kernel) axial", None,
+     "Thorax 1.0 super-res x2 lanczos (interpolation) - research use"),
+])
+def test_a_cut_series_description_leaves_no_bracket_open_and_keeps_the_suffix(description, version, original,
+                                                                              flag, expected) -> None:
+    from pipelines.dicom.derived import LO_MAX, series_description
+
+    written = series_description(description, version, original, flag)
+    assert written == expected and len(written) <= LO_MAX
+
 def test_slabs_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     sources = ct_series(5, 3.0)
     whole = _run(sources, {"scale": 1.5, "through_scale": 3, "method": "cubic"})

@@ -79,6 +79,8 @@ def test_an_output_inconsistent_with_its_input_is_flagged_and_still_delivered(tm
     ("CHEST PA", "super-res x2 MDRN (AI)", 1),
     (None, "super-res x2 lanczos (interpolation)", 1),
     ("An original series description that fills most of the room", "in-plane only super-res x2 cnn", 3),
+    ("CHEST PA (STANDING PORTABLE) 2 view with markers and grid", "super-res x2 Hydra (AI)", 1),
+    ("Head", "super-res x2, slices x2 lanczos (interpolation)", 12),  # the flag cuts the pipeline's words
 ])
 def test_the_flag_is_added_as_the_writer_would_have_written_it(original, description, version):
     written = series_description(description, version, original)

@@ -396,17 +396,22 @@ def _normal(ds) -> np.ndarray:
     return np.cross(iop[:3], iop[3:])
 
 
-@pytest.mark.parametrize("options, r_in, r_t", [
-    ({"inplane_scale": 2, "through_scale": 2}, 2, 2),
-    ({"inplane_scale": 2, "through_scale": 2, "model": "mdrn"}, 2, 2),
-    ({"through_scale": 4}, 1, 4),
-    ({"inplane_scale": 4}, 4, 1),
-    ({"through_scale": 2, "model": "mdrn"}, 1, 2),  # no in-plane stage: MDRN does not run, nor is named
+@pytest.mark.parametrize("options, r_in, r_t, description", [
+    ({"inplane_scale": 2, "through_scale": 2}, 2, 2, "Head 5mm super-res x2, slices x2 CNN - research use"),
+    ({"inplane_scale": 2, "through_scale": 2, "model": "mdrn"}, 2, 2,
+     "Head 5mm super-res x2, slices x2 MDRN - research use"),
+    ({"through_scale": 4}, 1, 4, "Head 5mm super-res slices x4 CNN - research use"),
+    ({"inplane_scale": 4}, 4, 1, "Head 5mm super-res x4 CNN - research use"),
+    # no in-plane stage: MDRN does not run, nor is named
+    ({"through_scale": 2, "model": "mdrn"}, 1, 2, "Head 5mm super-res slices x2 CNN - research use"),
 ])
-def test_cnn_output_geometry_slice_by_slice_and_dciodvfy(tmp_path, options, r_in, r_t):
+def test_cnn_output_geometry_slice_by_slice_and_dciodvfy(tmp_path, options, r_in, r_t, description):
     paths = make.ct_volume(tmp_path / "in", f"sr3d-{r_in}-{r_t}", 3)
     sources = [dcmread(p) for p in paths]
+    for ds in sources:
+        ds.SeriesDescription = "Head 5mm"
     outputs = list(sr3d.PIPELINE.run(sources, options, CONTEXT))
+    assert {ds.SeriesDescription for ds in outputs} == {description}
     _check_geometry(sources, outputs, r_in, r_t)
     check_derived(sources, outputs, slab_edges=True)
     out_dir = tmp_path / "out"

@@ -211,10 +211,20 @@ def series_description(description: str, version: int = 1, original: object = No
     never ``"SR ..."``, which a PACS series list shows beside Structured Reports (modality SR)."""
     suffix = (f" - {flag}" if flag else "") + f" - {RESEARCH_USE}" + (f" v{version}" if version > 1 else "")
     room = LO_MAX - len(suffix)
-    head, fits = " ".join(str(original or "").split()), max(room - len(description) - 1, 0)
-    if len(head) > fits:  # cut at a word where there is one
-        head = head[:fits + 1].rsplit(" ", 1)[0] if " " in head[:fits + 1] else head[:fits]
-    return f"{head} {description}".strip()[:room].rstrip() + suffix
+    description = _cut(description, room)
+    head = _cut(" ".join(str(original or "").split()), max(room - len(description) - 1, 0))
+    return f"{head} {description}".strip() + suffix
+
+
+def _cut(text: str, room: int) -> str:
+    """``text`` in at most ``room`` characters: cut at a word where there is one, and never inside
+    brackets (an unclosed "(" and what follows it go)."""
+    if len(text) <= room:
+        return text
+    text = text[:room + 1].rsplit(" ", 1)[0] if " " in text[:room + 1] else text[:room]
+    if text.count("(") > text.count(")"):
+        text = text[:text.rfind("(")]
+    return text.rstrip()
 
 
 def flag_description(written: str, flag: str, version: int = 1, original: object = None) -> str:

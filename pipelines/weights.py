@@ -34,8 +34,24 @@ INSTALLED_PACKAGE = "srnode_weights"
 
 def weights_dir() -> Path:
     """``$SRNODE_WEIGHTS``; else the source tree's ``weights/`` (a checkout or an editable install);
-    else the installed package ``srnode_weights`` (``pip install .``, from any directory)."""
+    else the installed package ``srnode_weights`` (``pip install .``, from any directory); else a
+    folder that does not exist (:data:`NOT_FOUND`), so that every load says where it looked."""
     return _located()[0]
+
+
+#: What :func:`weights_dir` gives when no weights are found anywhere: never a real folder.
+NOT_FOUND = Path(__file__).resolve().parent / "no-weights-found"
+
+
+def _source_tree() -> Path:
+    """Where the weights are in a checkout (or an editable install): ``weights/`` beside ``pipelines/``."""
+    return Path(__file__).resolve().parents[1] / "weights"
+
+
+def _is_source_tree(tree: Path) -> bool:
+    """A checkout has pyproject.toml beside ``weights/``; an installed ``pipelines`` package sits in
+    site-packages, whose ``weights/`` (if any) is another package's."""
+    return tree.is_dir() and (tree.parent / "pyproject.toml").is_file()
 
 
 def _located() -> tuple[Path, str]:
@@ -43,19 +59,30 @@ def _located() -> tuple[Path, str]:
     env = os.environ.get("SRNODE_WEIGHTS")
     if env:
         return Path(env), "from SRNODE_WEIGHTS"
-    tree = Path(__file__).resolve().parents[1] / "weights"
-    if tree.is_dir():
+    tree = _source_tree()
+    if _is_source_tree(tree):
         return tree, "the source tree's weights/; SRNODE_WEIGHTS overrides"
     spec = importlib.util.find_spec(INSTALLED_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations))), \
             f"the installed package {INSTALLED_PACKAGE}; SRNODE_WEIGHTS overrides"
-    return tree, f"neither SRNODE_WEIGHTS nor an installed {INSTALLED_PACKAGE} package; set SRNODE_WEIGHTS"
+    return NOT_FOUND, "no weights found"
+
+
+def looked() -> str:
+    """Every place the lookup tries, in order, and why each gave nothing (when none did)."""
+    tree = _source_tree()
+    why = "absent" if not tree.is_dir() else "not a source tree: no pyproject.toml beside it"
+    return (f"$SRNODE_WEIGHTS (not set), {tree} (the source tree's weights/: {why}), "
+            f"the installed package {INSTALLED_PACKAGE} (not installed); set SRNODE_WEIGHTS to the folder "
+            "that holds the weights")
 
 
 def where(folder: Path) -> str:
     """Where ``folder`` came from, for error messages: the lookup's answer or a folder given."""
     located, how = _located()
+    if located == NOT_FOUND and Path(folder).resolve() == NOT_FOUND:
+        return looked()
     if Path(folder).resolve() == located.resolve():
         return f"{folder} ({how})"
     return f"{folder} (given; SRNODE_WEIGHTS sets the default)"

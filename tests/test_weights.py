@@ -45,3 +45,30 @@ def test_missing_weights_say_where_the_node_looked_and_name_SRNODE_WEIGHTS(tmp_p
     problems = [line for line in checked.stderr.splitlines() if "cannot run" in line]
     assert problems and all(f"looked in {tmp_path / 'none'} (from SRNODE_WEIGHTS)" in line for line in problems)
     assert "Traceback" not in checked.stderr
+
+
+def test_weights_not_found_anywhere_name_every_place_looked_and_never_another_packages_folder(tmp_path, monkeypatch):
+    """An installed ``pipelines`` sits in site-packages: a ``weights/`` there is another package's, not
+    srnode's. With no SRNODE_WEIGHTS and no srnode_weights package, the error lists each place looked."""
+    import pytest
+
+    from pipelines import weights
+
+    site = tmp_path / "site-packages"
+    (site / "pipelines").mkdir(parents=True)
+    (site / "weights").mkdir()
+    (site / "weights" / "mdrn.safetensors").write_bytes(b"another package's file")
+    monkeypatch.setattr(weights, "__file__", str(site / "pipelines" / "weights.py"))
+    monkeypatch.setattr(weights, "INSTALLED_PACKAGE", "srnode_weights_absent")
+    monkeypatch.delenv("SRNODE_WEIGHTS", raising=False)
+    folder = weights.weights_dir()
+    assert folder == weights.NOT_FOUND and not folder.exists()
+    with pytest.raises(weights.WeightsError) as raised:
+        weights.load(folder / "mdrn.safetensors")
+    assert str(raised.value) == (
+        f"weights file mdrn.safetensors is missing: looked in $SRNODE_WEIGHTS (not set), {site / 'weights'} (the "
+        "source tree's weights/: not a source tree: no pyproject.toml beside it), the installed package "
+        "srnode_weights_absent (not installed); set SRNODE_WEIGHTS to the folder that holds the weights; train it "
+        "(see its model card) or restore it from the repository")
+    (site / "pyproject.toml").write_text("")  # a checkout: its weights/ is the source tree's
+    assert weights.weights_dir() == site / "weights"

@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import spill
 from node.backoff import Backoff
 from node.config import Limits
-from node.fast_reactor import FastAssociation, _FastRequestHandler
+from node.fast_reactor import FastAssociation, FastRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class GuardedServer(ThreadedAssociationServer):
                   exc_info=log.isEnabledFor(logging.DEBUG))
 
 
-class GuardedHandler(_FastRequestHandler):
+class GuardedHandler(FastRequestHandler):
     """Runs in the connection's thread: TLS handshake, then the association with its limits."""
 
     def handle(self) -> None:

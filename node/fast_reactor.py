@@ -40,7 +40,10 @@ association open either.
 
 It touches private pynetdicom attributes, so it is pinned to the versions it was written and
 tested against (:data:`SUPPORTED`; written against 3.0.4) and checks at import that the internals
-it relies on still look as it expects (:data:`PATCHED`, :func:`internals_changed`). With any other
+it relies on still look as it expects (:data:`PATCHED`, :func:`internals_changed`); the test suite
+also fingerprints the source of each pynetdicom method whose body is re-implemented here (and of
+``RequestHandler.handle``, which :class:`node.dicom_guard.GuardedHandler` re-implements), so a
+release that changes one fails until the copy here is re-checked. With any other
 version :func:`accelerate` logs a warning once and leaves the association on pynetdicom's stock
 reactors; a listener that needs the PDU cap and deadlines must refuse to start instead
 (:func:`require_supported`).
@@ -566,7 +569,10 @@ def accelerate(assoc: Association) -> Association:
     return assoc
 
 
-class _FastRequestHandler(RequestHandler):
+class FastRequestHandler(RequestHandler):
+    """pynetdicom's acceptor request handler, whose associations use the fast reactors (what
+    :meth:`FastAE.make_server` serves with; subclass it, as :mod:`node.dicom_guard` does, to add to it)."""
+
     def _create_association(self) -> Association:
         return accelerate(super()._create_association())
 
@@ -580,7 +586,7 @@ class FastAE(AE):
             _warn_once()
 
     def make_server(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("request_handler", _FastRequestHandler)
+        kwargs.setdefault("request_handler", FastRequestHandler)
         return super().make_server(*args, **kwargs)
 
     def _create_socket(self, assoc: Association, *args: Any, **kwargs: Any):

@@ -226,6 +226,46 @@ def test_patched_pynetdicom_internals_are_as_expected():
     assert {("Evt18", "Sta2"), ("Evt19", "Sta2"), ("Evt19", "Sta6")} <= set(TRANSITION_TABLE)  # ARTIM, bad PDU
 
 
+#: sha256 of ``inspect.getsource`` (pynetdicom 3.0.4) of each pynetdicom method whose body srnode
+#: re-implements, and the copy to compare with the new version's before updating the digest.
+REIMPLEMENTED = {
+    "DULServiceProvider.run_reactor": (
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803", "node.fast_reactor.FastDUL.run_reactor"),
+    "DULServiceProvider._is_transport_event": (
+        "8725ed03bb8fbdefef249d5d9888c120e6277d7b6aa2c4f537e23027186e1253",
+        "node.fast_reactor.FastDUL._is_transport_event"),
+    "DULServiceProvider._read_pdu_data": (
+        "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+        "node.fast_reactor.FastDUL._read_pdu_data (and _recv_into, _count_dataset)"),
+    "Association._run_reactor": (
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+        "node.fast_reactor.FastAssociation._run_reactor"),
+    "RequestHandler.handle": (
+        "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd", "node.dicom_guard.GuardedHandler.handle"),
+}
+
+
+def test_pynetdicom_code_that_srnode_reimplements_is_unchanged():
+    """Fails LOUDLY when a pynetdicom release (3.0.x included) changes a method whose body srnode
+    copies and modifies: the copy may now miss a fix or a new step. Diff the old and new method,
+    carry the change into the copy named, then update the digest here."""
+    import hashlib
+    import inspect
+
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.transport import RequestHandler
+
+    owners = {"DULServiceProvider": DULServiceProvider, "Association": Association, "RequestHandler": RequestHandler}
+    changed = []
+    for name, (digest, copy) in REIMPLEMENTED.items():
+        owner, method = name.split(".")
+        source = inspect.getsource(getattr(owners[owner], method))
+        if hashlib.sha256(source.encode()).hexdigest() != digest:
+            changed.append(f"pynetdicom {pynetdicom.__version__} changed {name}: re-check {copy} against it")
+    assert changed == [], "\n".join(changed)
+
+
 def test_a_changed_internal_is_reported_and_the_listener_refuses_to_start(monkeypatch):
     monkeypatch.setattr(fast_reactor, "_CHANGED", ["DULServiceProvider._read_pdu_data(self, x)"])
     assert not fast_reactor.supported()

@@ -10,7 +10,7 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, shared
 
 
 def _relabelled(datasets: list[Dataset], tag: str) -> list[Dataset]:
@@ -113,6 +113,7 @@ def ct_volume(out: Path, tag: str, n: int) -> list[Path]:
 
 
 def tilted_ct(out: Path, tag: str) -> list[Path]:
-    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data)."""
-    folder = SHARED_DATA / "ct" / "ge_head_ct_tilt"
+    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data; the test
+    skips, saying so, without it)."""
+    folder = shared("ct", "ge_head_ct_tilt")
     return _relabel([dcmread(p) for p in sorted(folder.glob("*.dcm"))], out, tag)

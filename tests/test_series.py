@@ -200,3 +200,13 @@ def test_copy_of_series_is_not_modified() -> None:
     before = [copy.deepcopy(ds) for ds in series]
     load_series(series)
     assert [ds.to_json_dict() for ds in series] == [ds.to_json_dict() for ds in before]
+
+
+def test_the_tilted_ct_factory_skips_with_the_reason_without_shared_data(tmp_path, monkeypatch) -> None:
+    import tests.paths
+    from tests import series_factory
+
+    monkeypatch.setattr(tests.paths, "SHARED_DATA", tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception, match=r"absent/ct/ge_head_ct_tilt is absent \(real data lives in "
+                                                     r"\.\./shared/data"):
+        series_factory.tilted_ct(tmp_path / "out", "tilt")

@@ -168,13 +168,17 @@ def _qa_view(node, job_id: int) -> list[dict]:
              "model": r["model"]} for _, r in qa_records(node.spool, job_id)]
 
 
+PROBLEM_STATES = ("failed", "parked", "refused", "waiting_disk")  # however old: a busy node must not hide them
+
+
 def status_view(node) -> dict:
     jobs = jobs_view(node, None, 50)
     for job in jobs:
         job["qa"] = _qa_view(node, job["id"]) if job["state"] in ("dispatching", "delivered", "parked") else []
-    problems = [j for j in jobs_view(node, None, 500) if j["state"] in ("failed", "parked", "refused", "waiting_disk")][:20]
+    ledger = node.ledger
+    problems = [ledger.describe(j) for j in ledger.jobs(PROBLEM_STATES, limit=20, newest_first=True)]
     usage = shutil.disk_usage(node.spool.root)
-    queue = {state: len(node.ledger.jobs([state], limit=100000)) for state in ("pending", "queued", "dispatching")}
+    queue = {state: ledger.count_jobs([state]) for state in ("pending", "queued", "dispatching")}
     return {"jobs": jobs, "problems": problems, "destinations": destinations_view(node), "queue": queue,
             "disk": {"total": usage.total, "used": usage.used, "free": usage.free,
                      "min_free": node.config.retention.min_free_bytes},

@@ -10,7 +10,7 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.paths import SHARED_DATA
+from tests.paths import SHARED_DATA, shared
 
 
 def _relabelled(datasets: list[Dataset], tag: str) -> list[Dataset]:
@@ -166,7 +166,10 @@ def ct_volume(out: Path, tag: str, n: int) -> list[Path]:
     return _relabel(stepped(dcmread(get_testdata_file("CT_small.dcm")), n, 5.0), out, tag)
 
 
-def tilted_ct(out: Path, tag: str) -> list[Path]:
-    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data)."""
-    folder = SHARED_DATA / "ct" / "ge_head_ct_tilt"
-    return _relabel([dcmread(p) for p in sorted(folder.glob("*.dcm"))], out, tag)
+def tilted_ct(out: Path, tag: str, first: int = 0, count: int | None = None,
+              crop: tuple[int, int, int, int] | None = None) -> list[Path]:
+    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data); ``count``
+    files from the ``first`` (in file order), each cut to ``crop`` (top, left, rows, cols) when given."""
+    folder = shared("ct", "ge_head_ct_tilt")
+    slices = [dcmread(p) for p in sorted(folder.glob("*.dcm"))[first:None if count is None else first + count]]
+    return _relabel([cropped(ds, *crop) for ds in slices] if crop else slices, out, tag)

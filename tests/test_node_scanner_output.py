@@ -62,7 +62,8 @@ def test_enhanced_ct_enhanced_mr_and_tilted_ct_reach_orthanc_as_results(make_nod
     [series] = derived_series(orthanc, tilted[0])
     outputs = fetch(orthanc, sources[0].StudyInstanceUID, series)
     check_in_place(sources, outputs, 2)
-    assert "through-plane resampling skipped, in-plane only: gantry tilt 18.5 deg" in node.log()
+    assert (f"series {sources[0].SeriesInstanceUID}: through-plane resampling skipped, in-plane only: "
+            "gantry tilt 18.5 deg") in node.log()  # which series, in the node's log
     for k, ds in enumerate(outputs[::9]):
         path = tmp_path / f"tilted-out{k}.dcm"
         ds.save_as(path)

@@ -5,7 +5,8 @@ One JSON object a line, appended to ``audit/<UTC date>.jsonl`` in the spool and 
 titles, addresses, route/pipeline/destination/token names and statuses: never patient names,
 IDs or birth dates (tests/test_audit.py sends a study with known PHI and greps for it).
 
-Events (``event`` field): ``association.accepted`` / ``association.rejected``, ``series.received``,
+Events (``event`` field): ``association.accepted`` / ``association.rejected`` (DICOM),
+``stow.accepted`` / ``stow.rejected`` (STOW-RS requests), ``series.received``,
 ``job.created``, ``job.finished``, ``delivery``, ``job.settled`` (delivered or parked), ``admin``,
 ``config.reload``, ``retention``.
 """
@@ -18,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from node.spool import fsync_dir
 
 
 def _day(ts: float) -> str:
@@ -39,7 +42,9 @@ class Audit:
                  "event": event, **fields}
         line = (json.dumps(entry, default=str, ensure_ascii=True) + "\n").encode()
         with self._lock:
-            fd = os.open(self.folder / f"{_day(now)}.jsonl", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            path = self.folder / f"{_day(now)}.jsonl"
+            new = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short by a crash stays alone
@@ -48,6 +53,8 @@ class Audit:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if new:  # a day's first line: its file's name must survive a crash too
+                fsync_dir(self.folder)
         return entry
 
 

@@ -6,7 +6,9 @@ One :class:`Backoff` per front door (DICOM associations, HTTP credentials). The 
   refused for (its connection is then closed / answered at once, with no log line of its own), or 0;
 * ``failure(address)`` when the address did something that must not be repeated freely (a rejected
   association, a failed TLS handshake, a PDU that breaks the rules, bad credentials);
-* ``success(address)`` when it got in properly (the count starts again).
+* ``success(address)`` when it got in properly (the count starts again). The DICOM door calls it
+  for an accepted association; the HTTP doors never do, as a credential's holder could otherwise
+  interleave it with guesses at other credentials.
 
 After ``threshold`` failures without a success the address is refused for ``initial_s``; the
 first failure after a back-off starts the next one, twice as long, up to ``max_s`` (failures that

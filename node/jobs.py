@@ -274,7 +274,6 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
     if done is not None:
         log.info("job %s already finished (%s), nothing to do", job_id, done["state"])
         return done
-    started = time.monotonic()
     try:
         result = _run(spool, job_id)
     except Exception as exc:  # the job fails with its reason; the worker keeps serving
@@ -285,6 +284,7 @@ def execute_job(spool: Spool, job_id: int) -> dict[str, Any]:
             log.exception("job %s failed", job_id)
             result = {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     result.setdefault("finished", time.time())
+    result["software_version"] = node.__version__  # this worker's (a Redis worker may run another release)
     if read_result(spool, job_id) is None:
         _write_result(job_dir, job_id, result)
     log.info("job %s %s%s", job_id, result["state"], f": {result['reason']}" if "reason" in result else "")

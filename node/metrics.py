@@ -72,8 +72,12 @@ class _NodeGauges:
         depth = GaugeMetricFamily("srnode_queue_depth", "Jobs waiting for or running on a worker (pending or queued)")
         depth.add_metric([], node.ledger.count_jobs(["pending", "queued"]))
         yield depth
+        try:
+            space = shutil.disk_usage(node.spool.root).free
+        except OSError:  # the spool's folder is gone: no sample (/healthz says why)
+            return
         free = GaugeMetricFamily("srnode_spool_free_bytes", "Free space on the spool's file system", unit="")
-        free.add_metric([], shutil.disk_usage(node.spool.root).free)
+        free.add_metric([], space)
         yield free
 
 

@@ -37,6 +37,9 @@ def restart_only(old: Config, new: Config) -> list[str]:
         if getattr(old, section) != getattr(new, section):
             reasons.append(f"{section} changed: it needs a restart")
     old_http, new_http = getattr(old, "http", None), getattr(new, "http", None)
+    if (old_http is None) != (new_http is None):  # the HTTP service is started (or not) with the node
+        reasons.append(f"the http section was {'added' if new_http is not None else 'removed'}: "
+                       "starting or stopping the HTTP service needs a restart")
     for key in HTTP_RESTART_KEYS:
         if old_http is not None and new_http is not None and getattr(old_http, key, None) != getattr(new_http, key, None):
             reasons.append(f"http.{key} changed: it needs a restart")

@@ -199,7 +199,8 @@ class Scheduler:
 
             self.audit.record("job.finished", job=job.id, state=result["state"], route=job.route,
                               pipeline=job.pipeline, models=result.get("models", []),
-                              software_version=node.__version__, instances_out=len(outputs),
+                              software_version=result.get("software_version", node.__version__),
+                              instances_out=len(outputs),
                               reason=result.get("reason"))
         if result["state"] == "done":
             outputs = [(o["sop_uid"], o["file"]) for o in result["outputs"]]

@@ -13,7 +13,7 @@ from tests.test_node_e2e import route
 
 pytestmark = pytest.mark.integration
 
-ADMIN, VIEWER = "admin-secret-7f3a", "viewer-secret-91c2"
+ADMIN, VIEWER, ROTATED = "admin-secret-7f3a", "viewer-secret-91c2", "viewer-secret-rotated-5d0e"
 TOKENS = [{"name": "ops", "role": "admin", "token_env": "SRNODE_TEST_ADMIN"},
           {"name": "grafana", "role": "viewer", "token_env": "SRNODE_TEST_VIEWER"}]
 
@@ -22,9 +22,10 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _node(make_node, tmp_path, monkeypatch):
+def _node(make_node, tmp_path, monkeypatch, **kwargs):
     monkeypatch.setenv("SRNODE_TEST_ADMIN", ADMIN)
     monkeypatch.setenv("SRNODE_TEST_VIEWER", VIEWER)
+    monkeypatch.setenv("SRNODE_TEST_VIEWER_ROTATED", ROTATED)
     node = make_node(
         routes=[route("parked", {"calling_ae": "PARKER"}, {"inplane_scale": 2}, send_to=["down"]),
                 route("ct", {"Modality": "CT"}, {"inplane_scale": 2}, send_to=["archive"])],
@@ -32,15 +33,16 @@ def _node(make_node, tmp_path, monkeypatch):
                       "down": {"type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port(),
                                "timeout_s": 2}},
         peers=[{"ae_title": "STORESCU"}, {"ae_title": "PARKER"}], max_attempts=1,
-        http_port=free_port(), tokens=TOKENS)
+        http_port=free_port(), tokens=TOKENS, **kwargs)
     node.url = f"http://127.0.0.1:{node.config['http']['port']}"
     return node
 
 
 @pytest.fixture
-def admin_node(make_node, tmp_path, monkeypatch):
-    """A node with one job delivered and one parked."""
-    node = _node(make_node, tmp_path, monkeypatch)
+def admin_node(make_node, tmp_path, monkeypatch, redis_url):
+    """A node with one job delivered and one parked, run by a separate Celery worker over Redis."""
+    node = _node(make_node, tmp_path, monkeypatch, broker=redis_url)
+    node.start_worker()
     assert storescu(make.ct_small(tmp_path / "ok", "api-ok"), node.port).returncode == 0
     assert storescu(make.ct_small(tmp_path / "park", "api-park"), node.port, calling_ae="PARKER").returncode == 0
     node.wait_jobs(lambda jobs: sorted(j["state"] for j in jobs) == ["delivered", "parked"], timeout=60,
@@ -74,6 +76,10 @@ def test_admin_api_answers_each_role_and_does_what_it_says(admin_node, tmp_path)
     assert one["destinations"]["down"]["instances"] == {"parked": 1} and "no association" in \
         one["destinations"]["down"]["last_status"]
     assert requests.get(f"{url}/api/jobs/99999", headers=_bearer(VIEWER), timeout=10).status_code == 404
+    for odd in ("%C2%B2", "1%C2%B2", "-1", "1e3"):  # "²" passes str.isdigit but not int()
+        assert requests.get(f"{url}/api/jobs/{odd}", headers=_bearer(VIEWER), timeout=10).status_code == 404, odd
+        assert requests.get(f"{url}/ui/jobs/{odd}/qa/1.png", headers=_bearer(VIEWER), timeout=10).status_code == 404
+    assert requests.get(f"{url}/api/jobs?limit=%C2%B2", headers=_bearer(VIEWER), timeout=10).status_code == 400
 
     destinations = {d["name"]: d for d in requests.get(f"{url}/api/destinations", headers=_bearer(VIEWER),
                                                        timeout=10).json()["destinations"]}
@@ -101,6 +107,20 @@ def test_admin_api_answers_each_role_and_does_what_it_says(admin_node, tmp_path)
     node.config_path.write_text(yaml.safe_dump(config))
     applied = requests.post(f"{url}/api/config/reload", headers=_bearer(ADMIN), timeout=30)
     assert applied.status_code == 200 and "routes: ~ parked" in applied.json()["changes"]
+
+    # Tokens reload too: the viewer token rotated (its name now reads another variable) stops
+    # working at once, the status page session it signed in ends, the new secret works.
+    browser = requests.Session()
+    assert browser.post(f"{url}/signin", data={"token": VIEWER}, timeout=10).status_code == 200
+    assert "Sign in" not in browser.get(f"{url}/", timeout=10).text
+    config["http"]["tokens"][1]["token_env"] = "SRNODE_TEST_VIEWER_ROTATED"
+    node.config_path.write_text(yaml.safe_dump(config))
+    rotated = requests.post(f"{url}/api/config/reload", headers=_bearer(ADMIN), timeout=30)
+    assert rotated.status_code == 200 and "http: tokens" in rotated.json()["changes"]
+    assert requests.get(f"{url}/api/jobs", headers=_bearer(VIEWER), timeout=10).status_code == 401
+    assert requests.get(f"{url}/api/jobs", headers=_bearer(ROTATED), timeout=10).status_code == 200
+    page = browser.get(f"{url}/", timeout=10)
+    assert page.url.endswith("/signin") and "Sign in" in page.text
 
 
 def test_repeated_bad_tokens_are_backed_off_on_the_admin_api(make_node, tmp_path, monkeypatch):

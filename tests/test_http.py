@@ -2,6 +2,7 @@
 /metrics from a real Celery+Redis worker, and a full disk during STOW-RS (a real tmpfs)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -99,12 +102,32 @@ def test_tokens_roles_back_off_and_health_reasons(tmp_path, tokens, redis_url, m
         node.config = running.model_copy(update={"queue": Queue(broker=f"redis://127.0.0.1:{free_port()}/0")})
         assert reasons() == ["queue unreachable: ConnectionError"]
         node.config = running
+        spool_root = node.spool.root
+        node.spool.root = tmp_path / "gone"  # the spool's file system went away
+        assert reasons() == ["spool not writable: No such file or directory"]
+        assert requests.get(f"{url}/metrics", headers=bearer("viewer-token-for-tests"), timeout=10).status_code == 200
+        node.spool.root = spool_root
+        node.http.app.state.stow.stopping = True
+        assert reasons() == ["the node is stopping"]
+        node.http.app.state.stow.stopping = False
+
+        # A reload reaches STOW-RS's sessions too (how long a peer's series are held open).
+        changed = yaml.safe_load(path.read_text())
+        changed["completion"] = {"quiet_seconds": 1.5, "stow_hold_seconds": 90}
+        path.write_text(yaml.safe_dump(changed))
+        assert node.reload("test")[0]
+        sessions = node.http.app.state.stow.sessions
+        assert (sessions.linger, sessions.hold) == (1.5, 90)
         node.scp.stop()
         assert reasons() == ["the DICOM listener is not running"]
 
-        # Bad tokens: 401 each, then the address is backed off (429), even with a good token.
-        for _ in range(5):
-            assert requests.get(f"{url}/metrics", headers=bearer("guess"), timeout=10).status_code == 401
+        # Bad tokens: 401 each, then the address is backed off (429), even with a good token. A good
+        # token sent between the guesses does not clear them (it would let its holder guess others).
+        for guess in range(5):
+            assert requests.get(f"{url}/metrics", headers=bearer(f"guess{guess}"), timeout=10).status_code == 401
+            if guess < 4:
+                assert requests.get(f"{url}/metrics", headers=bearer("viewer-token-for-tests"),
+                                    timeout=10).status_code == 200
         blocked = requests.get(f"{url}/metrics", headers=bearer("viewer-token-for-tests"), timeout=10)
         assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) >= 1
     finally:
@@ -114,16 +137,47 @@ def test_tokens_roles_back_off_and_health_reasons(tmp_path, tokens, redis_url, m
 
 
 def test_https_when_node_tls_is_set(tmp_path, tokens):
+    """HTTPS on the HTTP port: STOW-RS (audited as over TLS, counted in /metrics), the admin API,
+    the status page's Secure cookie; and an open DICOM association shown in /metrics."""
     ca = CA(tmp_path / "pki")
     server = ca.issue("node", server=True)
     port = free_port()
     tls = {"port": free_port(), "certificate": str(server.certificate), "private_key": str(server.private_key)}
+    peers = [{"ae_title": "STORESCU"}, {"ae_title": "RIS", "stow_auth": {"type": "bearer", "token_env": PEER_ENV}}]
     node = NodeProcess(tmp_path / "node", node_config(free_port(), tmp_path / "spool", routes=[], destinations={},
-                                                      http_port=port, tokens=TOKENS, tls=tls)).start()
+                                                      peers=peers, http_port=port, tokens=TOKENS, tls=tls)).start()
     try:
         wait_for(lambda: "HTTP service on https://" in node.log(), 10, what="HTTPS service")
         url = f"https://127.0.0.1:{port}"
         assert requests.get(f"{url}/healthz", verify=str(ca.path), timeout=10).json()["status"] == "ok"
+        ct = make.ct_small(tmp_path / "ct", "https-stow")[0]
+        stow = {"Content-Type": STOW_TYPE}
+        body = multipart([ct.read_bytes()])
+        sent = requests.post(f"{url}/dicom-web/studies", data=body, verify=str(ca.path), timeout=30,
+                             headers={**stow, **bearer("peer-token-for-tests")})
+        assert sent.status_code == 200, sent.text
+        assert requests.post(f"{url}/dicom-web/studies", data=body, verify=str(ca.path), timeout=30,
+                             headers={**stow, **bearer("a-guess")}).status_code == 401
+        events = [json.loads(line) for path in sorted((tmp_path / "spool" / "audit").glob("*.jsonl"))
+                  for line in path.read_text().splitlines()]
+        accepted = [e for e in events if e["event"] == "stow.accepted"]
+        rejected = [e for e in events if e["event"] == "stow.rejected"]
+        assert [(e["calling_ae"], e["tls"], e["code"], e["stored"], e["refused"]) for e in accepted] == \
+            [("RIS", True, 200, 1, 0)]
+        assert [(e["address"], e["tls"], e["code"]) for e in rejected] == [("127.0.0.1", True, 401)]
+        ae = AE(ae_title="STORESCU")  # an association held open is counted while it lasts
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
+        assert assoc.is_established
+        try:
+            scraped = requests.get(f"{url}/metrics", verify=str(ca.path), headers=bearer("viewer-token-for-tests"),
+                                   timeout=10).text
+        finally:
+            assoc.release()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(scraped) for s in family.samples}
+        assert samples[("srnode_associations_active", ())] == 1
+        assert samples[("srnode_instances_received_total", (("source", "stow"),))] == 1
         assert requests.get(f"{url}/metrics", verify=str(ca.path), headers=bearer("viewer-token-for-tests"),
                             timeout=10).status_code == 200
         # The admin API and the status page's session cookie, over HTTPS (Secure there).
@@ -153,10 +207,12 @@ def test_metrics_cover_the_node_and_a_redis_worker(make_node, tmp_path, tokens, 
                      routes=[{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "interp",
                               "options": {"inplane_scale": 2, "method": "linear"}, "send_to": ["archive"]}])
     node.start()
-    node.start_worker()
     ct = make.ct_volume(tmp_path / "ct", "metrics", 3)
     assert storescu(ct, node.port).returncode == 0
     url = f"http://127.0.0.1:{port}"
+    # No worker yet: the job waits on the queue, and the gauge says so.
+    wait_for(lambda: _metrics(url)[("srnode_queue_depth", ())] == 1, 30, what="the job on the queue")
+    node.start_worker()
     refused = requests.post(f"{url}/dicom-web/studies", data=multipart([b"no DICOM here"]), timeout=30,
                             headers={"Content-Type": STOW_TYPE, **bearer("peer-token-for-tests")})
     assert refused.status_code == 409

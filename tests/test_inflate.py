@@ -125,6 +125,11 @@ def _ingest(root: Path):
     return Ingest(spool, ledger, Assembler(spool, ledger, 60), 0, limits)
 
 
+def _too_large() -> float:
+    from node import metrics
+    return metrics.REGISTRY.get_sample_value("srnode_instances_refused_total", {"reason": metrics.TOO_LARGE})
+
+
 def _dressed(bomb: bytes, how: str) -> bytes:
     """``bomb`` (a deflated Part 10 file) with its file meta dressed so that a look at the meta's
     bytes alone would not see the deflated syntax, though ``dcmread`` inflates it all."""
@@ -147,6 +152,7 @@ def test_a_bomb_is_refused_however_its_file_meta_is_dressed(tmp_path, how):
     bomb = deflated(make.ct_small(tmp_path / "ct", "inflate-dressed")[0], tmp_path / "bomb.dcm", extra_zeros=64 << 20)
     raw = _dressed(bomb.read_bytes(), how)
     ingest = _ingest(tmp_path / "spool")
+    counted = _too_large()
     tracemalloc.start()
     try:
         verdict = ingest.store(raw, 1, "STORESCU", "127.0.0.1", "test", negotiated=False)
@@ -154,6 +160,7 @@ def test_a_bomb_is_refused_however_its_file_meta_is_dressed(tmp_path, how):
     finally:
         tracemalloc.stop()
     assert verdict.status == 0xA700 and "too large" in verdict.comment
+    assert _too_large() == counted + 1  # srnode_instances_refused_total{reason="too_large"}
     assert peak < 24 << 20  # pydicom inflating it whole held 141 MB
     assert not list(ingest.spool.incoming_dir.iterdir())
 

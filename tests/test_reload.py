@@ -62,3 +62,22 @@ def test_reload_applies_new_peers_routes_and_destinations_and_refuses_a_bad_file
     reloads = [e for e in read(node.spool / "audit") if e["event"] == "config.reload"]
     assert [e["ok"] for e in reloads] == [True, False, False] and reloads[0]["actor"].startswith("cli:")
     assert "config reload refused" in node.log()
+
+
+def test_adding_or_removing_the_http_service_needs_a_restart(tmp_path):
+    """The HTTP service starts with the node: a reload that adds or drops the ``http`` section is
+    refused (before, it was accepted and did nothing: a dropped section left STOW-RS running)."""
+    from node.config import load_config
+    from node.reload import restart_only
+    from tests.node_fixtures import node_config
+
+    def config(http_port):
+        path = tmp_path / f"node-{http_port}.yaml"
+        path.write_text(yaml.safe_dump(node_config(11112, tmp_path / "spool", routes=[], destinations={},
+                                                   http_port=http_port)))
+        return load_config(path)
+
+    without, with_http = config(None), config(8080)
+    assert restart_only(without, without) == [] and restart_only(with_http, with_http) == []
+    assert any("http section was added" in r for r in restart_only(without, with_http))
+    assert any("http section was removed" in r for r in restart_only(with_http, without))

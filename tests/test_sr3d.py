@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydicom import dcmread
 
+from node import __version__ as srnode_version, audit
 from pipelines import sr3d, weights
 from pipelines.base import Refusal, RunContext
 from pipelines.dicom.series import decode
@@ -457,6 +458,12 @@ def test_a_ct_volume_through_the_node_reaches_orthanc(make_node, orthanc, tmp_pa
     [job] = node.wait_jobs(lambda jobs: len(jobs) == 1 and jobs[0]["state"] == "delivered", timeout=300,
                            what="the sr3d job delivered")
     assert job["deliveries"] == {"sent": 6}
+    # The audit names the weight files that made the result, by their sha256, and the worker's version.
+    [finished] = [e for e in audit.read(node.spool / "audit") if e["event"] == "job.finished"]
+    assert {m["file"] for m in finished["models"]} == {"sr3d_inplane_x2.safetensors", "sr3d_through_x2.safetensors"}
+    for model in finished["models"]:
+        assert model["sha256"] == weights.sha256(weights.weights_dir() / model["file"])
+    assert finished["software_version"] == srnode_version and finished["pipeline"] == "sr3d"
     src = dcmread(paths[0], stop_before_pixels=True)
     [series] = [s for s in orthanc.series_of_study(src.StudyInstanceUID)
                 if s["0020000E"]["Value"][0] != src.SeriesInstanceUID]

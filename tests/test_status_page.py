@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -93,6 +94,14 @@ def test_sign_in_see_the_job_just_sent_and_retry_a_parked_one(make_node, tmp_pat
                            data={"csrf": "forged"}, allow_redirects=False, timeout=10)
     assert forged.status_code == 403
 
+    # A viewer sees the problem but no Retry button, and its own session's form token does not let it retry.
+    viewer = requests.Session()
+    page = viewer.post(f"{url}/signin", data={"token": VIEWER}, timeout=10).text
+    assert f'id="problem-{parked["id"]}"' in page and f'id="retry-{parked["id"]}"' not in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    refused = viewer.post(f"{url}/ui/jobs/{parked['id']}/retry", data={"csrf": csrf}, allow_redirects=False, timeout=10)
+    assert refused.status_code == 403 and "retry needs admin" in refused.text
+
     os.makedirs(tmp_path / "shots", exist_ok=True)
     browser.save_screenshot(str(tmp_path / "shots" / "status.png"))
     if os.environ.get("SRNODE_UPDATE_SCREENSHOT"):  # the README's picture
@@ -109,3 +118,29 @@ def test_sign_in_see_the_job_just_sent_and_retry_a_parked_one(make_node, tmp_pat
         scp.stop()
     browser.refresh()
     wait_for(lambda: "None." in browser.find_element(By.ID, "problems").text, 5, what="no problem left")
+
+
+def test_an_old_parked_job_stays_on_the_status_page_of_a_busy_node(tmp_path):
+    """The problem list asks the ledger for those states, not the newest few hundred jobs; queue
+    counts come from COUNT(*) (a busy node's page loaded 100k rows per refresh)."""
+    import yaml
+
+    from node.config import load_config
+    from node.http.ui import status_view
+    from node.server import Node
+    from tests.node_fixtures import node_config
+
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(node_config(free_port(), tmp_path / "spool", routes=[], destinations={})))
+    node = Node(load_config(path))
+    try:
+        ledger = node.ledger
+        old = ledger.add_job("1.2.9.0", "1.2.9", "ct", "interp", {}, [], "k0")
+        ledger.set_job_state(old.id, "parked", "the PACS refused it")
+        for n in range(1, 601):
+            ledger.add_job(f"1.2.9.{n}", "1.2.9", "ct", "interp", {}, [], f"k{n}")
+        view = status_view(node)
+        assert [(j["id"], j["reason"]) for j in view["problems"]] == [(old.id, "the PACS refused it")]
+        assert view["queue"] == {"pending": 600, "queued": 0, "dispatching": 0}
+    finally:
+        node.ledger.close()

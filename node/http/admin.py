@@ -28,18 +28,24 @@ def _error(code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, code)
 
 
+def number(text: str, digits: int = 11) -> int | None:
+    """``text`` as a whole number if it is 1 to ``digits`` ASCII digits, else None (str.isdigit
+    also takes "²", which int() refuses)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= digits else None
+
+
 def _limit(request: Request, default: int) -> int:
     text = request.query_params.get("limit")
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    value = number(text)
+    if value is None or not 1 <= value <= MAX_LIMIT:
         raise ValueError(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text[:20]!r}")
-    return int(text)
+    return value
 
 
 def _job_id(request: Request) -> int | None:
-    text = request.path_params["job_id"]
-    return int(text) if text.isdigit() and len(text) < 12 else None
+    return number(request.path_params["job_id"])
 
 
 def jobs_view(node, state: str | None, limit: int) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@ environment after the start works; one removed stops working). Every comparison 
 time (``hmac.compare_digest``) and runs over every configured secret, so neither timing nor the
 order of the config tells which one nearly matched. Repeated bad credentials from one address
 start a growing back-off (:class:`node.backoff.Backoff`, shared by every endpoint and STOW-RS):
-429 with Retry-After, no log line per refused attempt.
+429 with Retry-After, no log line per refused attempt. A good credential does not clear an address's
+bad ones (they are forgotten ``forget_s`` after the last): whoever holds one token must not be able
+to guess others at full speed by sending it between guesses.
 
 Roles: ``viewer`` reads (metrics, jobs, the status page); ``admin`` also acts (retry, reload, echo).
 An endpoint states the role it needs with :func:`requires`; the token's name is then
@@ -91,7 +93,6 @@ def authorize(request: Request, role: str) -> HttpToken:
             backoff.failure(address)
         raise HttpError(401, "a token is needed: send Authorization: Bearer <token>" if not presented
                         else "unknown token", {"WWW-Authenticate": CHALLENGE})
-    backoff.success(address)
     if ROLES[token.role] < ROLES[role]:
         raise HttpError(403, f"token {token.name} is a {token.role} token; this needs {role}")
     return token

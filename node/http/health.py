@@ -36,16 +36,24 @@ def problems(node) -> list[str]:
             probe.flush()
     except OSError as exc:
         reasons.append(f"spool not writable: {exc.strerror}")
+        return reasons  # its free space cannot be read either (a folder gone, a file system unmounted)
     short = node.ingest.short_of_space()
     if short:
         reasons.append(short)
     return reasons
 
 
+def _free_bytes(node) -> int | None:
+    try:
+        return node.ingest.free_bytes()
+    except OSError:
+        return None
+
+
 async def endpoint(request: Request) -> JSONResponse:
     node = request.app.state.node
     reasons = await to_thread.run_sync(problems, node)
-    free = node.ingest.free_bytes()
+    free = _free_bytes(node)
     if reasons:
         return JSONResponse({"status": "unhealthy", "reasons": reasons, "spool_free_bytes": free}, 503)
     return JSONResponse({"status": "ok", "spool_free_bytes": free})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import mmap
@@ -187,13 +188,15 @@ class StowService:
             backoff = request.app.state.backoff
             check_backoff(backoff, address)
             config = self.node.config
+            tls = request.url.scheme == "https"
             try:
                 peer = authenticate_peer(config.peers, request.headers.get("authorization"), address)
             except HttpError as exc:
-                if exc.code == 401 and request.headers.get("authorization"):
-                    backoff.failure(address)
+                if request.headers.get("authorization"):  # a guess or credentials from the wrong host
+                    backoff.failure(address)  # (bounds these audit lines: the address is soon backed off)
+                    await to_thread.run_sync(functools.partial(
+                        self._audit, "stow.rejected", address=address, tls=tls, code=exc.code, reason=exc.message))
                 raise
-            backoff.success(address)
             who = f"{peer.ae_title}@{address}"
             boundary = _boundary(request.headers.get("content-type", ""))
             xml = _wants_xml(request.headers.get("accept", ""))  # 406 before the body is read
@@ -216,7 +219,7 @@ class StowService:
                     body_read = True
                     try:
                         code, response = await to_thread.run_sync(
-                            self._store_parts, body, boundary, peer, address, study, session, stored)
+                            self._store_parts, body, boundary, peer, address, study, session, stored, tls)
                     finally:
                         body.close()
                 finally:
@@ -301,8 +304,14 @@ class StowService:
                 failed = exc
         return failed
 
+    def _audit(self, event: str, **fields) -> None:
+        try:
+            self.node.audit.record(event, **fields)
+        except Exception:
+            log.exception("audit of a STOW-RS request failed")
+
     def _store_parts(self, body: IO[bytes], boundary: bytes, peer: Peer, address: str, study: str | None,
-                     session: int, stored_series: set[tuple[str, str]]) -> tuple[int, dict]:
+                     session: int, stored_series: set[tuple[str, str]], tls: bool) -> tuple[int, dict]:
         if os.fstat(body.fileno()).st_size == 0:
             raise HttpError(400, "empty request body")
         via = f"STOW-RS from {peer.ae_title}"
@@ -339,6 +348,8 @@ class StowService:
             raise HttpError(503, failed[0].comment, {"Retry-After": str(FULL_RETRY_AFTER_S)}, body_read=True)
         code = 200 if not failed else 202 if stored else 409
         log.info("%s@%s: %d instance(s) stored, %d refused (HTTP %d)", via, address, len(stored), len(failed), code)
+        self._audit("stow.accepted", calling_ae=peer.ae_title, address=address, tls=tls, code=code,
+                    stored=len(stored), refused=len(failed))
         return code, _response(stored, failed)
 
 

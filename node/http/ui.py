@@ -6,11 +6,13 @@ Server-rendered (Jinja2, autoescaped), no script but a 10 s refresh. A person si
 a token (``POST /signin``): the node keeps a session (in memory, 12 h) and sets its id in a cookie
 (HttpOnly, SameSite=Strict, Secure over HTTPS); the token itself never goes into the cookie. Each
 session has a CSRF token that every form carries (``POST /ui/jobs/{id}/retry``, ``/signout``).
-A session ends when its token leaves the config (reload) or its environment variable. Bad tokens
+A session ends when its token leaves the config (reload), or its environment variable goes or
+changes (a rotated token). Bad tokens
 at sign-in count towards the same back-off as every other endpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -27,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from node.http.admin import destinations_view, jobs_view, retry_job
+from node.http.admin import destinations_view, jobs_view, number, retry_job
 from node.http.auth import ROLES, authorize, check_backoff, client_address, HttpError, identify
 from node.jobs import qa_records
 
@@ -41,8 +43,15 @@ TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).parent / "templat
 @dataclass
 class Session:
     token_name: str
+    secret: str  # fingerprint of the token's secret at sign-in: a rotated token ends the session
     csrf: str
     expires: float
+
+
+def fingerprint(token) -> str:
+    """A token's secret as it is now, hashed (the session keeps no secret)."""
+    secret = f"{token.token_env}\0{os.environ.get(token.token_env, '')}"
+    return hashlib.sha256(secret.encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
 class Sessions:
@@ -50,12 +59,12 @@ class Sessions:
         self._by_id: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def create(self, token_name: str) -> str:
+    def create(self, token) -> str:
         sid = secrets.token_urlsafe(32)
         with self._lock:
             now = time.time()
             self._by_id = {k: s for k, s in self._by_id.items() if s.expires > now}
-            self._by_id[sid] = Session(token_name, secrets.token_urlsafe(32), now + SESSION_S)
+            self._by_id[sid] = Session(token.name, fingerprint(token), secrets.token_urlsafe(32), now + SESSION_S)
         return sid
 
     def get(self, sid: str | None) -> Session | None:
@@ -73,14 +82,16 @@ def sessions(request: Request) -> Sessions:
 
 
 def signed_in(request: Request):
-    """(session, its token from the running config) or None: a token dropped by a reload, or whose
-    environment variable is gone, ends its sessions."""
+    """(session, its token from the running config) or None: a token dropped by a reload, whose
+    environment variable is gone or holds another secret (rotated), ends its sessions; a role
+    changed by a reload applies at once."""
     session = sessions(request).get(request.cookies.get(COOKIE))
     if session is None:
         return None
     http = request.app.state.node.config.http
     token = next((t for t in (http.tokens if http else []) if t.name == session.token_name), None)
-    if token is None or not os.environ.get(token.token_env):
+    if token is None or not os.environ.get(token.token_env) or \
+            not hmac.compare_digest(fingerprint(token), session.secret):
         return None
     return session, token
 
@@ -120,8 +131,7 @@ async def signin(request: Request) -> Response:
         if presented:
             backoff.failure(address)
         return _page("signin.html", 401, error="unknown token")
-    backoff.success(address)
-    sid = sessions(request).create(token.name)
+    sid = sessions(request).create(token)
     response = RedirectResponse("/", 303)
     response.set_cookie(COOKIE, sid, max_age=SESSION_S, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")
@@ -158,13 +168,17 @@ def _qa_view(node, job_id: int) -> list[dict]:
              "model": r["model"]} for _, r in qa_records(node.spool, job_id)]
 
 
+PROBLEM_STATES = ("failed", "parked", "refused", "waiting_disk")  # however old: a busy node must not hide them
+
+
 def status_view(node) -> dict:
     jobs = jobs_view(node, None, 50)
     for job in jobs:
         job["qa"] = _qa_view(node, job["id"]) if job["state"] in ("dispatching", "delivered", "parked") else []
-    problems = [j for j in jobs_view(node, None, 500) if j["state"] in ("failed", "parked", "refused", "waiting_disk")][:20]
+    ledger = node.ledger
+    problems = [ledger.describe(j) for j in ledger.jobs(PROBLEM_STATES, limit=20, newest_first=True)]
     usage = shutil.disk_usage(node.spool.root)
-    queue = {state: len(node.ledger.jobs([state], limit=100000)) for state in ("pending", "queued", "dispatching")}
+    queue = {state: ledger.count_jobs([state]) for state in ("pending", "queued", "dispatching")}
     return {"jobs": jobs, "problems": problems, "destinations": destinations_view(node), "queue": queue,
             "disk": {"total": usage.total, "used": usage.used, "free": usage.free,
                      "min_free": node.config.retention.min_free_bytes},
@@ -194,7 +208,8 @@ async def ui_retry(request: Request) -> Response:
         return _page("signin.html", 403, error=f"token {token.name} is a {token.role} token; retry needs admin")
     text = request.path_params["job_id"]
     try:
-        outcome = await to_thread.run_sync(retry_job, request.app.state.node, int(text) if text.isdigit() else -1,
+        job = number(text)
+        outcome = await to_thread.run_sync(retry_job, request.app.state.node, -1 if job is None else job,
                                            f"token:{token.name}")
     except KeyError:
         outcome = f"no job {text[:20]}"
@@ -209,15 +224,16 @@ async def qa_file(request: Request) -> Response:
             authorize(request, "viewer")
         except HttpError as exc:
             return Response(exc.message, exc.code, exc.headers, media_type="text/plain")
-    job, name = request.path_params["job_id"], request.path_params["name"]
-    number, _, kind = name.partition(".")
-    if not (job.isdigit() and len(job) < 12 and number.isdigit() and kind in ("png", "json")):
+    job = number(request.path_params["job_id"])
+    index, _, kind = request.path_params["name"].partition(".")
+    position = number(index)
+    if job is None or position is None or kind not in ("png", "json"):
         return Response("not found", 404, media_type="text/plain")
-    records = await to_thread.run_sync(qa_records, request.app.state.node.spool, int(job))
-    if not 1 <= int(number) <= len(records):
+    records = await to_thread.run_sync(qa_records, request.app.state.node.spool, job)
+    if not 1 <= position <= len(records):
         return Response("no such QA file (the job has not finished, or retention removed it)", 404,
                         media_type="text/plain")
-    path = records[int(number) - 1][0] / f"qa.{kind}"
+    path = records[position - 1][0] / f"qa.{kind}"
     body = await to_thread.run_sync(path.read_bytes)
     return Response(body, 200, {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
                     media_type="image/png" if kind == "png" else "application/json")

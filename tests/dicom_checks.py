@@ -231,11 +231,13 @@ def check_enhanced_derived(source: Dataset, out: Dataset, source_path: Path, out
     assert new_dciodvfy_errors(out_path, source_path) == []
 
 
-def check_grid(source_path: Path, out_path: Path, inplane: int, through: int, *, slab_edges: bool = False) -> None:
+def check_grid(source_path: Path, out_path: Path, inplane: int, through: int, *, slab_edges: bool = False,
+               mean_atol: float = 1.0) -> None:
     """highdicom reads the output as one regular volume on the new grid: same orientation, the pixel
     spacing divided by ``inplane``, the slice spacing by ``through``, the first pixel centre moved by
     half the spacing change in-plane; interpolated from the first to the last source frame (or slab
-    edge to slab edge); the output frames on source positions hold those frames' content."""
+    edge to slab edge); the output frames on source positions hold those frames' content (in-plane
+    mean within 2 % + ``mean_atol``: interpolation keeps it within 1, a network may move it more)."""
     src = hd.imread(str(source_path)).get_volume()
     out = hd.imread(str(out_path)).get_volume()
     n = src.spatial_shape[0]
@@ -250,7 +252,7 @@ def check_grid(source_path: Path, out_path: Path, inplane: int, through: int, *,
     if not slab_edges:  # frames on source positions: in-plane mean of the same slice
         src_means = src.array.reshape(n, -1).mean(axis=1)
         out_means = out.array[::through].reshape(n, -1).mean(axis=1)
-        np.testing.assert_allclose(out_means, src_means, rtol=0.02, atol=1.0)
+        np.testing.assert_allclose(out_means, src_means, rtol=0.02, atol=mean_atol)
 
 
 def _vector(value) -> np.ndarray:

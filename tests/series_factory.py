@@ -42,9 +42,59 @@ def _relabel(datasets: list[Dataset], out: Path, tag: str) -> list[Path]:
     return _write(_relabelled(datasets, tag), out)
 
 
-def legacy_enhanced_datasets(folder: Path, tag: str, first: int = 0, count: int | None = None) -> list[Dataset]:
+def _group(ds: Dataset, frame: int, name: str) -> Dataset:
+    """Frame ``frame``'s functional group ``name`` (per-frame wins over shared)."""
+    item = ds.PerFrameFunctionalGroupsSequence[frame]
+    return (item if name in item else ds.SharedFunctionalGroupsSequence[0])[name][0]
+
+
+def cropped(ds: Dataset, top: int, left: int, rows: int, cols: int) -> Dataset:
+    """A copy of a slice (or of every frame of an enhanced instance) cut to ``rows`` x ``cols`` pixels
+    from (``top``, ``left``): real pixels, and ImagePositionPatient moved to the new first pixel, so the
+    geometry stays honest. Written uncompressed; the smallest/largest pixel values are dropped."""
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    out = copy.deepcopy(ds)
+    arr = ds.pixel_array
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds
+    if enhanced and arr.ndim == 2:
+        arr = arr[None]
+    arr = arr[..., top:top + rows, left:left + cols]
+    assert arr.shape[-2:] == (rows, cols), f"crop outside the {ds.Rows}x{ds.Columns} image"
+
+    def move(position: Dataset, orientation, spacing) -> None:
+        iop = np.array([float(v) for v in orientation])
+        row_spacing, col_spacing = (float(v) for v in spacing)
+        ipp = np.array([float(v) for v in position.ImagePositionPatient])
+        position.ImagePositionPatient = [f"{v:.6f}" for v in ipp + left * col_spacing * iop[:3] + top * row_spacing * iop[3:]]
+
+    if enhanced:
+        moved: set[int] = set()
+        for k in range(len(out.PerFrameFunctionalGroupsSequence)):
+            position = _group(out, k, "PlanePositionSequence")
+            if id(position) not in moved:
+                moved.add(id(position))
+                move(position, _group(out, k, "PlaneOrientationSequence").ImageOrientationPatient,
+                     _group(out, k, "PixelMeasuresSequence").PixelSpacing)
+    else:
+        move(out, out.ImageOrientationPatient, out.PixelSpacing)
+    out.Rows, out.Columns = rows, cols
+    out.PixelData = np.ascontiguousarray(arr).tobytes()
+    out["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
+    if out.file_meta.TransferSyntaxUID.is_compressed:
+        out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if keyword in out:
+            delattr(out, keyword)
+    return out
+
+
+def legacy_enhanced_datasets(folder: Path, tag: str, first: int = 0, count: int | None = None,
+                             crop: tuple[int, int, int, int] | None = None) -> list[Dataset]:
     """One Legacy Converted Enhanced CT/MR instance made by highdicom's converter from ``count``
-    consecutive slices (along the stack, from ``first``) of the classic series in ``folder``."""
+    consecutive slices (along the stack, from ``first``) of the classic series in ``folder``;
+    ``crop`` (top, left, rows, cols) cuts each slice first (:func:`cropped`)."""
     import highdicom as hd
     import numpy as np
 
@@ -52,7 +102,10 @@ def legacy_enhanced_datasets(folder: Path, tag: str, first: int = 0, count: int 
     iop = np.array([float(v) for v in slices[0].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
     slices.sort(key=lambda ds: float(np.array([float(v) for v in ds.ImagePositionPatient]) @ normal))
-    slices = _relabelled(slices[first:None if count is None else first + count], tag)
+    slices = slices[first:None if count is None else first + count]
+    if crop is not None:
+        slices = [cropped(ds, *crop) for ds in slices]
+    slices = _relabelled(slices, tag)
     convert = {"CT": hd.legacy.LegacyConvertedEnhancedCTImage, "MR": hd.legacy.LegacyConvertedEnhancedMRImage}
     with warnings.catch_warnings():  # the sources' one-component patient names
         warnings.simplefilter("ignore", UserWarning)
@@ -62,9 +115,10 @@ def legacy_enhanced_datasets(folder: Path, tag: str, first: int = 0, count: int 
     return [enhanced]
 
 
-def legacy_enhanced(out: Path, tag: str, folder: Path, first: int = 0, count: int | None = None) -> list[Path]:
+def legacy_enhanced(out: Path, tag: str, folder: Path, first: int = 0, count: int | None = None,
+                    crop: tuple[int, int, int, int] | None = None) -> list[Path]:
     """:func:`legacy_enhanced_datasets`, written to ``out``."""
-    return _write(legacy_enhanced_datasets(folder, tag, first, count), out)
+    return _write(legacy_enhanced_datasets(folder, tag, first, count, crop), out)
 
 
 def ct_small(out: Path, tag: str) -> list[Path]:
@@ -112,8 +166,10 @@ def ct_volume(out: Path, tag: str, n: int) -> list[Path]:
     return _relabel(stepped(dcmread(get_testdata_file("CT_small.dcm")), n, 5.0), out, tag)
 
 
-def tilted_ct(out: Path, tag: str) -> list[Path]:
-    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data; the test
-    skips, saying so, without it)."""
+def tilted_ct(out: Path, tag: str, first: int = 0, count: int | None = None,
+              crop: tuple[int, int, int, int] | None = None) -> list[Path]:
+    """The real GE head CT with an 18.5 deg gantry tilt and irregular gaps (../shared/data); ``count``
+    files from the ``first`` (in file order), each cut to ``crop`` (top, left, rows, cols) when given."""
     folder = shared("ct", "ge_head_ct_tilt")
-    return _relabel([dcmread(p) for p in sorted(folder.glob("*.dcm"))], out, tag)
+    slices = [dcmread(p) for p in sorted(folder.glob("*.dcm"))[first:None if count is None else first + count]]
+    return _relabel([cropped(ds, *crop) for ds in slices] if crop else slices, out, tag)

@@ -1,7 +1,9 @@
 """The Hydra models, their metrics, training, weights and evaluation (few-step smoke runs)."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import weights
+from pipelines import progress, weights
 from pipelines.evaluation import eval_cxr, eval_metrics
 from pipelines.evaluation.image_metrics import ms_ssim, psnr, ssim
 from pipelines.models import hydra, parameter_count
@@ -102,18 +104,51 @@ def synthetic_cxr(folder, n_train=8, n_val=4):
     return folder
 
 
+def every_update(original):
+    """:class:`pipelines.progress.Progress` printing a line at every update off a terminal (train and eval
+    print one every 10 s): a run of a few seconds then shows the lines a long one prints periodically."""
+    return lambda *args, **kwargs: original(*args, **{**kwargs, "every_s": 0})
+
+
+@contextlib.contextmanager
+def progress_off_a_terminal():
+    """stderr as a file (not a terminal), with :func:`every_update`; yields what was printed there."""
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        patch.setattr(progress, "Progress", every_update(progress.Progress))
+        yield stderr
+
+
+def numbered(text: str, what: str) -> list[tuple[int, int]]:
+    """(done, total) of each ``what: done/total ...`` progress line."""
+    return [tuple(map(int, line.split(": ", 1)[1].split(" ", 1)[0].split("/")))
+            for line in text.splitlines() if line.startswith(f"{what}: ")]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A few steps of every training on synthetic data: the whole recipe runs end to end."""
+    """A few steps of every training on synthetic data: the whole recipe runs end to end (what it printed
+    on stderr, off a terminal, comes third)."""
     data = synthetic_cxr(tmp_path_factory.mktemp("cxr"))
     out = tmp_path_factory.mktemp("weights")
-    assert train_cxr.main(["trunk", "--data", str(data), "--out", str(out), "--steps", "3", "--seed", "1"]) == 0
-    assert train_cxr.main(["heads", "--data", str(data), "--out", str(out), "--steps", "3", "--epochs", "2"]) == 0
-    return data, out
+    with progress_off_a_terminal() as stderr:
+        assert train_cxr.main(["trunk", "--data", str(data), "--out", str(out), "--steps", "3", "--seed", "1"]) == 0
+        assert train_cxr.main(["heads", "--data", str(data), "--out", str(out), "--steps", "3", "--epochs", "2"]) == 0
+    return data, out, stderr.getvalue()
+
+
+def test_training_off_a_terminal_prints_progress_lines_without_a_bar(trained):
+    printed = trained[2]
+    assert "\r" not in printed and "|" not in printed, printed  # no tqdm bar
+    assert numbered(printed, "trunk") == [(3, 3)] and numbered(printed, "lungs") == [(3, 3)]
+    assert numbered(printed, "abnormality") == [(2, 2)]
+    assert any(" steps  loss " in line for line in printed.splitlines() if line.startswith("trunk: "))
+    features = numbered(printed, "features")  # the heads' feature pass over each split, image by image
+    splits = list(dict.fromkeys(total for _, total in features))
+    assert len(splits) == 2 and features == [(k, n) for n in splits for k in range(1, n + 1)]
 
 
 def test_training_writes_weights_cards_and_loss_logs(trained):
-    _, out = trained
+    _, out, _ = trained
     for name in (train_cxr.TRUNK_FILE, train_cxr.LUNGS_FILE, train_cxr.ABNORMALITY_FILE):
         header = weights.read_card_header(out / name)
         assert header["sha256"] == weights.sha256(out / name)
@@ -126,7 +161,7 @@ def test_training_writes_weights_cards_and_loss_logs(trained):
 
 
 def test_trunk_training_is_reproducible_with_a_seed(trained, tmp_path):
-    data, out = trained
+    data, out, _ = trained
     assert train_cxr.main(["trunk", "--data", str(data), "--out", str(tmp_path), "--steps", "3", "--seed", "1"]) == 0
     again, _ = weights.load(tmp_path / train_cxr.TRUNK_FILE)
     first, _ = weights.load(out / train_cxr.TRUNK_FILE)
@@ -134,9 +169,14 @@ def test_trunk_training_is_reproducible_with_a_seed(trained, tmp_path):
 
 
 def test_eval_reports_every_table(trained, tmp_path):
-    data, out = trained
-    assert eval_cxr.main(["--data", str(data), "--weights", str(out), "--out", str(tmp_path), "--head-scales", "2",
-                          "--update-cards"]) == 0
+    data, out, _ = trained
+    with progress_off_a_terminal() as stderr:
+        assert eval_cxr.main(["--data", str(data), "--weights", str(out), "--out", str(tmp_path), "--head-scales", "2",
+                              "--update-cards"]) == 0
+    printed = stderr.getvalue()
+    assert "\r" not in printed and "|" not in printed, printed  # lines, no tqdm bar
+    [total] = {total for _, total in numbered(printed, "eval cxr SR")}
+    assert [done for done, _ in numbered(printed, "eval cxr SR")] == list(range(total + 1))  # each image, then done
     report = json.loads((tmp_path / "cxr_eval.json").read_text())
     assert set(report["sr"]) == {"x2", "x3", "x4", "x8"}
     assert set(report["sr"]["x2"]) == {"model", "pipeline", "hydra", "cubic", "lanczos"}
@@ -182,7 +222,7 @@ def test_lung_masks_come_on_the_source_matrix_for_films_of_any_size():
 
 
 def test_missing_or_altered_weights_are_refused_with_the_reason(trained, tmp_path):
-    _, out = trained
+    _, out, _ = trained
     with pytest.raises(weights.WeightsError, match="missing"):
         weights.load(tmp_path / "nothing.safetensors")
     copy = tmp_path / train_cxr.TRUNK_FILE

@@ -15,6 +15,7 @@ from pipelines.interp import PIPELINE as INTERP
 from pipelines.sr3d import PIPELINE as SR3D
 from tests.dicom_checks import check_in_place, new_dciodvfy_errors
 from tests.paths import shared
+from tests.series_factory import tilted_ct
 from tests.synthetic import ct_series
 
 CONTEXT = RunContext(uid_seed="tilt test", software_version="test")
@@ -54,7 +55,8 @@ def test_the_real_tilted_ge_head_ct_gets_an_in_plane_result(tmp_path: Path, capl
     sources = _read_folder(folder)
     with caplog.at_level("INFO", logger="pipelines.dicom.series"):
         outputs = list(INTERP.run(sources, {"inplane_scale": 2, "through_scale": 2, "method": "linear"}, CONTEXT))
-    assert "through-plane resampling skipped, in-plane only: gantry tilt 18.5 deg" in caplog.text
+    assert (f"series {sources[0].SeriesInstanceUID}: through-plane resampling skipped, in-plane only: "
+            "gantry tilt 18.5 deg") in caplog.text
     check_in_place(sources, outputs, 2)
     assert outputs[0].SeriesDescription.endswith("in-plane only super-res x2 linear (interpolation) - research use")
     assert "gantry tilt 18.5 deg" in outputs[0].DerivationDescription
@@ -63,3 +65,24 @@ def test_the_real_tilted_ge_head_ct_gets_an_in_plane_result(tmp_path: Path, capl
         path = tmp_path / f"out{k}.dcm"
         out.save_as(path, enforce_file_format=True)
         assert new_dciodvfy_errors(path, source_paths[out.SourceImageSequence[0].ReferencedSOPInstanceUID]) == []
+
+
+@pytest.mark.shared_data
+def test_the_real_tilted_ge_head_ct_through_the_sr3d_cnn_is_in_plane_only(tmp_path: Path, caplog) -> None:
+    """The shipped CT route (sr3d, x2 in-plane and between slices) on 3 slices of the tilted GE head CT,
+    cut to 192x192 px around the brain: the CNN runs in-plane only, every slice where it was, and the
+    log line names the series."""
+    paths = tilted_ct(tmp_path / "in", "tilt sr3d", first=10, count=3, crop=(160, 160, 192, 192))
+    sources = [pydicom.dcmread(p) for p in paths]
+    with caplog.at_level("INFO", logger="pipelines.dicom.series"):
+        outputs = list(SR3D.run(sources, {"inplane_scale": 2, "through_scale": 2}, CONTEXT))
+    assert (f"series {sources[0].SeriesInstanceUID}: through-plane resampling skipped, in-plane only: "
+            "gantry tilt 18.5 deg") in caplog.text
+    check_in_place(sources, outputs, 2)
+    assert outputs[0].SeriesDescription.endswith("in-plane only super-res x2 CNN - research use")
+    assert "gantry tilt 18.5 deg" in outputs[0].DerivationDescription
+    assert "through-plane" not in outputs[0].DerivationDescription  # the through-plane network did not run
+    by_uid = {ds.SOPInstanceUID: p for ds, p in zip(sources, paths)}
+    out = outputs[1]
+    out.save_as(tmp_path / "out.dcm", enforce_file_format=True)
+    assert new_dciodvfy_errors(tmp_path / "out.dcm", by_uid[out.SourceImageSequence[0].ReferencedSOPInstanceUID]) == []

@@ -179,7 +179,8 @@ def in_plane_only(vol: Volume, through_wanted: bool, inplane_changes: bool) -> s
     if not inplane_changes:
         raise Refusal(f"through-plane resampling needs regularly spaced slices along their normal; this series "
                       f"has {vol.irregular} (an in-plane factor would still apply)")
-    logger.info("through-plane resampling skipped, in-plane only: %s", vol.irregular)
+    logger.info("series %s: through-plane resampling skipped, in-plane only: %s",
+                vol.datasets[0].get("SeriesInstanceUID", "?"), vol.irregular)
     return "in-plane only"
 
 

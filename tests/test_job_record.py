@@ -8,7 +8,7 @@ import time
 
 from pydicom import Dataset
 
-from node import scheduler as scheduler_module
+from node import cli, scheduler as scheduler_module
 from node.assembly import Assembler
 from node.audit import Audit, parse_since, read
 from node.config import Config
@@ -34,7 +34,7 @@ def _node_parts(tmp_path):
     return spool, ledger, assembler, Scheduler(config, spool, ledger, assembler, submitted.append, audit), submitted
 
 
-def test_a_job_records_its_series_counts_timeline_and_progress(tmp_path, monkeypatch, caplog):
+def test_a_job_records_its_series_counts_timeline_and_progress(tmp_path, monkeypatch, caplog, capsys):
     spool, ledger, assembler, scheduler, submitted = _node_parts(tmp_path)
     files = make.ct_volume(spool.series_dir("1.2", "1.2.3"), "record", 3)
     ledger.note_series("1.2.3", "1.2", "STORESCU", "127.0.0.1")
@@ -60,6 +60,17 @@ def test_a_job_records_its_series_counts_timeline_and_progress(tmp_path, monkeyp
     assert job.progress == 0.25 and job.started == progress.started
     assert f"job {job_id} (ct/interp) running" in caplog.text and "2 of 8 slices (25%)" in caplog.text
     assert ledger.describe(job)["progress"] == 0.25
+    (tmp_path / "node.yaml").write_text(f"node: {{spool: {spool.root}}}\n")
+    assert cli.main(["jobs", "--config", str(tmp_path / "node.yaml")]) == 0
+    assert "running 25%" in capsys.readouterr().out  # srnode jobs shows it too
+    # Between PROGRESS_LOG_S, no more lines (the ledger still follows).
+    monkeypatch.setattr(scheduler_module, "PROGRESS_LOG_S", 3600.0)
+    monkeypatch.setattr("node.jobs.PROGRESS_EVERY_S", 0.0)  # the worker side writes at most this often
+    progress(4, 8)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="node.scheduler"):
+        scheduler.tick()
+    assert "running" not in caplog.text and ledger.job(job_id).progress == 0.5
 
     (spool.job_dir(job_id) / "progress.json").unlink()
     result = execute_job(spool, job_id)  # the real run (interp reports each output slice)

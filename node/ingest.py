@@ -15,7 +15,6 @@ import mmap
 import re
 import shutil
 import sqlite3
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path

@@ -19,7 +19,6 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.filewriter import write_file_meta_info
-from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 

@@ -3,7 +3,6 @@ mutual TLS, TLS 1.2 minimum, peers that must use TLS, a TLS `dicom` destination 
 DICOM TLS, and `srnode config check` on the certificate files."""
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
 import sys

@@ -130,12 +130,12 @@ def test_mdrn_and_meta_super_resolve_a_real_radiograph_better_than_lanczos(model
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     """`srnode process` on the real CR (pydicom-data RG1_UNCR, a Philips chest CR, 1955x1841) at a
-    1400-px long side (half its pixels: the suite's time) at x2, SR by the Hydra trunk (4x faster than
+    1024-px long side (a quarter of its pixels: the suite's time) at x2, SR by the Hydra trunk (4x faster than
     the default MDRN; the default network is tested on a smaller image above)."""
     root = tmp_path_factory.mktemp("cxr")
     (root / "in").mkdir()
     source = root / "in" / "cr.dcm"
-    _resized_cr(root / "src", "cxr-offline", 1400).save_as(source, enforce_file_format=True)
+    _resized_cr(root / "src", "cxr-offline", 1024).save_as(source, enforce_file_format=True)
     out = root / "out"
     result = subprocess.run([sys.executable, "-m", "node.cli", "process", str(source), "--pipeline", "cxr",
                              "--set", "scale=2", "--set", "model=hydra", "--out", str(out), "--quiet"], capture_output=True, text=True)
@@ -211,11 +211,11 @@ def test_nodule_report_states_what_the_model_measured(processed):
 
 @pytest.mark.integration
 def test_a_cr_through_the_node_reaches_orthanc_as_three_series(make_node, orthanc, tmp_path):
-    """The real CR at a 1024-px long side (a quarter of its pixels: the outputs are
+    """The real CR at a 640-px long side (the heads still run, from 448 px; the outputs are
     checked offline above; here the node, routing and delivery are the point)."""
     (tmp_path / "cr").mkdir()
     cr = [tmp_path / "cr" / "cr.dcm"]
-    _resized_cr(tmp_path / "src", "cxr-node", 1024).save_as(cr[0], enforce_file_format=True)
+    _resized_cr(tmp_path / "src", "cxr-node", 640).save_as(cr[0], enforce_file_format=True)
     node = make_node(
         routes=[{"name": "chest", "match": {"Modality": ["CR", "DX"]}, "pipeline": "cxr",
                  "options": {"scale": 2, "model": "hydra"}, "send_to": ["pacs"]}],

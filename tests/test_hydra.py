@@ -172,7 +172,7 @@ def test_eval_reports_every_table(trained, tmp_path):
     data, out, _ = trained
     with progress_off_a_terminal() as stderr:
         assert eval_cxr.main(["--data", str(data), "--weights", str(out), "--out", str(tmp_path), "--head-scales", "2",
-                              "--update-cards"]) == 0
+                              "--update-cards", "--cost-size", "64"]) == 0
     printed = stderr.getvalue()
     assert "\r" not in printed and "|" not in printed, printed  # lines, no tqdm bar
     [total] = {total for _, total in numbered(printed, "eval cxr SR")}
@@ -183,7 +183,7 @@ def test_eval_reports_every_table(trained, tmp_path):
     assert report["sr"]["x2"]["model"] == "mdrn" and report["sr"]["x8"]["model"] == "hydra"
     assert report["lungs"]["x2"]["n"] == 4 and 0 <= report["lungs"]["x2"]["iou"] <= 1
     assert report["abnormality"]["x2"]["n"] == 4
-    assert report["cost"]["params"]["trunk"] == 71_139
+    assert report["cost"]["params"]["trunk"] == 71_139 and report["cost"]["input"] == "64x64 x2"
     assert "pipeline - Lanczos" in (tmp_path / "cxr_eval.md").read_text()
     for name in (train_cxr.TRUNK_FILE, train_cxr.LUNGS_FILE, train_cxr.ABNORMALITY_FILE):
         card = weights.card_path(out / name).read_text()

@@ -254,7 +254,7 @@ def test_kill_9_of_a_worker_mid_job_gives_one_output_series(make_node, orthanc, 
     ct = make.ct_volume(tmp_path / "ct", "kill-worker", 24)
     node = make_node(
         start=False, broker=redis_url, visibility_timeout_s=4,
-        routes=[route("ct", {"Modality": "CT"}, {"inplane_scale": 4, "through_scale": 4, "method": "lanczos"})],
+        routes=[route("ct", {"Modality": "CT"}, {"inplane_scale": 2, "through_scale": 4, "method": "lanczos"})],
         destinations={"pacs": pacs(orthanc)},
     )
     node.start()

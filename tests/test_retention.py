@@ -84,4 +84,7 @@ def test_delivered_work_leaves_the_spool_and_nothing_else_is_touched(make_node, 
     assert now == parked_files
     events = [e for e in read(node.spool / "audit") if e["event"] == "retention"]
     assert [i for e in events for i in e["jobs"]] == [jobs["ct"]["id"]] and sum(e["series"] for e in events) == 1
+    # The audit keeps the purged job's story (retention never touches it).
+    told = {e["event"] for e in read(node.spool / "audit") if e.get("job") == jobs["ct"]["id"]}
+    assert {"job.created", "job.finished", "delivery", "job.settled"} <= told, told
     assert "left the spool" in node.cli("retry", str(jobs["ct"]["id"])).stdout

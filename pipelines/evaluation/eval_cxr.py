@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-scales", type=int, nargs="+", default=[2],
                         help="trunk input scales for the heads (the pipeline uses the scale they were trained at)")
     parser.add_argument("--update-cards", action="store_true", help="write the tables into the model cards")
+    parser.add_argument("--cost-size", type=int, default=512, help="side of the image the cost table is timed on")
     args = parser.parse_args(argv)
     dev = device()
     models = hydra.load_models(args.weights).to(dev)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "srnode eval cxr " + " ".join(argv if argv is not None else sys.argv[1:]),
               "sr": eval_sr(models.trunk, load_mdrn(mdrn_path).to(dev), images, args.scales, dev)}
     report["lungs"], report["abnormality"] = eval_heads(models, samples, args.head_scales, dev)
-    report["cost"] = eval_cost(models, dev)
+    report["cost"] = eval_cost(models, dev, size=args.cost_size)
     cards = [args.weights / name for name in (TRUNK_FILE, LUNGS_FILE, ABNORMALITY_FILE)] if args.update_cards else []
     at_pipeline = report["abnormality"].get(f"x{models.head_scale}")
     if args.update_cards and at_pipeline:

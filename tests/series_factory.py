@@ -162,8 +162,13 @@ def stepped(ds: Dataset, n: int, spacing: float | None = None) -> list[Dataset]:
     return out
 
 
-def ct_volume(out: Path, tag: str, n: int) -> list[Path]:
-    return _relabel(stepped(dcmread(get_testdata_file("CT_small.dcm")), n, 5.0), out, tag)
+def ct_volume(out: Path, tag: str, n: int, size: int | None = None) -> list[Path]:
+    """``n`` slices of pydicom's CT_small (128x128) 5 mm apart; ``size``: each cut to its central
+    ``size`` x ``size`` pixels (networks cost by the pixel: the suite's time)."""
+    ct = dcmread(get_testdata_file("CT_small.dcm"))
+    if size is not None:
+        ct = cropped(ct, (ct.Rows - size) // 2, (ct.Columns - size) // 2, size, size)
+    return _relabel(stepped(ct, n, 5.0), out, tag)
 
 
 def tilted_ct(out: Path, tag: str, first: int = 0, count: int | None = None,

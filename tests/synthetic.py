@@ -12,6 +12,8 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from tests.series_factory import cropped
+
 
 def read_testdata(name: str) -> Dataset:
     """A pydicom (or pydicom-data) test file, read fresh; skips when the package lacks it."""
@@ -22,14 +24,18 @@ def read_testdata(name: str) -> Dataset:
 
 
 def ct_series(n: int = 4, spacing: float = 5.0, *, name: str = "CT_small.dcm", offsets: Sequence[float] | None = None,
-              shear_mm: float = 0.0, step: int = 10, descending_numbers: bool = False) -> list[Dataset]:
-    """``n`` slices of ``name`` stacked along the normal (returned in a shuffled order).
+              shear_mm: float = 0.0, step: int = 10, descending_numbers: bool = False,
+              size: int | None = None) -> list[Dataset]:
+    """``n`` slices of ``name`` stacked along the normal (returned in a shuffled order); ``size``:
+    each its central ``size`` x ``size`` pixels.
 
     Slice ``k`` has stored values ``source + k * step`` so through-plane interpolation is visible;
     ``offsets`` replaces the regular positions ``k * spacing``; ``shear_mm`` shifts slice ``k`` by
     ``k * shear_mm`` along the row direction (a gantry-tilt-like stack).
     """
     src = read_testdata(name)
+    if size is not None:
+        src = cropped(src, (src.Rows - size) // 2, (src.Columns - size) // 2, size, size)
     iop = np.array([float(v) for v in src.ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
     origin = np.array([float(v) for v in src.ImagePositionPatient])

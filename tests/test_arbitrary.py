@@ -287,11 +287,11 @@ def test_meta_beats_lanczos_on_a_real_ct_at_2_5x():
 
 
 def test_a_ct_volume_offline_every_slice_valid(tmp_path):
-    series = ct_series(3, spacing=5.0)
+    series = ct_series(3, spacing=5.0, size=64)
     src_path = tmp_path / "src.dcm"
     series[0].save_as(src_path, enforce_file_format=True)
     outputs = list(arbitrary.PIPELINE.run(series, {"scale": 1.5, "through_scale": 2.5}, CONTEXT))
-    assert len(outputs) == 8 and outputs[0].Rows == 192  # round(3 * 2.5) = 8 (7.5, halves up)
+    assert len(outputs) == 8 and outputs[0].Rows == 96  # round(3 * 2.5) = 8 (7.5, halves up)
     check_derived(series, outputs, slab_edges=True)
     for i, ds in enumerate(outputs):
         path = tmp_path / f"{i}.dcm"

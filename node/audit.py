@@ -42,9 +42,7 @@ class Audit:
                  "event": event, **fields}
         line = (json.dumps(entry, default=str, ensure_ascii=True) + "\n").encode()
         with self._lock:
-            path = self.folder / f"{_day(now)}.jsonl"
-            new = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self.folder / f"{_day(now)}.jsonl", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short by a crash stays alone
@@ -53,7 +51,7 @@ class Audit:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if new:  # a day's first line: its file's name must survive a crash too
+            if not size:  # a day's first line: its file's name must survive a crash too
                 fsync_dir(self.folder)
         return entry
 

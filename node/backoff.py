@@ -20,6 +20,7 @@ Thread-safe.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -39,13 +40,27 @@ class _Entry:
     refused: int = 0  # attempts refused during the current / last back-off, for the next log line
 
 
+def source(address: str) -> str:
+    """What a back-off counts against: the address, or for IPv6 its /64 (one host or site is
+    usually given a whole /64, and could otherwise start afresh from each of its addresses)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 class Backoff:
     def __init__(self, what: str, threshold: int = 5, initial_s: float = 2.0, max_s: float = 300.0,
                  forget_s: float = 900.0, max_tracked: int = 4096,
                  clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None):
         if threshold < 1 or initial_s <= 0 or max_s < initial_s or max_tracked < 1:
             raise ValueError("Backoff needs threshold >= 1, 0 < initial_s <= max_s, max_tracked >= 1")
-        self.what = what  # names the door in the log line: "DICOM associations", "STOW-RS credentials"
+        self.what = what  # names the door in the log line: "DICOM associations", "HTTP credentials"
         self.threshold, self.initial_s, self.max_s = threshold, initial_s, max_s
         self.forget_s, self.max_tracked = max(forget_s, max_s), max_tracked
         self._clock = clock
@@ -56,6 +71,7 @@ class Backoff:
     def blocked(self, address: str) -> float:
         """Seconds ``address`` is still refused for (0: let it in). A positive answer counts as one
         refused attempt: call it once per connection or request."""
+        address = source(address)
         with self._lock:
             entry = self._entries.get(address)
             if entry is None:
@@ -69,6 +85,7 @@ class Backoff:
     def failure(self, address: str) -> float:
         """Record a failure; returns the back-off it started (seconds), 0 if none yet."""
         now = self._clock()
+        address = source(address)
         with self._lock:
             entry = self._entries.pop(address, None)
             if entry is None or now - entry.last_failure > self.forget_s:
@@ -92,7 +109,38 @@ class Backoff:
     def success(self, address: str) -> None:
         """The address got in properly: forget its failures."""
         with self._lock:
-            self._entries.pop(address, None)
+            self._entries.pop(source(address), None)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+LOG_WINDOW_S = 60.0
+
+
+class LogWindow:
+    """One log line per (host, kind) per window; the repeats are counted into the next line (a flood
+    of refused attempts must not write a line each)."""
+
+    def __init__(self, window_s: float = LOG_WINDOW_S, max_keys: int = 1024, logger: logging.Logger | None = None):
+        self.window_s, self.max_keys = window_s, max_keys
+        self._log = logger or log
+        self._seen: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def warning(self, host: str, kind: str, message: str, *args: object) -> bool:
+        """Log unless this (host, kind) was logged within the window; True when logged."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._seen.get((host, kind))
+            if entry is not None and now - entry[0] < self.window_s:
+                entry[1] += 1
+                return False
+            repeats = int(entry[1]) if entry else 0
+            self._seen[(host, kind)] = [now, 0]
+            self._seen.move_to_end((host, kind))
+            while len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+        more = f" ({repeats} more like it in the last {self.window_s:.0f} s)" if repeats else ""
+        self._log.warning(message + more, *args)
+        return True

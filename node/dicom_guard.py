@@ -26,7 +26,7 @@ import select
 import ssl
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,7 +34,7 @@ from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import spill
-from node.backoff import Backoff
+from node.backoff import Backoff, LogWindow
 from node.config import Limits
 from node.fast_reactor import FastAssociation, FastRequestHandler
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 #: All hosts together: connections waiting to associate, per allowed association.
 PENDING_PER_ASSOCIATION = 4
 #: Refusals of the same kind for the same host are logged once per this window.
-LOG_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -56,32 +55,6 @@ class AssociationOutcome:
     tls: bool
     reason: str = ""  # why it was refused / aborted; "" when accepted
     peer_certificate: str | None = None  # the client certificate's subject over mutual TLS
-
-
-class _LogWindow:
-    """One log line per (host, kind) per window; the repeats are counted into the next line."""
-
-    def __init__(self, window_s: float = LOG_WINDOW_S, max_keys: int = 1024):
-        self.window_s, self.max_keys = window_s, max_keys
-        self._seen: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def warning(self, host: str, kind: str, message: str, *args: object) -> bool:
-        """Log unless this (host, kind) was logged within the window; True when logged."""
-        now = time.monotonic()
-        with self._lock:
-            entry = self._seen.get((host, kind))
-            if entry is not None and now - entry[0] < self.window_s:
-                entry[1] += 1
-                return False
-            repeats = int(entry[1]) if entry else 0
-            self._seen[(host, kind)] = [now, 0]
-            self._seen.move_to_end((host, kind))
-            while len(self._seen) > self.max_keys:
-                self._seen.popitem(last=False)
-        more = f" ({repeats} more like it in the last {self.window_s:.0f} s)" if repeats else ""
-        log.warning(message + more, *args)
-        return True
 
 
 def tls_handshake(sock: ssl.SSLSocket, deadline: float) -> str | None:
@@ -120,7 +93,7 @@ class Guard:
         self.set_max_associations(max_associations)
         self.backoff = backoff
         self.on_outcome = on_outcome
-        self.quiet = _LogWindow()
+        self.quiet = LogWindow(logger=log)
         self._pending: Counter[str] = Counter()
         self._active: Counter[str] = Counter()
         self._lock = threading.Lock()

@@ -101,14 +101,20 @@ class Ingest:
             remove()
             return True
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.spool.root).free
+    def free_bytes(self) -> int | None:
+        """Free space on the spool's file system; None when it cannot be read (the folder gone)."""
+        try:
+            return shutil.disk_usage(self.spool.root).free
+        except OSError:
+            return None
 
     def short_of_space(self) -> str | None:
         """Why the spool takes no more instances (free space under ``min_free_bytes``), else None."""
         if not self.min_free_bytes:
             return None
         free = self.free_bytes()
+        if free is None:
+            return "node spool unreadable: its free space cannot be read"
         if free >= self.min_free_bytes:
             return None
         return f"node disk nearly full: {free} bytes free in the spool, under retention.min_free_bytes"

@@ -14,7 +14,6 @@ peer, or anything from a data set.
 """
 from __future__ import annotations
 
-import shutil
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
@@ -72,9 +71,8 @@ class _NodeGauges:
         depth = GaugeMetricFamily("srnode_queue_depth", "Jobs waiting for or running on a worker (pending or queued)")
         depth.add_metric([], node.ledger.count_jobs(["pending", "queued"]))
         yield depth
-        try:
-            space = shutil.disk_usage(node.spool.root).free
-        except OSError:  # the spool's folder is gone: no sample (/healthz says why)
+        space = node.ingest.free_bytes()
+        if space is None:  # the spool's folder is gone: no sample (/healthz says why)
             return
         free = GaugeMetricFamily("srnode_spool_free_bytes", "Free space on the spool's file system", unit="")
         free.add_metric([], space)

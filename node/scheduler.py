@@ -195,11 +195,9 @@ class Scheduler:
         outputs = result.get("outputs") or []
         self.ledger.set_finished(job.id, result.get("started"), result.get("finished") or time.time(), len(outputs))
         if self.audit is not None:
-            import node
-
             self.audit.record("job.finished", job=job.id, state=result["state"], route=job.route,
                               pipeline=job.pipeline, models=result.get("models", []),
-                              software_version=result.get("software_version", node.__version__),
+                              software_version=result.get("software_version"),  # None: a result from before it was recorded
                               instances_out=len(outputs),
                               reason=result.get("reason"))
         if result["state"] == "done":

@@ -170,9 +170,6 @@ class Node:
             self.scp.ae.acse_timeout = limits.association_request_timeout_s
             self.scp.ae.network_timeout = limits.idle_timeout_s
             self.assembler.quiet_seconds = new.completion.quiet_seconds
-            if self.http is not None:  # STOW-RS peers' sessions (node.http.stow.PeerSessions)
-                self.http.app.state.stow.sessions.linger = new.completion.quiet_seconds
-                self.http.app.state.stow.sessions.hold = new.completion.stow_hold_seconds
             logging.getLogger().setLevel(new.node.log_level)
             self.config = new
             log.info("config reloaded from %s: %s", new.source, "; ".join(changed) or "no change")

@@ -83,3 +83,25 @@ def test_bad_parameters_are_refused():
         Backoff("x", threshold=0)
     with pytest.raises(ValueError):
         Backoff("x", initial_s=10, max_s=5)
+
+
+def test_an_ipv6_sender_cannot_start_afresh_from_each_address_of_its_64(clock):
+    b = Backoff("test", threshold=3, initial_s=2, max_s=10, clock=clock)
+    for n in range(3):  # three addresses of one /64: one source
+        b.failure(f"2001:db8:1:2::{n + 1:x}")
+    assert b.blocked("2001:db8:1:2:ffff::9") == 2 and b.blocked("2001:db8:1:3::1") == 0
+    assert len(b) == 1
+    for _ in range(3):  # IPv4, and IPv4 mapped into IPv6, are the same one address
+        b.failure("::ffff:192.0.2.7")
+    assert b.blocked("192.0.2.7") == 2 and b.blocked("192.0.2.8") == 0
+
+
+def test_a_log_window_writes_one_line_per_host_and_kind_with_the_repeats_counted(caplog):
+    from node.backoff import LogWindow
+
+    window = LogWindow(window_s=60)
+    with caplog.at_level(logging.WARNING, logger="node.backoff"):
+        logged = [window.warning("10.0.0.1", "401", "refused %s", n) for n in range(5)]
+        window.warning("10.0.0.2", "401", "refused other")
+    assert logged == [True, False, False, False, False]
+    assert [r.getMessage() for r in caplog.records] == ["refused 0", "refused other"]

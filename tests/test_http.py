@@ -116,8 +116,7 @@ def test_tokens_roles_back_off_and_health_reasons(tmp_path, tokens, redis_url, m
         changed["completion"] = {"quiet_seconds": 1.5, "stow_hold_seconds": 90}
         path.write_text(yaml.safe_dump(changed))
         assert node.reload("test")[0]
-        sessions = node.http.app.state.stow.sessions
-        assert (sessions.linger, sessions.hold) == (1.5, 90)
+        assert node.http.app.state.stow.sessions.timing() == (1.5, 90)
         node.scp.stop()
         assert reasons() == ["the DICOM listener is not running"]
 

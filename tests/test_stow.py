@@ -379,7 +379,7 @@ def test_a_peers_series_stay_open_while_its_next_uploads_run_and_close_after_it_
     at once produces: S1 is not complete before its last batch; both complete once the peer stops."""
     spool = Spool(tmp_path / "spool").ensure()
     assembler = Assembler(spool, Ledger(spool.ledger_path), quiet_seconds=0.2)
-    sessions = PeerSessions(Ingest(spool, assembler.ledger, assembler), linger=0.2, hold=5)
+    sessions = PeerSessions(Ingest(spool, assembler.ledger, assembler), lambda: (0.2, 5))
 
     def request(series: str, n: int, upload_s: float = 0.0) -> None:
         session = sessions.begin("PACS")

@@ -9,7 +9,7 @@ the reasons when the file is refused). Admin actions are audited with the token'
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from anyio import to_thread
 from starlette.requests import Request
@@ -48,9 +48,10 @@ def _job_id(request: Request) -> int | None:
     return number(request.path_params["job_id"])
 
 
-def jobs_view(node, state: str | None, limit: int) -> list[dict[str, Any]]:
+def jobs_view(node, states: Sequence[str] | None, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` jobs in any of ``states`` (all when None), as the API shows them."""
     ledger = node.ledger
-    return [ledger.describe(job) for job in ledger.jobs([state] if state else None, limit=limit, newest_first=True)]
+    return [ledger.describe(job) for job in ledger.jobs(states, limit=limit, newest_first=True)]
 
 
 @requires("viewer")
@@ -62,7 +63,8 @@ async def list_jobs(request: Request) -> Response:
         limit = _limit(request, 100)
     except ValueError as exc:
         return _error(400, str(exc))
-    return JSONResponse({"jobs": await to_thread.run_sync(jobs_view, request.app.state.node, state, limit)})
+    return JSONResponse({"jobs": await to_thread.run_sync(jobs_view, request.app.state.node,
+                                                          [state] if state else None, limit)})
 
 
 @requires("viewer")

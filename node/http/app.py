@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from node.backoff import Backoff
+from node.backoff import Backoff, LogWindow
 from node.http import admin, health, ui
 from node.http.auth import requires
 from node.http.stow import PATHS, StowService
@@ -71,6 +71,7 @@ def create_app(node, extra: list[BaseRoute] = ()) -> Starlette:
     app.state.node = node
     app.state.stow = stow
     app.state.backoff = Backoff("HTTP credentials")
+    app.state.refusals = LogWindow(logger=logging.getLogger("node.http.auth"))  # 401/429: a line per address and minute
     app.state.sessions = ui.Sessions()  # the status page's signed-in people
     return app
 

@@ -5,7 +5,7 @@ environment after the start works; one removed stops working). Every comparison 
 time (``hmac.compare_digest``) and runs over every configured secret, so neither timing nor the
 order of the config tells which one nearly matched. Repeated bad credentials from one address
 start a growing back-off (:class:`node.backoff.Backoff`, shared by every endpoint and STOW-RS):
-429 with Retry-After, no log line per refused attempt. A good credential does not clear an address's
+429 with Retry-After; 401s and 429s are logged once per address a minute (:func:`log_refusal`). A good credential does not clear an address's
 bad ones (they are forgotten ``forget_s`` after the last): whoever holds one token must not be able
 to guess others at full speed by sending it between guesses.
 
@@ -61,6 +61,16 @@ def check_backoff(backoff: Backoff, address: str) -> None:
                         {"Retry-After": str(math.ceil(left))})
 
 
+def log_refusal(request: Request, error: HttpError, message: str, *args: object) -> None:
+    """One log line for a refused request: a 401 or 429 (what a flood of guesses or of clients
+    without credentials gets) once per address and reason a minute, with the repeats counted;
+    the rest each time."""
+    if error.code in (401, 429):
+        request.app.state.refusals.warning(client_address(request), f"{error.code} {error.message}", message, *args)
+    else:
+        log.warning(message, *args)
+
+
 def presented_token(request: Request) -> str | None:
     """The bearer token a request carries (``Authorization: Bearer ...``), else None."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -110,7 +120,7 @@ def requires(role: str):
             try:
                 request.state.token = authorize(request, role)
             except HttpError as exc:
-                log.warning("HTTP %s %s from %s: %d %s", request.method, shown(request.url.path),
+                log_refusal(request, exc, "HTTP %s %s from %s: %d %s", request.method, shown(request.url.path),
                             client_address(request), exc.code, exc.message)
                 return JSONResponse({"error": exc.message}, exc.code, exc.headers)
             return await endpoint(request)

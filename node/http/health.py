@@ -43,17 +43,10 @@ def problems(node) -> list[str]:
     return reasons
 
 
-def _free_bytes(node) -> int | None:
-    try:
-        return node.ingest.free_bytes()
-    except OSError:
-        return None
-
-
 async def endpoint(request: Request) -> JSONResponse:
     node = request.app.state.node
     reasons = await to_thread.run_sync(problems, node)
-    free = _free_bytes(node)
+    free = node.ingest.free_bytes()
     if reasons:
         return JSONResponse({"status": "unhealthy", "reasons": reasons, "spool_free_bytes": free}, 503)
     return JSONResponse({"status": "ok", "spool_free_bytes": free})

@@ -34,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
-from typing import IO
+from typing import IO, Callable
 from xml.etree import ElementTree
 
 from anyio import to_thread
@@ -43,7 +43,7 @@ from starlette.responses import Response
 
 from node import spill
 from node.config import Peer
-from node.http.auth import HttpError, authenticate_peer, check_backoff, client_address, shown
+from node.http.auth import HttpError, authenticate_peer, check_backoff, client_address, log_refusal, shown
 from node.ingest import OUT_OF_RESOURCES, Ingest, Verdict
 from node.spool import disk_full
 
@@ -66,12 +66,12 @@ class PeerSessions:
     two sends at once) is not declared complete between batches, however long the next one takes to upload. Which series an
     upload carries is unknown until it has arrived, so a peer that keeps sending holds each series
     ``hold`` seconds after its last instance; all are let go once none of the peer's requests has
-    been in flight for ``linger`` seconds."""
+    been in flight for ``linger`` seconds. ``timing()`` gives (linger, hold) as the running config
+    has them (a reload applies to the next request)."""
 
-    def __init__(self, ingest: Ingest, linger: float, hold: float):
+    def __init__(self, ingest: Ingest, timing: Callable[[], tuple[float, float]]):
         self.ingest = ingest
-        self.linger = linger
-        self.hold = hold
+        self.timing = timing
         self._lock = threading.Lock()  # taken before the assembler's, never after
         self._open: dict[str, _PeerSession] = {}
 
@@ -94,7 +94,8 @@ class PeerSessions:
             now = time.monotonic()
             for key in stored_series:
                 session.series[key] = now
-            done = [key for key, last in session.series.items() if now - last > self.hold]
+            hold = self.timing()[1]
+            done = [key for key, last in session.series.items() if now - last > hold]
             for key in done:
                 del session.series[key]
             if done:
@@ -111,7 +112,7 @@ class PeerSessions:
                 self._start_timer(peer, session)
 
     def _start_timer(self, peer: str, session: "_PeerSession") -> None:
-        session.timer = threading.Timer(self.linger, self._expire, (peer, session))
+        session.timer = threading.Timer(self.timing()[0], self._expire, (peer, session))
         session.timer.daemon = True
         session.timer.start()
 
@@ -156,8 +157,8 @@ class StowService:
 
     def __init__(self, node) -> None:
         self.node = node  # config (read at each request), ingest
-        config = node.config
-        self.sessions = PeerSessions(node.ingest, config.completion.quiet_seconds, config.completion.stow_hold_seconds)
+        self.sessions = PeerSessions(node.ingest, lambda: (node.config.completion.quiet_seconds,
+                                                           node.config.completion.stow_hold_seconds))
         self.busy = 0  # requests holding a slot (the event loop's thread only)
         self.active = 0  # requests being handled
         self.stopping = False
@@ -227,7 +228,7 @@ class StowService:
             finally:
                 self.busy -= 1
         except HttpError as exc:
-            log.warning("STOW-RS from %s: %d %s", who, exc.code, exc.message)
+            log_refusal(request, exc, "STOW-RS from %s: %d %s", who, exc.code, exc.message)
             headers = dict(exc.headers)
             if not (body_read or exc.body_read):  # the body was not read: the connection cannot carry another request
                 headers["Connection"] = "close"

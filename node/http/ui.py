@@ -43,7 +43,7 @@ TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).parent / "templat
 @dataclass
 class Session:
     token_name: str
-    secret: str  # fingerprint of the token's secret at sign-in: a rotated token ends the session
+    secret_sha256: str  # of the token's secret at sign-in: a rotated token ends the session
     csrf: str
     expires: float
 
@@ -91,7 +91,7 @@ def signed_in(request: Request):
     http = request.app.state.node.config.http
     token = next((t for t in (http.tokens if http else []) if t.name == session.token_name), None)
     if token is None or not os.environ.get(token.token_env) or \
-            not hmac.compare_digest(fingerprint(token), session.secret):
+            not hmac.compare_digest(fingerprint(token), session.secret_sha256):
         return None
     return session, token
 
@@ -175,13 +175,15 @@ def status_view(node) -> dict:
     jobs = jobs_view(node, None, 50)
     for job in jobs:
         job["qa"] = _qa_view(node, job["id"]) if job["state"] in ("dispatching", "delivered", "parked") else []
-    ledger = node.ledger
-    problems = [ledger.describe(j) for j in ledger.jobs(PROBLEM_STATES, limit=20, newest_first=True)]
-    usage = shutil.disk_usage(node.spool.root)
-    queue = {state: ledger.count_jobs([state]) for state in ("pending", "queued", "dispatching")}
+    problems = jobs_view(node, PROBLEM_STATES, 20)
+    try:
+        usage = shutil.disk_usage(node.spool.root)
+        disk = {"total": usage.total, "used": usage.used, "free": usage.free}
+    except OSError:  # the spool's folder is gone (/healthz says so): the page still answers
+        disk = {"total": 0, "used": 0, "free": 0}
+    queue = {state: node.ledger.count_jobs([state]) for state in ("pending", "queued", "dispatching")}
     return {"jobs": jobs, "problems": problems, "destinations": destinations_view(node), "queue": queue,
-            "disk": {"total": usage.total, "used": usage.used, "free": usage.free,
-                     "min_free": node.config.retention.min_free_bytes},
+            "disk": {**disk, "min_free": node.config.retention.min_free_bytes},
             "series_held": len(node.spool.all_series()), "now": time.time()}
 
 

@@ -5,9 +5,10 @@ environment after the start works; one removed stops working). Every comparison 
 time (``hmac.compare_digest``) and runs over every configured secret, so neither timing nor the
 order of the config tells which one nearly matched. Repeated bad credentials from one address
 start a growing back-off (:class:`node.backoff.Backoff`, shared by every endpoint and STOW-RS):
-429 with Retry-After; 401s and 429s are logged once per address a minute (:func:`log_refusal`). A good credential does not clear an address's
-bad ones (they are forgotten ``forget_s`` after the last): whoever holds one token must not be able
-to guess others at full speed by sending it between guesses.
+429 with Retry-After; 401s and 429s are logged once per address (IPv6: /64) and reason a minute
+(:func:`log_refusal`). A good credential does not clear an address's bad ones (they are forgotten
+``forget_s`` after the last): whoever holds one token must not be able to guess others at full
+speed by sending it between guesses.
 
 Roles: ``viewer`` reads (metrics, jobs, the status page); ``admin`` also acts (retry, reload, echo).
 An endpoint states the role it needs with :func:`requires`; the token's name is then
@@ -26,7 +27,7 @@ from typing import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from node.backoff import Backoff
+from node.backoff import Backoff, source
 from node.config import HttpToken, Peer
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def log_refusal(request: Request, error: HttpError, message: str, *args: object)
     without credentials gets) once per address and reason a minute, with the repeats counted;
     the rest each time."""
     if error.code in (401, 429):
-        request.app.state.refusals.warning(client_address(request), f"{error.code} {error.message}", message, *args)
+        request.app.state.refusals.warning(source(client_address(request)), f"{error.code} {error.message}",
+                                           message, *args)
     else:
         log.warning(message, *args)
 
